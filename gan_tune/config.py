@@ -1,0 +1,174 @@
+"""TrainConfig: every setting of one GAN run, loaded from YAML, overridden with --set, validated.
+
+One dataclass is the single source of truth: the single-run CLI, the Ray Tune trainable (which turns a
+trial's config dict into a TrainConfig once) and the search spaces all name these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Balanced-DCGAN recipe (TF DCGAN tutorial lineage): D learns twice as fast as G, Adam beta1 0.5.
+DEFAULT_LR_D = 2.0e-4
+DEFAULT_LR_G = 1.0e-4
+PRECISIONS = ("fp32", "bf16")
+DATA_SOURCES = ("auto", "mnist-train-60k", "mnist-test-10k-bundled")
+# D accuracy bands of the balanced recipe: 40-70 % healthy, < 30 % or > 80 % worth a warning.
+BALANCED_BAND = (0.40, 0.70)
+WARN_BELOW, WARN_ABOVE = 0.30, 0.80
+
+
+class ConfigError(ValueError):
+    """A bad setting. `where` is the file or flag it came from, `key` the offending field."""
+
+    def __init__(self, key: str, msg: str, where: str | None = None):
+        self.key, self.msg, self.where = key, msg, where
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        prefix = f"{self.where}: " if self.where else ""
+        return f"{prefix}{self.key}: {self.msg}"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: str = "balanced"  # a key of gan_tune.models.MODELS
+    latent_dim: int = 100
+    width: float = 1.0  # channel multiplier; 0.25 makes the balanced model ~16x cheaper on a CPU
+    batch_size: int = 128
+    lr_d: float = DEFAULT_LR_D
+    lr_g: float = DEFAULT_LR_G
+    beta1: float = 0.5  # Radford et al. 2015: 0.9 oscillates in GANs
+    beta2: float = 0.999
+    n_disc: int = 1  # D steps per G step
+    label_smoothing: float = 0.0  # one-sided (Salimans et al. 2016): real target = 1 - label_smoothing
+    max_epochs: int = 20
+    steps_per_epoch: int = 0  # 0: one pass over the data (len(data) // batch_size D steps)
+    seed: int = 0
+    # data
+    data_source: str = "auto"  # auto: full MNIST when cached or downloadable, else the bundled 10k split
+    data_dir: str = "~/.cache/gan_tune"
+    subset: int = 0  # first N images; 0 = all
+    # device and speed
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: str = "fp32"
+    cuda_graph: bool = True  # only used on CUDA; eager elsewhere
+    # evaluation and outputs
+    eval_every: int = 1  # epochs between quality scores (fid, is, coverage)
+    fid_samples: int = 0  # 0: scale with the device (10k on GPU, 2k on CPU)
+    sample_every: int = 1  # epochs between fixed-noise sample grids
+    checkpoint_every: int = 1
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        from gan_tune.models import MODELS  # late import: models imports this module
+
+        checks: list[tuple[str, bool, str]] = [
+            ("model", self.model in MODELS, f"unknown model family {self.model!r} (known: {', '.join(sorted(MODELS))})"),
+            ("latent_dim", self.latent_dim > 0, "must be > 0"),
+            ("width", self.width > 0, "must be > 0"),
+            ("batch_size", self.batch_size > 0, "must be > 0"),
+            ("lr_d", math.isfinite(self.lr_d) and self.lr_d > 0, "must be > 0"),
+            ("lr_g", math.isfinite(self.lr_g) and self.lr_g > 0, "must be > 0"),
+            ("beta1", 0.0 <= self.beta1 < 1.0, "must be in [0, 1)"),
+            ("beta2", 0.0 <= self.beta2 < 1.0, "must be in [0, 1)"),
+            ("n_disc", self.n_disc >= 1, "must be >= 1"),
+            ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
+            ("max_epochs", self.max_epochs >= 1, "must be >= 1"),
+            ("steps_per_epoch", self.steps_per_epoch >= 0, "must be >= 0"),
+            ("subset", self.subset >= 0, "must be >= 0"),
+            ("data_source", self.data_source in DATA_SOURCES, f"must be one of {', '.join(DATA_SOURCES)}"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+            ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "must be auto, cpu or cuda[:N]"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = never)"),
+            ("fid_samples", self.fid_samples >= 0, "must be >= 0"),
+            ("sample_every", self.sample_every >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(key, msg)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Check `value` has the declared type of field `key` (ints are accepted for floats)."""
+    if key not in FIELD_TYPES:
+        raise ConfigError(key, f"unknown key (known: {', '.join(FIELD_TYPES)})")
+    want = _PY_TYPES[FIELD_TYPES[key]]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # Tune's quantised samplers hand back 64.0
+    if type(value) is not want:
+        raise ConfigError(key, f"expected {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(values: dict[str, Any], where: str | None = None) -> TrainConfig:
+    """Build a TrainConfig; any error names `where` (a file or flag) and the key."""
+    try:
+        return TrainConfig(**{key: coerce(key, value) for key, value in values.items()})
+    except ConfigError as err:
+        err.where = where
+        raise
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from --set; the value is parsed as YAML so 1.0e-4, 64 and true get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(text, "expected key=value", where="--set")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from `path`; a missing file or a syntax error names the file (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("path", "file not found", where=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else "yaml"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(line, f"malformed YAML: {problem}", where=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("top level", "expected a mapping of key: value", where=str(path))
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Config from an optional YAML file, then `--set key=value` overrides on top."""
+    values = read_yaml(path) if path else {}
+    cfg = from_dict(values, where=str(path) if path else None)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+        cfg = from_dict(values, where="--set")
+    return cfg
+
+
+def save(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

@@ -1,0 +1,360 @@
+"""The adversarial loop (pure D and G steps, one epoch with one host sync, checkpoint state)
+and the single-run CLI `python -m gan_tune.train`.
+
+The step and epoch functions open no files and print nothing; only `main` and the run-folder
+functions below it do I/O. The Ray Tune trainable drives the same `fit` loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from gan_tune import artifacts, config
+from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, ConfigError, TrainConfig
+from gan_tune.data import DataError, Mnist, epoch_batches, load_mnist, to_float
+from gan_tune.models import build_models
+
+# Order of the per-epoch sums kept on the device; each entry is summed over the steps that produce it.
+D_STATS = ("loss_d", "d_acc_real", "d_acc_fake", "d_fake_prob")
+G_STATS = ("loss_g",)
+FIXED_NOISE_COUNT = 64  # one 8x8 grid
+
+
+@dataclass
+class Gan:
+    g: nn.Module
+    d: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
+    """Models and Adam optimisers with separate lr_d / lr_g, seeded from cfg.seed."""
+    torch.manual_seed(cfg.seed)  # weight init is part of the run's identity
+    g, d = build_models(cfg)
+    g, d = g.to(device), d.to(device)
+    fused = device.type == "cuda"  # one kernel per optimiser step instead of one per parameter
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return Gan(g, d, opt_g, opt_d, cfg, device)
+
+
+def set_learning_rates(gan: Gan, lr_d: float, lr_g: float) -> None:
+    """Write rates into the param groups: a restored optimiser state carries the donor's rates (PBT)."""
+    for group in gan.opt_d.param_groups:
+        group["lr"] = lr_d
+    for group in gan.opt_g.param_groups:
+        group["lr"] = lr_g
+
+
+def autocast(gan: Gan) -> contextlib.AbstractContextManager:
+    if gan.cfg.precision == "bf16":
+        return torch.autocast(device_type=gan.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def d_step(gan: Gan, real: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """One D update on a real batch and G(z); returns (stats over D_STATS as a (4,) tensor, fake)."""
+    real_target = 1.0 - gan.cfg.label_smoothing  # one-sided smoothing: only real labels move
+    with autocast(gan):
+        fake = gan.g(z)
+        logits_real = gan.d(real).float()
+        logits_fake = gan.d(fake.detach()).float()  # detach: the D update must not reach G's weights
+        # D maximises log D(x) + log(1 - D(G(z)))
+        loss_d = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) \
+            + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    gan.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    gan.opt_d.step()
+    stats = torch.stack([
+        loss_d.detach(),
+        (logits_real > 0).float().mean(),
+        (logits_fake < 0).float().mean(),
+        torch.sigmoid(logits_fake).mean(),  # D(G(z)) before this update
+    ])
+    return stats, fake
+
+
+def g_step(gan: Gan, fake: Tensor) -> Tensor:
+    """One G update with the non-saturating loss: G maximises log D(G(z)) on the same fake batch."""
+    with autocast(gan):
+        logits = gan.d(fake).float()
+        loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    gan.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    gan.opt_g.step()
+    return loss_g.detach().reshape(1)
+
+
+def train_iteration(gan: Gan, images: Tensor, idx: Tensor, generator: torch.Generator, sums: Tensor) -> None:
+    """n_disc D steps then one G step; adds the step statistics into `sums` in place (no host sync)."""
+    batch = idx.shape[-1]
+    fake = None
+    for k in range(gan.cfg.n_disc):
+        real = to_float(images[idx[k]])
+        z = torch.randn(batch, gan.cfg.latent_dim, device=gan.device, generator=generator)
+        stats, fake = d_step(gan, real, z)
+        sums[: len(D_STATS)] += stats
+    sums[len(D_STATS):] += g_step(gan, fake)
+
+
+def iterations_per_epoch(cfg: TrainConfig, n_images: int) -> int:
+    d_steps = cfg.steps_per_epoch or n_images // cfg.batch_size
+    return max(1, d_steps // cfg.n_disc)
+
+
+def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
+                wrap: Callable[[Iterable[int]], Iterable[int]] = iter) -> dict[str, float | str]:
+    """One epoch over `images` (uint8 on gan.device). `wrap` may add a progress bar over iterations."""
+    cfg = gan.cfg
+    iters = iterations_per_epoch(cfg, images.shape[0])
+    gan.g.train()
+    gan.d.train()
+    start = time.perf_counter()
+    idx = epoch_batches(images.shape[0], cfg.batch_size, iters * cfg.n_disc, generator, gan.device)
+    idx = idx.view(iters, cfg.n_disc, cfg.batch_size)
+    sums = torch.zeros(len(D_STATS) + len(G_STATS), device=gan.device)
+    for it in wrap(range(iters)):
+        train_iteration(gan, images, idx[it], generator, sums)
+    values = sums.tolist()  # the epoch's one host sync
+    elapsed = time.perf_counter() - start
+    stats = {k: v / (iters * cfg.n_disc) for k, v in zip(D_STATS, values)}
+    stats.update({k: v / iters for k, v in zip(G_STATS, values[len(D_STATS):])})
+    stats["d_acc"] = (stats["d_acc_real"] + stats["d_acc_fake"]) / 2
+    stats["img_per_s"] = iters * cfg.n_disc * cfg.batch_size / elapsed
+    stats["epoch_time_s"] = elapsed
+    stats["balance"] = diagnose_balance(stats)
+    return stats
+
+
+def diagnose_balance(stats: dict) -> str:
+    """'diverged', 'D too weak', 'D too strong', 'balanced' or 'borderline' (between the bands)."""
+    if not all(math.isfinite(stats[k]) for k in ("loss_d", "loss_g")):
+        return "diverged"
+    acc = stats["d_acc"]
+    if acc < WARN_BELOW:
+        return "D too weak"
+    if acc > WARN_ABOVE:
+        return "D too strong"
+    if BALANCED_BAND[0] <= acc <= BALANCED_BAND[1]:
+        return "balanced"
+    return "borderline"
+
+
+def make_generator(cfg: TrainConfig, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(cfg.seed)
+
+
+def fixed_noise(cfg: TrainConfig, device: torch.device) -> Tensor:
+    """Noise for sample grids, drawn on the CPU so every device shows the same latent points."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return torch.randn(FIXED_NOISE_COUNT, cfg.latent_dim, generator=gen).to(device)
+
+
+@torch.no_grad()
+def generate(g: nn.Module, z: Tensor) -> Tensor:
+    """Images in [-1, 1] from G in eval mode (BatchNorm running statistics), then back to train mode."""
+    was_training = g.training
+    g.eval()
+    try:
+        return g(z).float()
+    finally:
+        g.train(was_training)
+
+
+def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, history: list[dict]) -> dict:
+    """Everything a resumed run needs to continue exactly: weights, optimisers, epoch, RNG, noise."""
+    return {
+        "config": gan.cfg.to_dict(),
+        "epoch": epoch,
+        "g": gan.g.state_dict(),
+        "d": gan.d.state_dict(),
+        "opt_g": gan.opt_g.state_dict(),
+        "opt_d": gan.opt_d.state_dict(),
+        "fixed_noise": noise.cpu(),
+        "generator_state": generator.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "history": history,
+    }
+
+
+def load_state(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Tensor, list[dict]]:
+    """Restore `saved` into `gan` and `generator`; returns (epochs done, fixed noise, history)."""
+    gan.g.load_state_dict(saved["g"])
+    gan.d.load_state_dict(saved["d"])
+    gan.opt_g.load_state_dict(saved["opt_g"])
+    gan.opt_d.load_state_dict(saved["opt_d"])
+    generator.set_state(saved["generator_state"])
+    torch.set_rng_state(saved["torch_rng_state"])
+    set_learning_rates(gan, gan.cfg.lr_d, gan.cfg.lr_g)
+    return saved["epoch"], saved["fixed_noise"].to(gan.device), list(saved["history"])
+
+
+Scorer = Callable[[nn.Module, int], dict[str, float]]
+
+
+def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int = 0, scorer: Scorer | None = None,
+        wrap: Callable[[Iterable[int]], Iterable[int]] = iter) -> Iterator[dict]:
+    """Train epochs start_epoch+1 .. max_epochs, yielding each epoch's record; stops after a divergence.
+
+    Quality scores are added every `eval_every` epochs and always on the last one.
+    """
+    cfg = gan.cfg
+    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        record = {"epoch": epoch, **train_epoch(gan, images, generator, wrap)}
+        due = cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs)
+        if scorer is not None and due and record["balance"] != "diverged":
+            record.update(scorer(gan.g, cfg.latent_dim))
+        yield record
+        if record["balance"] == "diverged":
+            return
+
+
+# ---- single-run CLI: python -m gan_tune.train --config FILE.yaml [--set key=value ...] [--resume RUN_DIR]
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gan_tune.train", description="Train one GAN and write a run folder.")
+    parser.add_argument("--config", help="YAML file of TrainConfig fields (defaults: the balanced recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set lr_d=1.0e-4 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CHECKPOINT).is_file():
+            raise ConfigError("--resume", f"{run_dir / CHECKPOINT} not found: not a run folder with a checkpoint")
+        if args.config:
+            raise ConfigError("--config", "cannot be combined with --resume (the run folder holds its config)")
+        return config.load(run_dir / "config.yaml", args.overrides), run_dir
+    return config.load(args.config, args.overrides), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = resolve_config(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        run_dir = train_run(cfg, run_dir)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+CHECKPOINT = "checkpoint.pt"
+SAMPLES = "samples"
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.out_dir) / f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    (run_dir / SAMPLES).mkdir(parents=True)
+    config.save(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def run_logger(run_dir: Path) -> logging.Logger:
+    log = logging.getLogger(f"gan_tune.run.{run_dir.name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
+    """Train with cfg, writing grids, history, plot, GIF and checkpoints into a (new or resumed) run folder."""
+    device = resolve_device(cfg.device)
+    run_dir = run_dir or new_run_dir(cfg)
+    log = run_logger(run_dir)
+    data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset).to(device)
+    log.info("data: %s (%d images) on %s; model %s", data.source, len(data), device, cfg.model)
+    gan, generator = make_gan(cfg, device), make_generator(cfg, device)
+    start_epoch, noise, history = 0, fixed_noise(cfg, device), []
+    if (run_dir / CHECKPOINT).is_file():
+        saved = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+        start_epoch, noise, history = load_state(gan, saved, generator)
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    scorer = build_scorer(cfg, data, device)
+    bar = functools.partial(tqdm, leave=False, unit="it", dynamic_ncols=True)
+    with logging_redirect_tqdm([log]):
+        for record in fit(gan, data.images, generator, start_epoch, scorer, wrap=bar):
+            history.append({**record, "data_source": data.source})
+            write_epoch(run_dir, gan, record, noise, generator, history, log)
+    write_final(run_dir, gan, noise, history)
+    return run_dir
+
+
+def build_scorer(cfg: TrainConfig, data: Mnist, device: torch.device) -> Scorer | None:
+    if not cfg.eval_every:
+        return None
+    from gan_tune.metrics import make_scorer  # late: the classifier loads only for runs that score
+
+    return make_scorer(data, device, cfg.fid_samples)
+
+
+def write_epoch(run_dir: Path, gan: Gan, record: dict, noise: Tensor, generator: torch.Generator,
+                history: list[dict], log: logging.Logger) -> None:
+    epoch, cfg = record["epoch"], gan.cfg
+    log.info("epoch %d/%d %s", epoch, cfg.max_epochs, format_record(record))
+    if record["balance"] in ("D too weak", "D too strong", "diverged"):
+        log.warning("epoch %d: %s (d_acc %.2f)", epoch, record["balance"], record["d_acc"])
+    if epoch % cfg.sample_every == 0 or epoch == cfg.max_epochs:
+        artifacts.save_grid(generate(gan.g, noise), run_dir / SAMPLES / artifacts.grid_name(epoch))
+    if record["balance"] != "diverged" and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.max_epochs):
+        tmp = run_dir / (CHECKPOINT + ".tmp")
+        torch.save(state(gan, epoch, noise, generator, history), tmp)
+        tmp.replace(run_dir / CHECKPOINT)  # atomic: a crash never leaves half a checkpoint
+
+
+def write_final(run_dir: Path, gan: Gan, noise: Tensor, history: list[dict]) -> None:
+    artifacts.save_grid(generate(gan.g, noise), run_dir / "final_grid.png")
+    artifacts.write_history(history, run_dir / "history.csv")
+    artifacts.plot_history(history, run_dir / "history.png")
+    artifacts.write_gif(sorted((run_dir / SAMPLES).glob("epoch_*.png")), run_dir / "progress.gif")
+
+
+def format_record(record: dict) -> str:
+    keys = ("loss_d", "loss_g", "d_acc", "d_fake_prob", "fid", "coverage", "img_per_s")
+    return " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record) + f" [{record['balance']}]"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
