@@ -35,6 +35,14 @@ from gan_tune.models import build_models
 D_STATS = ("loss_d", "d_acc_real", "d_acc_fake", "d_fake_prob")
 G_STATS = ("loss_g",)
 FIXED_NOISE_COUNT = 64  # one 8x8 grid
+log = logging.getLogger(__name__)
+# A BCE loss this large means logits of about +-1000: the weights have exploded even if still finite
+# (huge learning rates reach 1e24 before any NaN), so the run is called diverged.
+DIVERGED_LOSS = 1.0e3
+
+
+GRAPH_WARMUP_ITERS = 3  # PyTorch's CUDA-graph recipe: a few eager iterations on a side stream before capture
+N_STATS = len(D_STATS) + len(G_STATS)
 
 
 @dataclass
@@ -45,6 +53,18 @@ class Gan:
     opt_d: torch.optim.Optimizer
     cfg: TrainConfig
     device: torch.device
+    step: Callable[[Tensor], None] | None = None  # one iteration on (n_disc, batch) indices; built by the first epoch
+    sums: Tensor | None = None  # the step's statistics, summed on the device over an epoch
+    step_mode: str = "eager"
+
+
+def graph_unavailable(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why the step cannot be captured in a CUDA graph, or None when it can."""
+    if not cfg.cuda_graph:
+        return "cuda_graph is off"
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (running on {device.type})"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,9 +78,12 @@ def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
     torch.manual_seed(cfg.seed)  # weight init is part of the run's identity
     g, d = build_models(cfg)
     g, d = g.to(device), d.to(device)
-    fused = device.type == "cuda"  # one kernel per optimiser step instead of one per parameter
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~2x on Ampere+ at GAN-irrelevant precision
+    adam = dict(betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda",  # fused: one kernel per step
+                capturable=graph_unavailable(cfg, device) is None)  # capturable: step count stays on the device
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, **adam)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, **adam)
     return Gan(g, d, opt_g, opt_d, cfg, device)
 
 
@@ -74,7 +97,8 @@ def set_learning_rates(gan: Gan, lr_d: float, lr_g: float) -> None:
 
 def autocast(gan: Gan) -> contextlib.AbstractContextManager:
     if gan.cfg.precision == "bf16":
-        return torch.autocast(device_type=gan.device.type, dtype=torch.bfloat16)
+        # no cast cache: cached casts would outlive a CUDA graph capture
+        return torch.autocast(device_type=gan.device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -106,7 +130,7 @@ def g_step(gan: Gan, fake: Tensor) -> Tensor:
         logits = gan.d(fake).float()
         loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     gan.opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
+    loss_g.backward(inputs=list(gan.g.parameters()))  # D's weight gradients are not needed here
     gan.opt_g.step()
     return loss_g.detach().reshape(1)
 
@@ -138,10 +162,12 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     start = time.perf_counter()
     idx = epoch_batches(images.shape[0], cfg.batch_size, iters * cfg.n_disc, generator, gan.device)
     idx = idx.view(iters, cfg.n_disc, cfg.batch_size)
-    sums = torch.zeros(len(D_STATS) + len(G_STATS), device=gan.device)
+    if gan.step is None:
+        build_step(gan, images, generator)
+    gan.sums.zero_()
     for it in wrap(range(iters)):
-        train_iteration(gan, images, idx[it], generator, sums)
-    values = sums.tolist()  # the epoch's one host sync
+        gan.step(idx[it])
+    values = gan.sums.tolist()  # the epoch's one host sync
     elapsed = time.perf_counter() - start
     stats = {k: v / (iters * cfg.n_disc) for k, v in zip(D_STATS, values)}
     stats.update({k: v / iters for k, v in zip(G_STATS, values[len(D_STATS):])})
@@ -149,12 +175,62 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     stats["img_per_s"] = iters * cfg.n_disc * cfg.batch_size / elapsed
     stats["epoch_time_s"] = elapsed
     stats["balance"] = diagnose_balance(stats)
+    stats["step_mode"] = gan.step_mode
     return stats
+
+
+def build_step(gan: Gan, images: Tensor, generator: torch.Generator) -> None:
+    """Give `gan` its iteration function: eager, or replaying a CUDA graph of the whole D + G update."""
+    gan.sums = torch.zeros(N_STATS, device=gan.device)
+    eager = functools.partial(train_iteration, gan, images, generator=generator, sums=gan.sums)
+    reason = graph_unavailable(gan.cfg, gan.device)
+    if reason is None:
+        gan.step, gan.step_mode = GraphStep(gan, eager, generator), "cuda_graph"
+    else:
+        gan.step, gan.step_mode = eager, "eager"
+        log.info("training step runs eagerly: %s", reason)
+
+
+class GraphStep:
+    """Runs GRAPH_WARMUP_ITERS eager iterations on a side stream, then captures one iteration and replays it.
+
+    The warm-up iterations are real training steps, so the graph path trains exactly the same
+    iterations as the eager path. Batch indices are copied into a static buffer before each replay.
+    """
+
+    def __init__(self, gan: Gan, eager: Callable[..., None], generator: torch.Generator):
+        self.gan, self.eager, self.generator = gan, eager, generator
+        self.static_idx = torch.zeros(gan.cfg.n_disc, gan.cfg.batch_size, dtype=torch.long, device=gan.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm_iters = 0
+
+    def __call__(self, idx: Tensor) -> None:
+        if self.graph is not None:
+            self.static_idx.copy_(idx)
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream(self.gan.device)
+        side.wait_stream(torch.cuda.current_stream(self.gan.device))
+        with torch.cuda.stream(side):
+            self.eager(idx)
+        torch.cuda.current_stream(self.gan.device).wait_stream(side)
+        self.warm_iters += 1
+        if self.warm_iters == GRAPH_WARMUP_ITERS:
+            self.capture()
+
+    def capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)  # replays advance the batch/noise generator
+        self.gan.opt_d.zero_grad(set_to_none=True)
+        self.gan.opt_g.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self.eager(self.static_idx)
+        self.graph = graph
 
 
 def diagnose_balance(stats: dict) -> str:
     """'diverged', 'D too weak', 'D too strong', 'balanced' or 'borderline' (between the bands)."""
-    if not all(math.isfinite(stats[k]) for k in ("loss_d", "loss_g")):
+    if not all(math.isfinite(stats[k]) and stats[k] < DIVERGED_LOSS for k in ("loss_d", "loss_g")):
         return "diverged"
     acc = stats["d_acc"]
     if acc < WARN_BELOW:

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from gan_tune.config import TrainConfig
+from gan_tune.models import MODELS, build_models, count_params, register_model
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("latent_dim", [32, 100])
+def test_shapes(model, latent_dim):
+    g, d = build_models(TrainConfig(model=model, latent_dim=latent_dim))
+    x = g(torch.randn(3, latent_dim))
+    assert x.shape == (3, 1, 28, 28)
+    assert x.min() >= -1 and x.max() <= 1  # tanh range, same as the data
+    assert d(x).shape == (3,)  # one logit per image
+
+
+def test_balanced_parameter_counts_are_pinned():
+    g, d = build_models(TrainConfig(model="balanced", latent_dim=100))
+    assert count_params(g) == 1_649_089
+    assert count_params(d) == 373_761
+
+
+@pytest.mark.parametrize("model,g_params,d_params", [("mlp", 1_486_352, 533_505), ("dcgan", 1_781_504, 138_624)])
+def test_other_parameter_counts_are_pinned(model, g_params, d_params):
+    g, d = build_models(TrainConfig(model=model))
+    assert (count_params(g), count_params(d)) == (g_params, d_params)
+
+
+def test_width_multiplier_shrinks_the_model():
+    g, d = build_models(TrainConfig(width=0.25))
+    assert count_params(g) < 1_649_089 / 3 and count_params(d) < 373_761 / 8
+
+
+def test_dcgan_init_follows_radford():
+    torch.manual_seed(0)
+    g, _ = build_models(TrainConfig(model="dcgan"))
+    conv = g[1]
+    assert abs(conv.weight.std().item() - 0.02) < 0.002
+    bn = g[2]
+    assert abs(bn.weight.mean().item() - 1.0) < 0.01
+
+
+def test_registry_rejects_duplicates():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("mlp")(lambda cfg: None)

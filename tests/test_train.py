@@ -1,0 +1,145 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from gan_tune import train
+from gan_tune.config import TrainConfig
+from gan_tune.data import BUNDLED, load_mnist
+
+CPU = torch.device("cpu")
+TINY = dict(width=0.25, batch_size=32, steps_per_epoch=4, data_source=BUNDLED, subset=256, eval_every=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_mnist(BUNDLED, subset=256).images
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_one_iteration_changes_both_models_and_losses_are_finite(images):
+    cfg = TrainConfig(**TINY)
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    g0, d0 = params(gan.g), params(gan.d)
+    sums = torch.zeros(len(train.D_STATS) + len(train.G_STATS))
+    train.train_iteration(gan, images, torch.arange(32).view(1, 32), gen, sums)
+    assert all(not torch.equal(a, b) for a, b in zip(g0, params(gan.g)))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, params(gan.d)))
+    assert torch.isfinite(sums).all()
+    assert 0 <= sums[1] <= 1 and 0 <= sums[2] <= 1  # accuracies of one step
+
+
+def test_n_disc_steps_d_more_often(images):
+    cfg = TrainConfig(**{**TINY, "n_disc": 3, "steps_per_epoch": 6})
+    assert train.iterations_per_epoch(cfg, len(images)) == 2
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    train.train_epoch(gan, images, gen)
+    assert gan.opt_d.state_dict()["state"][0]["step"] == 6
+    assert gan.opt_g.state_dict()["state"][0]["step"] == 2
+
+
+def test_epoch_record_has_every_metric(images):
+    cfg = TrainConfig(**TINY)
+    record = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))
+    for key in ("loss_d", "loss_g", "d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob", "img_per_s", "epoch_time_s"):
+        assert math.isfinite(record[key]), key
+    assert record["d_acc"] == pytest.approx((record["d_acc_real"] + record["d_acc_fake"]) / 2)
+    assert 0 < record["d_fake_prob"] < 1
+    assert record["balance"] in ("balanced", "borderline", "D too weak", "D too strong")
+
+
+@pytest.mark.parametrize("model", ["balanced", "mlp", "dcgan"])
+def test_deterministic_on_cpu(images, model):
+    cfg = TrainConfig(**{**TINY, "model": model})
+    runs = []
+    for _ in range(2):
+        gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+        runs.append([train.train_epoch(gan, images, gen)[k] for k in ("loss_d", "loss_g", "d_acc")])
+    assert runs[0] == runs[1]
+
+
+def test_label_smoothing_changes_the_d_loss(images):
+    losses = []
+    for smoothing in (0.0, 0.2):
+        cfg = TrainConfig(**{**TINY, "label_smoothing": smoothing})
+        losses.append(train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))["loss_d"])
+    assert losses[0] != losses[1]
+
+
+def test_huge_learning_rate_diverges_and_fit_stops(images):
+    cfg = TrainConfig(**{**TINY, "lr_d": 50.0, "lr_g": 50.0, "beta1": 0.0, "max_epochs": 5, "model": "mlp"})
+    records = list(train.fit(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU)))
+    assert records[-1]["balance"] == "diverged"
+    assert len(records) < 5
+
+
+@pytest.mark.parametrize("acc,label", [(0.2, "D too weak"), (0.35, "borderline"), (0.5, "balanced"), (0.9, "D too strong")])
+def test_balance_bands(acc, label):
+    assert train.diagnose_balance({"loss_d": 1.0, "loss_g": 1.0, "d_acc": acc}) == label
+    assert train.diagnose_balance({"loss_d": math.nan, "loss_g": 1.0, "d_acc": acc}) == "diverged"
+    assert train.diagnose_balance({"loss_d": 1.0, "loss_g": 5.0e3, "d_acc": acc}) == "diverged"
+
+
+def test_state_round_trip_continues_identically(images):
+    cfg = TrainConfig(**{**TINY, "max_epochs": 2})
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    straight = list(train.fit(gan, images, gen))
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    first = next(train.fit(gan, images, gen))
+    saved = train.state(gan, 1, train.fixed_noise(cfg, CPU), gen, [first])
+    gan2, gen2 = train.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 99}), CPU), torch.Generator()
+    gan2.cfg = cfg
+    start, _, history = train.load_state(gan2, saved, gen2)
+    resumed = list(train.fit(gan2, images, gen2, start_epoch=start))
+    assert start == 1 and len(history) == 1
+    assert resumed[0]["loss_d"] == straight[1]["loss_d"] and resumed[0]["loss_g"] == straight[1]["loss_g"]
+
+
+def run_cli(tmp_path, *extra):
+    args = ["--set", f"out_dir={tmp_path}", "--set", "name=t", "--set", "subset=1000", "--set", f"data_source={BUNDLED}",
+            "--set", "width=0.25", "--set", "batch_size=64", "--set", "steps_per_epoch=4", "--set", "fid_samples=200"]
+    return train.main(args + list(extra))
+
+
+def test_cli_run_writes_every_artifact_and_resumes(tmp_path):
+    assert run_cli(tmp_path, "--set", "max_epochs=2") == 0
+    (run_dir,) = tmp_path.glob("t-*")
+    for name in ("config.yaml", "train.log", "samples/epoch_001.png", "samples/epoch_002.png", "final_grid.png",
+                 "history.png", "history.csv", "progress.gif", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["data_source"].iloc[0] == "mnist-test-10k-bundled[:1000]"
+    assert history["fid"].notna().all()  # scored every epoch by default
+    assert "mnist-test-10k-bundled[:1000]" in (run_dir / "train.log").read_text()
+
+    assert train.main(["--resume", str(run_dir), "--set", "max_epochs=3"]) == 0
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]  # continued from epoch 2, not from zero
+    assert "resumed" in (run_dir / "train.log").read_text()
+    assert (run_dir / "samples/epoch_003.png").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "lr_d=-1.0"], "--set: lr_d"),
+    (["--set", "model=gpt"], "--set: model"),
+    (["--set", "latent_dim=0"], "--set: latent_dim"),
+    (["--set", "nonsense"], "--set: nonsense"),
+    (["--config", "missing.yaml"], "missing.yaml: path"),
+    (["--resume", "no/such/run"], "--resume"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, needle, capsys):
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_yaml_key(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr_d: 2.0e-4\nlr_gg: 1.0e-4\n")
+    assert train.main(["--config", str(path)]) == 2
+    assert f"{path}: lr_gg: unknown key" in capsys.readouterr().err
