@@ -1,0 +1,196 @@
+"""Throughput benchmark: `python -m gan_tune.bench [--device cuda|cpu] [--quick] [--json OUT]`.
+
+Prints one table measured in one run, side by side:
+  (a) a typical seed-style loop (DataLoader, `.item()` every step, fp32): the reference;
+  (b) gan_tune eager fp32; (c) gan_tune CUDA graph TF32; (d) CUDA graph bf16;
+per-trial training images/s for each model family and batch size, with the ratio to (a);
+then (e) aggregate images/s of a packed Ray Tune search, (f) FID scoring time for 10k samples,
+(g) peak GPU memory per trial. (c), (d) and (g) need CUDA and are skipped on a CPU.
+It imports the same models and loop as training (nanoGPT's bench.py idea), so it never forks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+import pandas as pd
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from gan_tune import train
+from gan_tune.config import TrainConfig
+from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
+from gan_tune.models import build_models
+
+MODES = {  # name -> TrainConfig overrides; None marks the reference loop
+    "a typical loop": None,
+    "b eager fp32": {"cuda_graph": False, "precision": "fp32"},
+    "c graph tf32": {"cuda_graph": True, "precision": "fp32"},
+    "d graph bf16": {"cuda_graph": True, "precision": "bf16"},
+}
+CUDA_ONLY = {"c graph tf32", "d graph bf16"}
+
+
+def typical_loop(cfg: TrainConfig, data: Mnist, device: torch.device, steps: int) -> float:
+    """The seed-style loop most GAN code runs: a DataLoader per step, `.item()` syncs, fp32. Images/s."""
+    torch.manual_seed(cfg.seed)
+    g, d = (m.to(device) for m in build_models(cfg))
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    loader = DataLoader(TensorDataset(to_float(data.images)), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    done, start, history = 0, 0.0, []
+    while done < steps:
+        for (real,) in loader:
+            if done == 1:
+                start = time.perf_counter()  # first step warms up allocators and kernels
+            real = real.to(device)
+            z = torch.randn(real.shape[0], cfg.latent_dim, device=device)
+            fake = g(z)
+            out_real, out_fake = d(real), d(fake.detach())
+            loss_d = F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)) \
+                + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            out = d(fake)
+            loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+            history.append((loss_d.item(), loss_g.item()))  # the per-step syncs typical code has
+            done += 1
+            if done == steps:
+                break
+    return (steps - 1) * cfg.batch_size / (time.perf_counter() - start)
+
+
+def gan_tune_loop(cfg: TrainConfig, data: Mnist, device: torch.device, steps: int) -> tuple[float, float]:
+    """gan_tune's own loop: one warm-up epoch (includes graph capture), then one timed epoch.
+
+    Returns (images/s, peak GPU memory in MiB or nan)."""
+    cfg = replace(cfg, steps_per_epoch=steps)
+    gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
+    images = data.images.to(device)
+    train.train_epoch(gan, images, generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    img_per_s = train.train_epoch(gan, images, generator)["img_per_s"]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return img_per_s, peak
+
+
+def trial_table(device: torch.device, data: Mnist, models: list[str], batches: list[int], steps: int) -> pd.DataFrame:
+    rows = []
+    for model in models:
+        for batch in batches:
+            cfg = TrainConfig(model=model, batch_size=batch, device=str(device))
+            row = {"model": model, "batch": batch}
+            for mode, overrides in MODES.items():
+                if mode in CUDA_ONLY and device.type != "cuda":
+                    continue
+                if overrides is None:
+                    row[mode] = typical_loop(cfg, data, device, steps)
+                else:
+                    row[mode], row[f"peak MiB {mode[0]}"] = gan_tune_loop(replace(cfg, **overrides), data, device, steps)
+            rows.append(row)
+            print(f"  measured {model} batch {batch}", file=sys.stderr)
+    frame = pd.DataFrame(rows)
+    for mode in MODES:
+        if mode in frame and mode != "a typical loop":
+            frame[f"x {mode[0]}"] = frame[mode] / frame["a typical loop"]
+    return frame
+
+
+def fid_timing(device: torch.device, data: Mnist, n_samples: int) -> dict:
+    """Seconds to generate and score n_samples images with the balanced generator (real stats cached)."""
+    from gan_tune.metrics import make_scorer
+
+    score = make_scorer(data, device, n_samples)
+    g, _ = build_models(TrainConfig())
+    g = g.to(device)
+    score(g, 100)  # computes and caches the real statistics; also warms up
+    start = time.perf_counter()
+    result = score(g, 100)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"fid_samples": n_samples, "fid_seconds": time.perf_counter() - start, "fid_untrained": result["fid"]}
+
+
+def packed_search(trials: int, device: torch.device, data: Mnist, steps: int, epochs: int = 3) -> dict:
+    """Aggregate images/s of `trials` concurrent Ray Tune trials sharing the device (1/trials GPU each).
+
+    Steady state is the sum of the trials' last-epoch images/s; the overheads are Ray start-up and the
+    wall time the search spent outside training (trial set-up, reporting, checkpoints)."""
+    import os
+    import tempfile
+
+    import ray
+    from ray import tune
+
+    from gan_tune.trainable import train_gan
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_start_s = time.perf_counter() - start
+    cpus = max(1, (os.cpu_count() or 1) // trials)
+    resources = {"cpu": cpus, "gpu": 1 / trials if device.type == "cuda" else 0}
+    space = {**TrainConfig(steps_per_epoch=steps, max_epochs=epochs, eval_every=0, checkpoint_every=epochs,
+                           sample_every=epochs, data_source=data.source).to_dict(),
+             "seed": tune.grid_search(list(range(trials)))}
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            fit_start = time.perf_counter()
+            results = tune.Tuner(tune.with_resources(tune.with_parameters(train_gan, data=data), resources),
+                                 param_space=space,
+                                 run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+            fit_s = time.perf_counter() - fit_start
+        frame = results.get_dataframe()
+    finally:
+        ray.shutdown()
+    train_s = frame["time_total_s"].max()
+    return {"aggregate_img_per_s": float(frame["img_per_s"].sum()), "ray_start_s": round(ray_start_s, 2),
+            "search_wall_s": round(fit_s, 2), "overhead_s": round(fit_s - train_s, 2),
+            "cpus_per_trial": cpus, "gpu_per_trial": resources["gpu"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gan_tune.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="balanced model at batch 128 only, fewer steps")
+    parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
+                        "(default 1,4,8 on CUDA, 1,2 on CPU; '' to skip)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device: cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    data = load_mnist(BUNDLED)
+    on_gpu = device.type == "cuda"
+    models = ["balanced"] if args.quick else ["balanced", "dcgan", "mlp"]
+    batches = [128] if args.quick or not on_gpu else [128, 1024]
+    steps = (200 if on_gpu else 8) if args.quick else (500 if on_gpu else 20)
+    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'} ({torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {steps} timed steps per cell", file=sys.stderr)
+    if args.packed is None:
+        args.packed = "1,4,8" if on_gpu else "1,2"
+    table = trial_table(device, data, models, batches, steps)
+    extra = fid_timing(device, data, 10_000 if on_gpu or not args.quick else 2_000)
+    for trials in [int(n) for n in args.packed.split(",") if n]:
+        extra[f"packed {trials} trials"] = packed_search(trials, device, data, steps)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": str(device), "trials": table.to_dict("records"), **extra}, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
