@@ -91,7 +91,11 @@ def load_mnist(source: str = "auto", data_dir: str | Path = "~/.cache/gan_tune",
     if source == BUNDLED:
         data = load_bundled()
     elif source == FULL:
-        data = load_full(data_dir, download=True)
+        try:
+            data = load_full(data_dir, download=True)
+        except Exception as err:  # offline: torchvision raises RuntimeError/URLError after trying its mirrors
+            raise DataError(f"{data_dir}/MNIST: full MNIST is neither cached nor downloadable ({err}); "
+                            f"use data_source: {BUNDLED}") from None
     else:
         data = _load_auto(data_dir)
     if subset:

@@ -1,0 +1,202 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from gan_tune import metrics
+from gan_tune.classifier import FEATURE_DIM, classifier_checksum, load_classifier
+from gan_tune.config import TrainConfig
+from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
+from gan_tune.models import build_models
+from gan_tune.train import fixed_noise, make_gan, make_generator, state
+
+CPU = torch.device("cpu")
+N = 1000  # images per baseline set: enough to order the baselines, cheap on a CPU
+SCORE_KEYS = {"fid", "is", "coverage", "coverage_entropy", "mean_confidence", "fid_samples"}
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def cache_env(module_cache, monkeypatch):
+    monkeypatch.setenv(metrics.CACHE_ENV, str(module_cache))  # never touch ~/.cache in tests
+
+
+@pytest.fixture(scope="module")
+def table(module_cache):
+    return metrics.baseline_table(N, CPU, cache_dir=module_cache / "fid_stats")
+
+
+def test_real_held_out_images_score_well(table):
+    real = table["real held-out"]
+    assert real["fid"] < 5
+    assert real["is"] > 9
+    assert real["coverage"] == 10
+    assert real["coverage_entropy"] > math.log(10) - 0.02
+    assert real["mean_confidence"] > 0.95
+
+
+def test_fid_grows_with_degradation(table):
+    fids = [table[name]["fid"] for name in metrics.BASELINES if name.startswith(("real held", "real +", "uniform"))]
+    assert len(fids) == 4  # real < real + blur < real + noise < uniform noise
+    assert fids == sorted(fids) and len(set(fids)) == 4
+    assert fids[1] > 10 * fids[0]
+
+
+def test_mode_collapse_gets_low_coverage_and_large_fid(table):
+    collapsed = next(row for name, row in table.items() if name.startswith("mode collapse"))
+    assert collapsed["coverage"] <= 2
+    assert collapsed["coverage_entropy"] <= math.log(2) + 1e-9
+    assert collapsed["fid"] > 50 * table["real held-out"]["fid"]
+
+
+def test_half_the_digits_cover_five_classes(table):
+    half = table["real, digits 0-4 only"]
+    assert half["coverage"] == 5
+    assert half["coverage_entropy"] == pytest.approx(math.log(5), abs=0.05)
+    assert half["fid"] > 10 * table["real held-out"]["fid"]
+
+
+class ClassifierFeatures(nn.Module):
+    """The bundled classifier as a torchmetrics feature extractor: (B, 1, 28, 28) -> (B, FEATURE_DIM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = load_classifier(CPU)
+        self.num_features = FEATURE_DIM  # saves torchmetrics a dummy forward pass
+
+    def forward(self, x):
+        return self.classifier.features(x)
+
+
+def test_frechet_distance_matches_torchmetrics():
+    reference, pool = metrics.baseline_split()
+    real = to_float(reference.images[:N])
+    fake = metrics.real_blurred(pool, N, torch.Generator())
+    features = load_classifier(CPU).features
+    ours = metrics.frechet_distance(metrics.gaussian_fit(features(fake)), metrics.gaussian_fit(features(real)))
+    # normalize=True: the custom extractor takes float images as they are
+    theirs = FrechetInceptionDistance(feature=ClassifierFeatures(), normalize=True)
+    theirs.update(real, real=True)
+    theirs.update(fake, real=False)
+    assert ours == pytest.approx(float(theirs.compute()), rel=1e-3)
+    fit = metrics.gaussian_fit(features(real))
+    assert abs(metrics.frechet_distance(fit, fit)) < 1e-6 * float(fit.cov.trace())
+
+
+def test_real_stats_are_cached_on_disk_by_source_and_checksum(tmp_path, monkeypatch):
+    bundled = load_mnist(BUNDLED, subset=300)
+    calls = []
+    classify = metrics.classify
+    monkeypatch.setattr(metrics, "classify", lambda *args: calls.append(1) or classify(*args))
+    first = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    second = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    assert len(calls) == 1  # the second call read the file
+    torch.testing.assert_close(first.cov, second.cov)
+    (path,) = tmp_path.glob("*.pt")
+    assert path == metrics.stats_path(bundled.source, classifier_checksum(), tmp_path)
+    assert classifier_checksum()[:16] in path.name
+
+    metrics.real_stats(Mnist(bundled.images, bundled.labels, "another-source"), CPU, cache_dir=tmp_path)
+    monkeypatch.setattr(metrics, "classifier_checksum", lambda: "f" * 64)
+    metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_corrupt_cache_file_is_recomputed(tmp_path):
+    bundled = load_mnist(BUNDLED, subset=200)
+    fit = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    path.write_bytes(b"not a torch file")
+    again = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    torch.testing.assert_close(again.mean, fit.mean)
+    assert metrics.read_stats(path, {"source": bundled.source}) is not None  # replaced by a good file
+
+
+def test_cache_dir_comes_from_the_environment(module_cache):
+    assert metrics.stats_dir() == module_cache / "fid_stats"
+
+
+def test_untrained_generator_scores_finite_and_bad(table):
+    cfg = TrainConfig(width=0.25)
+    g, _ = build_models(cfg)
+    score = metrics.make_scorer(load_mnist(BUNDLED, subset=1000), CPU, n_samples=300)
+    scores = score(g, cfg.latent_dim)
+    assert set(scores) == SCORE_KEYS and scores["fid_samples"] == 300
+    assert all(math.isfinite(v) for v in scores.values())
+    assert scores["fid"] > 20 * table["real held-out"]["fid"]
+    assert g.training  # the generator's mode is restored
+    assert score(g, cfg.latent_dim) == scores  # same weights, same score
+    g.eval()
+    score(g, cfg.latent_dim)
+    assert not g.training
+
+
+def test_diverged_generator_gets_infinite_fid():
+    nan_generator = nn.Sequential(nn.Linear(8, 784), nn.Unflatten(1, (1, 28, 28)))
+    nn.init.constant_(nan_generator[0].weight, math.nan)
+    scores = metrics.make_scorer(load_mnist(BUNDLED, subset=200), CPU, n_samples=50)(nan_generator, 8)
+    assert scores["fid"] == math.inf
+
+
+def test_default_sample_counts():
+    assert metrics.default_fid_samples(CPU) == 2_000
+    assert metrics.default_fid_samples(torch.device("cuda")) == 10_000
+
+
+def test_registry_lists_the_known_metrics():
+    assert set(metrics.METRICS) == SCORE_KEYS - {"fid_samples"}
+    with pytest.raises(KeyError, match="known: fid"):
+        metrics.calc_metrics(None, None, ["fdi"])
+    with pytest.raises(ValueError, match="twice"):
+        metrics.register_metric("fid")(metrics.fid)
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path):
+    cfg = TrainConfig(width=0.25, data_source=BUNDLED, subset=1000)
+    gan = make_gan(cfg, CPU)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(state(gan, 1, fixed_noise(cfg, CPU), make_generator(cfg, CPU), []), run_dir / "checkpoint.pt")
+    return run_dir
+
+
+def test_score_cli_on_a_run_dir_and_a_checkpoint(checkpoint_dir, capsys):
+    assert metrics.main(["score", str(checkpoint_dir), "--n", "200"]) == 0
+    assert metrics.main(["score", str(checkpoint_dir / "checkpoint.pt"), "--n", "200"]) == 0
+    out = capsys.readouterr().out
+    assert f"{BUNDLED}[:1000]" in out
+    for key in SCORE_KEYS:
+        assert key in out
+
+
+def test_baselines_cli(capsys):
+    assert metrics.main(["baselines", "--n", "300"]) == 0
+    out = capsys.readouterr().out
+    for name in metrics.BASELINES:
+        assert name in out
+
+
+@pytest.mark.parametrize("content", [None, b"garbage", "no-generator"])
+def test_bad_checkpoint_exits_2_naming_the_file(tmp_path, capsys, content):
+    path = tmp_path / "checkpoint.pt"
+    if content == "no-generator":
+        torch.save({"config": TrainConfig().to_dict()}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    assert metrics.main(["score", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_sample_count_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        metrics.main(["baselines", "--n", "99999"])
+    assert exit_info.value.code == 2
+    assert "--n" in capsys.readouterr().err
