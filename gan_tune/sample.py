@@ -1,0 +1,90 @@
+"""CLI: `python -m gan_tune.sample --run-id ID [-n 64] [--out grid.png] [--tracking-uri URI]` (or `--model-uri URI`).
+
+Loads the generator a search logged on its parent run (`tracking.finish_search_run`) with
+`mlflow.pytorch.load_model` and writes a grid of `n` samples with `artifacts.save_grid`. No gan_tune
+model code is needed to load it: the model is a torch.export program (pt2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from gan_tune import artifacts
+from gan_tune.config import ConfigError
+from gan_tune.tracking import MODEL_NAME, first_line, resolve_tracking_uri, using_tracking_uri
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gan_tune.sample", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="a search's parent run id (the run the generator was logged on)")
+    which.add_argument("--model-uri", help="any MLflow model URI, e.g. models:/m-... or runs:/ID/generator")
+    parser.add_argument("-n", type=int, default=64, help="number of samples (default 64: one 8x8 grid)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+    parser.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    return parser.parse_args(argv)
+
+
+def model_uri_of_run(client: MlflowClient, run_id: str) -> str:
+    """`models:/<id>` of the generator logged on the run; a ConfigError naming --run-id when it has none."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError("--run-id", f"{run_id}: no such run") from None
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
+    if not models:
+        raise ConfigError("--run-id", f"{run_id}: has no logged {MODEL_NAME} model (log one with a finished search; "
+                                      "trial runs have none, use their parent)")
+    return f"models:/{models[0].model_id}"
+
+
+def load_generator(model_uri: str) -> torch.nn.Module:
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as err:
+        raise ConfigError("--model-uri", f"{model_uri}: cannot load a model ({first_line(err)})") from None
+
+
+def latent_size(model_uri: str) -> int:
+    """The noise width, from the model's input signature (batch, latent_dim)."""
+    signature = mlflow.models.get_model_info(model_uri).signature
+    shape = signature.inputs.inputs[0].shape if signature is not None and signature.inputs.is_tensor_spec() else ()
+    if len(shape) != 2:
+        raise ConfigError("--model-uri", f"{model_uri}: no (batch, latent) input signature: not a gan_tune generator")
+    return int(shape[1])
+
+
+@torch.no_grad()
+def sample(g: torch.nn.Module, latent_dim: int, n: int, seed: int) -> torch.Tensor:
+    """n images in [-1, 1] from seeded noise."""
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return g(z).float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.n < 1:
+            raise ConfigError("-n", f"{args.n}: must be >= 1")
+        uri = resolve_tracking_uri(args.tracking_uri)
+        model_uri = args.model_uri or model_uri_of_run(MlflowClient(uri), args.run_id)
+        with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
+            images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    path = artifacts.save_grid(images, args.out)
+    print(f"{len(images)} samples from {model_uri}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

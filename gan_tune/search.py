@@ -1,0 +1,304 @@
+"""CLI: `python -m gan_tune.search --space NAME` runs a Ray Tune study of a search space and writes the
+best trial's config as best_config.yaml, which `python -m gan_tune.train --config` accepts.
+
+Flow: parse -> load and validate the space (exit 2 before Ray starts) -> start or join Ray -> detect GPUs
+and pick resources (no GPU: the space's `cpu:` block) -> print the plan -> load MNIST once -> Tuner.fit
+-> print the best trial, its folder and why trials were stopped -> write best_config.yaml.
+Results go to --storage-path (default ./ray_results, next to the runs/ folder of gan_tune.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import textwrap
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+
+from gan_tune import spaces, tracking
+from gan_tune.config import ConfigError, from_dict
+from gan_tune.data import DataError, Mnist, load_mnist
+from gan_tune.spaces import Space
+from gan_tune.stopping import GanStopper
+from gan_tune.trainable import resolve_derived, train_gan
+
+DEFAULT_STORAGE = "ray_results"
+DEFAULT_GPU_SHARE = 0.25  # four trials share a GPU: one small GAN leaves most of it idle
+MAX_FAILURES = 2  # a crashed trial restarts from its last checkpoint twice before it counts as errored
+# Checkpoints kept per trial, best by the metric; Tune also keeps the latest, which PBT clones.
+CHECKPOINTS_KEPT = 4
+BEST_CONFIG = "best_config.yaml"
+SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gan_tune.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", help="search-space name (see --list-spaces) or path to a YAML file")
+    parser.add_argument("--list-spaces", action="store_true", help="list the known spaces and exit")
+    parser.add_argument("--num-samples", type=int, help="trials (default: the space's)")
+    parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's)")
+    parser.add_argument("--time-budget", help="wall-clock budget, e.g. 90s, 15m, 1h (default: the space's)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the space's, or 0.25)")
+    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space's)")
+    parser.add_argument("--address", help="join a running Ray cluster (e.g. auto, HOST:PORT); default: start one here")
+    parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="results folder (default: ./ray_results)")
+    parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS); required by --resume")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the search algorithm and the per-trial seeds")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished study --name")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--experiment", help=f"MLflow experiment name (default: {tracking.DEFAULT_EXPERIMENT})")
+    return parser.parse_args(argv)
+
+
+def known_spaces() -> dict[str, Path]:
+    """Space name -> file: ./search_spaces/ shadows the packaged copies."""
+    found = {path.stem: path for path in packaged_spaces().glob("*.yaml")}
+    found.update({path.stem: path for path in Path("search_spaces").glob("*.yaml")})
+    return dict(sorted(found.items()))
+
+
+def packaged_spaces() -> Path:
+    return Path(str(resources.files("gan_tune.search_spaces")))
+
+
+def resolve_space(name: str | None) -> Path:
+    """An existing path; else ./search_spaces/NAME.yaml; else the packaged copy."""
+    if not name:
+        raise ConfigError("--space", f"required (known: {', '.join(known_spaces())})")
+    for path in (Path(name), Path("search_spaces") / f"{name}.yaml", packaged_spaces() / f"{name}.yaml"):
+        if path.is_file():
+            return path
+    raise ConfigError("--space", f"unknown space {name!r} (known: {', '.join(known_spaces())})")
+
+
+def load_plans(args: argparse.Namespace) -> dict[bool, Space]:
+    """The space for a cluster with GPUs (True) and without (False), flags applied; all checks before Ray."""
+    space = spaces.load_space(resolve_space(args.space))
+    flags = {"num_samples": args.num_samples, "max_epochs": args.max_epochs, "time_budget": args.time_budget}
+    flags = {key: value for key, value in flags.items() if value is not None}
+    gpu, cpu = args.gpus_per_trial, args.cpus_per_trial
+    if gpu is not None and (gpu < 0 or gpu > 1 and gpu != int(gpu)):
+        raise ConfigError("--gpus-per-trial", f"{gpu:g}: use a fraction <= 1 or a whole number of GPUs")
+    if cpu is not None and cpu <= 0:
+        raise ConfigError("--cpus-per-trial", f"{cpu:g}: must be > 0")
+    if args.resume and not args.name:
+        raise ConfigError("--resume", "needs --name of the study to continue")
+    return {gpu: spaces.with_values(plan, flags, where="command line") if flags else plan
+            for gpu, plan in ((True, space), (False, spaces.for_cpu(space)))}
+
+
+def start_ray(address: str | None) -> bool:
+    """Start a local Ray (or join `address`); False when Ray was already running in this process."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:  # address="local": never join a cluster another user started on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    return True
+
+
+def trial_resources(plans: dict[bool, Space], args: argparse.Namespace) -> tuple[Space, dict[str, float]]:
+    """The plan for this cluster and one trial's resources; requests the cluster can't meet fail, never hang."""
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    if not gpus and args.gpus_per_trial:
+        raise ConfigError("--gpus-per-trial", f"{args.gpus_per_trial} GPU per trial, but the Ray cluster has no GPU")
+    space = plans[gpus > 0]
+    cpu = args.cpus_per_trial or space.resources["cpu"]
+    gpu = args.gpus_per_trial if args.gpus_per_trial is not None else space.resources["gpu"] or DEFAULT_GPU_SHARE
+    gpu = gpu if gpus else 0
+    if cpu > cpus:
+        raise ConfigError("--cpus-per-trial", f"{cpu} CPUs per trial, but the Ray cluster has {cpus:g}")
+    if gpu > gpus:
+        raise ConfigError("--gpus-per-trial", f"{gpu} GPUs per trial, but the Ray cluster has {gpus:g}")
+    return space, {"cpu": cpu, "gpu": gpu}
+
+
+def print_plan(space: Space, name: str, exp_dir: Path, trial: dict[str, float], args: argparse.Namespace) -> None:
+    cluster = ray.cluster_resources()
+    fixed = from_dict(space.train_fields)
+    at_once = int(cluster.get("CPU", 0) // trial["cpu"])
+    if trial["gpu"]:
+        at_once = min(at_once, int(cluster["GPU"] // trial["gpu"]))
+        device = f"{trial['gpu']:g} GPU"
+    else:
+        device = "no GPU (the cluster has none)"
+    budget = spaces.format_duration(space.time_budget_s) if space.time_budget_s else "none"
+    subset = f", first {fixed.subset} images" if fixed.subset else ""
+    print(f"study {name}: space {space.name} ({space.where})")
+    print(f"  trials:    {space.num_samples} x up to {space.max_epochs} epochs, {space.search_alg} search, "
+          f"seed {args.seed}")
+    print(f"  scheduler: {spaces.describe_scheduler(space)} on {space.metric} ({space.mode})")
+    print(f"  resources: {trial['cpu']:g} CPU + {device} per trial; {at_once} at a time")
+    print(f"  budget:    {budget} (--time-budget overrides)")
+    print(f"  model:     {fixed.model}, width {fixed.width:g}, batch {fixed.batch_size}; "
+          f"data {fixed.data_source}{subset}")
+    print(f"  results:   {exp_dir}", flush=True)
+
+
+def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
+                   stopper: GanStopper, exp_dir: Path) -> tuple[str, list[tune.Callback]]:
+    """The study's MLflow parent run (found again on --resume) and the driver-side callback logging each trial."""
+    experiment = args.experiment or tracking.DEFAULT_EXPERIMENT
+    parent = tracking.find_search_run(args.tracking_uri, experiment, exp_dir) if args.resume else None
+    if parent is None:
+        resolved = {**vars(args), "name": exp_dir.name, "storage_path": str(exp_dir.parent), "resources": trial,
+                    "num_samples": space.num_samples, "max_epochs": space.max_epochs, "metric": space.metric,
+                    "mode": space.mode, "time_budget_s": space.time_budget_s, "experiment": experiment}
+        parent = tracking.start_search_run(args.tracking_uri, experiment, space.name, resolve_space(args.space),
+                                           resolved, data.source, space.scheduler["type"], space.search_alg, exp_dir)
+    print(f"mlflow parent run: {parent} (experiment {experiment} at {args.tracking_uri})", flush=True)
+    callback = tracking.TrackingCallback(args.tracking_uri, parent, space.max_epochs, stopper.reasons,
+                                         scheduler=space.scheduler["type"])
+    return parent, [callback]
+
+
+def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Namespace, parent: str) -> None:
+    """Log the best trial and its generator on the parent run, and end it."""
+    try:
+        best = results.get_best_result(space.metric, space.mode, scope="all")
+    except RuntimeError:  # no trial reported the metric; summarise() says so
+        best = None
+    tracking.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode)
+    print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
+          f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
+
+
+def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
+                stopper: GanStopper, exp_dir: Path, callbacks: list[tune.Callback]) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(train_gan, data=data), trial)
+    if args.resume:
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    run_config = tune.RunConfig(
+        name=exp_dir.name, storage_path=str(exp_dir.parent), stop=stopper, callbacks=callbacks,
+        sync_config=tune.SyncConfig(sync_artifacts=True),  # trial files from every node reach the storage path
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
+                                                checkpoint_score_order=space.mode),
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
+    tune_config = tune.TuneConfig(
+        metric=space.metric, mode=space.mode, scheduler=spaces.make_scheduler(space),
+        search_alg=spaces.make_search_alg(space, args.seed), num_samples=space.num_samples,
+        time_budget_s=space.time_budget_s,
+        reuse_actors=True)  # a new trial (or a PBT/HyperBand resume) skips starting a process and importing torch
+    return tune.Tuner(trainable, param_space=spaces.param_space(space, args.seed), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def best_epoch(result: tune.Result, space: Space) -> pd.Series:
+    """The report with the best score of a trial (the playbook: pick the best checkpoint in hindsight)."""
+    frame = result.metrics_dataframe
+    scores = frame[space.metric]
+    return frame.loc[scores.idxmin() if space.mode == "min" else scores.idxmax()]
+
+
+def write_best_config(result: tune.Result, row: pd.Series, space: Space, exp_dir: Path) -> Path:
+    """TrainConfig fields only (derived params resolved), trained for as many epochs as the best score took."""
+    values = {**resolve_derived(result.config), "max_epochs": int(row["epoch"]), "name": f"{exp_dir.name}-best"}
+    cfg = from_dict(values, where=f"trial {row['trial_id']} config")
+    path = exp_dir / BEST_CONFIG
+    header = (f"# Best trial {row['trial_id']} of study {exp_dir.name} (space {space.where}):\n"
+              f"# {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])} of {space.max_epochs}.\n"
+              f"# Reproduce: python -m gan_tune.train --config {path}\n")
+    path.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def format_values(values: dict) -> str:
+    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in values.items())
+
+
+def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_dir: Path) -> Path | None:
+    """Print the best trial, its folder and the stopped trials; write best_config.yaml (None: no trial scored)."""
+    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {exp_dir}")
+    for trial_id, reason in sorted(stopper.reasons.items()):
+        print(f"  stopped {trial_id}: {reason}")
+    diverged = sum(reason == "diverged" for reason in stopper.reasons.values())
+    if diverged:
+        print(f"  {diverged} of {len(results)} trials diverged (many: shrink the space's learning-rate range)")
+    try:
+        best = results.get_best_result(space.metric, space.mode, scope="all")
+    except RuntimeError:
+        print(f"error: no trial reported {space.metric}", file=sys.stderr)
+        return None
+    row = best_epoch(best, space)
+    print(f"best trial {row['trial_id']}: {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])}")
+    searched = {key: best.config[key] for key in (*space.search, "seed")}
+    print(f"  config:  {format_values({**searched, **resolve_derived(searched)})}")
+    print(f"  metrics: {format_values({key: row[key] for key in SUMMARY_METRICS})}")
+    print(f"  folder:  {best.path}")
+    path = write_best_config(best, row, space, exp_dir)
+    print(f"best config: {path}")
+    return path
+
+
+def run(plans: dict[bool, Space], args: argparse.Namespace) -> int:
+    """Everything after Ray is up: resources, plan, data, fit, summary."""
+    space, trial = trial_resources(plans, args)
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(args.storage_path).expanduser().resolve() / name
+    if args.resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError("--resume", f"{exp_dir} holds no study to continue")
+    if not args.resume and exp_dir.exists():
+        raise ConfigError("--name", f"{exp_dir} exists: pick another name, or add --resume to continue it")
+    print_plan(space, name, exp_dir, trial, args)
+    fixed = from_dict(space.train_fields)
+    data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
+    print(f"data: {data.source} ({len(data)} images)", flush=True)
+    random.seed(args.seed)  # the driver-side draws of Tune's schedulers (PBT explore, ASHA brackets)
+    np.random.seed(args.seed)
+    stopper = GanStopper()
+    parent, callbacks = start_tracking(space, args, data, trial, stopper, exp_dir)
+    try:
+        results = build_tuner(space, args, data, trial, stopper, exp_dir, callbacks).fit()
+    except BaseException:
+        tracking.finish_search_run(args.tracking_uri, parent, None, space.metric, space.mode, status="FAILED")
+        raise
+    best_config = summarise(results, space, stopper, exp_dir)
+    finish_tracking(results, space, args, parent)
+    return 0 if best_config else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.list_spaces:
+            return list_spaces()
+        plans = load_plans(args)
+        args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = start_ray(args.address)
+    try:
+        return run(plans, args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def list_spaces() -> int:
+    for name, path in known_spaces().items():
+        space = spaces.load_space(path)
+        shape = f"{space.num_samples} x {space.max_epochs} epochs, {space.scheduler['type']}"
+        print(f"{name:9} {shape:24} {textwrap.shorten(space.description, 64)}  [{path}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

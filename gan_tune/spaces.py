@@ -1,0 +1,471 @@
+"""search_spaces/*.yaml -> a validated Space -> Tune's param_space, scheduler and search algorithm.
+
+Every error in a space file is a ConfigError naming the file and the key
+("search_spaces/x.yaml: search.lr_d: low 0.001 > high 1e-05"), raised by `load_space` before Ray starts.
+The `cpu:` block is a partial space merged over the file when the cluster has no GPU; it is validated
+at load time too, so a GPU machine still catches its mistakes. search_spaces/README.md documents the format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ray import tune
+from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining,
+                                 TrialScheduler)
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
+
+from gan_tune.config import FIELD_TYPES, ConfigError, TrainConfig, coerce, from_dict, read_yaml
+from gan_tune.trainable import DERIVED_PARAMS, OBJECTIVES, REPORTED_METRICS
+
+TOP_LEVEL = ("description", "base", "search", "metric", "mode", "num_samples", "max_epochs", "search_alg",
+             "scheduler", "resources", "time_budget", "cpu")
+REQUIRED = ("metric", "mode", "num_samples", "max_epochs", "search_alg", "scheduler")
+# Loaded once by the driver and shared by all trials, or chosen by Ray: a study cannot search these.
+FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "out_dir", "name")
+PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
+TIME_ATTR = "training_iteration"  # one report per epoch, restored with the checkpoint
+MAX_SEED = 2**31 - 1
+DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
+
+DISTRIBUTIONS: dict[str, Callable[[list], Any]] = {
+    "loguniform": lambda a: tune.loguniform(a[0], a[1]),  # [low, high)
+    "uniform": lambda a: tune.uniform(a[0], a[1]),  # [low, high)
+    "randint": lambda a: tune.randint(a[0], a[1] + 1),  # [low, high], both ends, unlike tune.randint
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+}
+BOUNDED = ("loguniform", "uniform", "randint")
+# Settings each scheduler accepts, with their defaults (None: required).
+SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
+    "asha": {"grace_period": 1, "reduction_factor": 3, "brackets": 1},
+    "hyperband": {"reduction_factor": 3},
+    "pbt": {"perturbation_interval": None, "hyperparam_mutations": None, "burn_in_period": 0,
+            "quantile_fraction": 0.25, "resample_probability": 0.25},
+    "fifo": {},
+}
+
+
+@dataclass(frozen=True)
+class Space:
+    """One parsed, validated search-space file. `raw` is the mapping it was parsed from."""
+
+    name: str
+    where: str
+    description: str
+    base: dict[str, Any]
+    search: dict[str, tuple[str, list]]  # key -> (distribution, arguments)
+    metric: str
+    mode: str
+    num_samples: int
+    max_epochs: int
+    search_alg: str
+    scheduler: dict[str, Any]  # "type" plus every setting of that type, defaults filled in
+    resources: dict[str, float]
+    time_budget_s: float | None
+    raw: dict[str, Any]
+
+    @property
+    def train_fields(self) -> dict[str, Any]:
+        """The fixed TrainConfig values every trial shares (base plus max_epochs)."""
+        return {**self.base, "max_epochs": self.max_epochs}
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file, its `cpu:` variant included."""
+    raw = read_yaml(path)
+    space = parse_space(raw, where=str(path), name=Path(path).stem)
+    for_cpu(space)  # validate the cpu block now, whatever the cluster turns out to be
+    return space
+
+
+def for_cpu(space: Space) -> Space:
+    """The space with its `cpu:` block merged in: dict blocks key by key, other values replaced."""
+    overrides = space.raw.get("cpu") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError("cpu", "expected a mapping of top-level keys", where=space.where)
+    if not overrides:
+        return space
+    for key in overrides:
+        if key not in TOP_LEVEL or key in ("cpu", "description"):
+            raise ConfigError(f"cpu.{key}", "not a key the cpu block can override", where=space.where)
+    merged = {key: value for key, value in space.raw.items() if key != "cpu"}
+    for key, value in overrides.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_dicts else value
+    return parse_space(merged, where=f"{space.where} (cpu block applied)", name=space.name)
+
+
+def with_values(space: Space, values: dict[str, Any], where: str) -> Space:
+    """The space with top-level values replaced (command-line flags), validated again."""
+    return parse_space({**space.raw, **values}, where=where, name=space.name)
+
+
+def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
+    check_top_level(raw, where)
+    num_samples = check_int(raw["num_samples"], "num_samples", where, low=1)
+    max_epochs = check_int(raw["max_epochs"], "max_epochs", where, low=1)
+    base = parse_base(raw.get("base") or {}, max_epochs, where)
+    fixed = from_dict({**base, "max_epochs": max_epochs})  # what every trial shares, defaults included
+    search = parse_search(raw.get("search") or {}, base, where)
+    metric, mode = check_metric(raw["metric"], raw["mode"], fixed, where)
+    search_alg = check_search_alg(raw["search_alg"], search, where)
+    scheduler = parse_scheduler(raw["scheduler"], fixed, search_alg, where)
+    resources = parse_resources(raw.get("resources") or {}, where)
+    budget = raw.get("time_budget")
+    time_budget_s = None if budget is None else parse_duration(budget, "time_budget", where)
+    description = str(raw.get("description") or "").strip()
+    return Space(name, where, description, base, search, metric, mode, num_samples, max_epochs, search_alg,
+                 scheduler, resources, time_budget_s, raw)
+
+
+def check_top_level(raw: dict[str, Any], where: str) -> None:
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(str(key), f"unknown top-level key (known: {', '.join(TOP_LEVEL)})", where=where)
+    for key in REQUIRED:
+        if key not in raw:
+            raise ConfigError(key, "missing (required)", where=where)
+
+
+def check_int(value: Any, key: str, where: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(key, f"expected an integer >= {low}, got {value!r}", where=where)
+    return value
+
+
+def check_number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}"
+                          " (write floats with a dot: 1.0e-4)", where=where)
+    return value
+
+
+def parse_base(base: Any, max_epochs: int, where: str) -> dict[str, Any]:
+    """Fixed TrainConfig values; the whole config is built once so every field is checked."""
+    if not isinstance(base, dict):
+        raise ConfigError("base", "expected a mapping of TrainConfig fields", where=where)
+    if "max_epochs" in base:
+        raise ConfigError("base.max_epochs", "set max_epochs at the top level", where=where)
+    values = {}
+    for key, value in base.items():
+        values[key] = prefixed(lambda: coerce(key, value), "base", where)
+    prefixed(lambda: from_dict({**values, "max_epochs": max_epochs}), "base", where)
+    return values
+
+
+def prefixed(check: Callable[[], Any], prefix: str, where: str) -> Any:
+    """Run a config check, naming the key inside `prefix` (base.lr_d) and the file in any error."""
+    try:
+        return check()
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err.key}", err.msg, where=where) from None
+
+
+def parse_search(search: Any, base: dict[str, Any], where: str) -> dict[str, tuple[str, list]]:
+    if not isinstance(search, dict):
+        raise ConfigError("search", "expected a mapping of field: {distribution: arguments}", where=where)
+    parsed = {}
+    for key, spec in search.items():
+        if key not in FIELD_TYPES and key not in DERIVED_PARAMS:
+            known = ", ".join([*FIELD_TYPES, *DERIVED_PARAMS])
+            raise ConfigError(f"search.{key}", f"not a TrainConfig field or derived param (known: {known})",
+                              where=where)
+        if key in FIXED_FIELDS or key in base:
+            why = "is also set in base" if key in base else "is fixed for a whole study"
+            raise ConfigError(f"search.{key}", f"cannot be searched: {key} {why}", where=where)
+        parsed[key] = parse_distribution(spec, key, f"search.{key}", base, where)
+    check_derived(parsed, base, where)
+    return parsed
+
+
+def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], where: str) -> tuple[str, list]:
+    """{loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}, checked against the field's type."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        known = ", ".join(DISTRIBUTIONS)
+        raise ConfigError(key, f"expected one {{distribution: arguments}} (distributions: {known})", where=where)
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(key, f"unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})", where=where)
+    if not isinstance(args, list) or not args:
+        raise ConfigError(key, f"{kind} takes a non-empty list", where=where)
+    field_type = FIELD_TYPES.get(field, "float")  # derived params are floats
+    if kind in BOUNDED:
+        low, high = check_bounds(kind, args, field, field_type, key, where)
+        inclusive = (low, high) if kind == "randint" else (low,)  # uniform and loguniform never draw high
+        for value in inclusive:
+            check_value(field, value, base, key, where)
+        return kind, [low, high]
+    values = [check_value(field, value, base, key, where) for value in args]
+    return kind, values
+
+
+def check_bounds(kind: str, args: list, field: str, field_type: str, key: str, where: str) -> tuple:
+    if len(args) != 2:
+        raise ConfigError(key, f"{kind} takes [low, high], got {args!r}", where=where)
+    low, high = (check_number(value, key, where) for value in args)
+    if kind == "randint" and not all(isinstance(v, int) for v in args):
+        raise ConfigError(key, f"randint bounds must be integers, got {args!r}", where=where)
+    if field_type not in ("int", "float"):
+        raise ConfigError(key, f"{field} is {field_type}: use choice", where=where)
+    if kind != "randint" and field_type != "float":
+        raise ConfigError(key, f"{kind} samples floats but {field} is {field_type} (use randint or choice)",
+                          where=where)
+    if low > high:
+        raise ConfigError(key, f"low {low} > high {high}", where=where)
+    if kind != "randint" and low == high:
+        raise ConfigError(key, f"low == high ({low}): put a fixed value in base", where=where)
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(key, f"loguniform needs low > 0, got {low}", where=where)
+    return low, high
+
+
+def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str) -> Any:
+    """A choice/grid value: the field's type, and a valid TrainConfig together with base."""
+    if field in DERIVED_PARAMS:
+        return check_number(value, key, where)
+    try:
+        value = coerce(field, value)
+        from_dict({**base, field: value})
+    except ConfigError as err:
+        raise ConfigError(key, err.msg, where=where) from None
+    return value
+
+
+def check_derived(search: dict[str, tuple[str, list]], base: dict[str, Any], where: str) -> None:
+    """A derived param sets its target field, which nothing else may set; its inputs must be given."""
+    for name in search.keys() & DERIVED_PARAMS.keys():
+        derived = DERIVED_PARAMS[name]
+        if derived.target in search or derived.target in base:
+            raise ConfigError(f"search.{name}", f"sets {derived.target}, which the space also sets", where=where)
+        for needed in derived.inputs:
+            if needed not in search and needed not in base:
+                raise ConfigError(f"search.{name}", f"needs {needed} in search or base", where=where)
+
+
+def check_metric(metric: Any, mode: Any, fixed: TrainConfig, where: str) -> tuple[str, str]:
+    if metric not in OBJECTIVES:
+        what = "a diagnostic, not a quality score" if metric in REPORTED_METRICS else "not reported by the trainable"
+        raise ConfigError("metric", f"{metric!r} is {what} (objectives: {', '.join(OBJECTIVES)})", where=where)
+    if mode != OBJECTIVES[metric]:
+        better = "lower" if OBJECTIVES[metric] == "min" else "higher"
+        raise ConfigError("mode", f"{mode!r}: {metric} is better {better}, use mode: {OBJECTIVES[metric]}", where=where)
+    if fixed.eval_every == 0:
+        raise ConfigError("base.eval_every", f"0 never scores, so {metric} is never reported", where=where)
+    return metric, mode
+
+
+def check_search_alg(name: Any, search: dict[str, tuple[str, list]], where: str) -> str:
+    if name not in SEARCH_ALGS:
+        known = ", ".join(SEARCH_ALGS)
+        raise ConfigError("search_alg", f"unknown search algorithm {name!r} (known: {known})", where=where)
+    for key, (kind, _) in search.items():
+        if name == "grid" and kind != "grid":
+            raise ConfigError(f"search.{key}", f"search_alg grid takes only grid entries, got {kind}", where=where)
+        if name == "optuna" and kind == "grid":
+            raise ConfigError(f"search.{key}", "search_alg optuna cannot take grid entries", where=where)
+    if name == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search_alg", "optuna is not installed: pip install 'gan_tune[optuna]'", where=where)
+    return name
+
+
+def parse_scheduler(raw: Any, fixed: TrainConfig, search_alg: str, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise ConfigError("scheduler", f"expected a mapping with type: ({', '.join(SCHEDULERS)})", where=where)
+    kind = raw["type"]
+    if kind not in SCHEDULERS:
+        raise ConfigError("scheduler.type", f"unknown scheduler {kind!r} (known: {', '.join(SCHEDULERS)})", where=where)
+    defaults = SCHEDULER_SETTINGS[kind]
+    for key in raw:
+        if key != "type" and key not in defaults:
+            known = ", ".join(defaults) or "none"
+            raise ConfigError(f"scheduler.{key}", f"not a setting of {kind} (settings: {known})", where=where)
+    settings = {"type": kind, **defaults, **{k: v for k, v in raw.items() if k != "type"}}
+    for key, value in settings.items():
+        if value is None:
+            raise ConfigError(f"scheduler.{key}", f"required by {kind}", where=where)
+    return SCHEDULER_CHECKS[kind](settings, fixed, search_alg, where)
+
+
+def check_asha(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -> dict:
+    check_int(settings["grace_period"], "scheduler.grace_period", where, low=1)
+    check_int(settings["brackets"], "scheduler.brackets", where, low=1)
+    check_reduction_factor(settings, where)
+    if settings["grace_period"] > fixed.max_epochs:
+        raise ConfigError("scheduler.grace_period", f"{settings['grace_period']} > max_epochs {fixed.max_epochs}",
+                          where=where)
+    if settings["grace_period"] < fixed.eval_every:  # ASHA passes a trial that has no score yet
+        raise ConfigError("scheduler.grace_period", f"below eval_every {fixed.eval_every}: the first rung "
+                          "would judge trials before their first score", where=where)
+    return settings
+
+
+def check_hyperband(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -> dict:
+    check_reduction_factor(settings, where)
+    if fixed.checkpoint_every != 1:  # HyperBand pauses trials at any epoch and resumes them from a checkpoint
+        raise ConfigError("base.checkpoint_every", "hyperband resumes paused trials from checkpoints: use 1",
+                          where=where)
+    return settings
+
+
+def check_fifo(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -> dict:
+    return settings
+
+
+def check_reduction_factor(settings: dict, where: str) -> None:
+    if check_number(settings["reduction_factor"], "scheduler.reduction_factor", where) <= 1:
+        raise ConfigError("scheduler.reduction_factor", "must be > 1", where=where)
+
+
+def check_pbt(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -> dict:
+    interval = check_int(settings["perturbation_interval"], "scheduler.perturbation_interval", where, low=1)
+    if interval % fixed.checkpoint_every:  # PBT clones the checkpoint reported at the perturbation epoch
+        raise ConfigError("scheduler.perturbation_interval", "must be a multiple of base.checkpoint_every",
+                          where=where)
+    if search_alg == "optuna":
+        raise ConfigError("search_alg", "pbt samples its own population: use random or grid", where=where)
+    if fixed.eval_every != 1:  # PBT raises on any report without the metric
+        raise ConfigError("base.eval_every", "pbt needs a score on every report: use 1", where=where)
+    if not 0 < check_number(settings["quantile_fraction"], "scheduler.quantile_fraction", where) <= 0.5:
+        raise ConfigError("scheduler.quantile_fraction", "must be in (0, 0.5]", where=where)
+    if not 0 <= check_number(settings["resample_probability"], "scheduler.resample_probability", where) <= 1:
+        raise ConfigError("scheduler.resample_probability", "must be in [0, 1]", where=where)
+    check_number(settings["burn_in_period"], "scheduler.burn_in_period", where)
+    return {**settings, "hyperparam_mutations": parse_mutations(settings["hyperparam_mutations"], fixed, where)}
+
+
+def parse_mutations(mutations: Any, fixed: TrainConfig, where: str) -> dict[str, tuple[str, list]]:
+    if not isinstance(mutations, dict) or not mutations:
+        raise ConfigError("scheduler.hyperparam_mutations", f"pbt needs mutable params ({', '.join(PBT_MUTABLE)})",
+                          where=where)
+    parsed = {}
+    for field, spec in mutations.items():
+        key = f"scheduler.hyperparam_mutations.{field}"
+        if field not in PBT_MUTABLE:
+            raise ConfigError(key, f"pbt may only mutate {', '.join(PBT_MUTABLE)} (values that keep weight shapes "
+                              "and the study's meaning)", where=where)
+        kind, args = parse_distribution(spec, field, key, fixed.to_dict(), where)
+        if kind not in ("loguniform", "uniform", "choice"):
+            raise ConfigError(key, f"pbt mutations take loguniform, uniform or choice, not {kind}", where=where)
+        parsed[field] = (kind, args)
+    return parsed
+
+
+def parse_resources(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ConfigError("resources", "expected {cpu: N, gpu: F}", where=where)
+    resources = {**DEFAULT_RESOURCES, **raw}
+    for key, value in resources.items():
+        if key not in DEFAULT_RESOURCES:
+            raise ConfigError(f"resources.{key}", "unknown resource (known: cpu, gpu)", where=where)
+        check_number(value, f"resources.{key}", where)
+    if resources["cpu"] <= 0:
+        raise ConfigError("resources.cpu", "must be > 0", where=where)
+    gpu = resources["gpu"]
+    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise ConfigError("resources.gpu", f"{gpu}: use a fraction <= 1 or a whole number", where=where)
+    return resources
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+SECONDS = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: Any, key: str, where: str) -> float:
+    """'90s', '15m', '1h', '1h30m' -> seconds."""
+    text = str(text).strip()
+    if not text or not re.fullmatch(f"(?:{DURATION.pattern})+", text):
+        raise ConfigError(key, f"bad duration {text!r} (use e.g. 90s, 15m, 1h, 1h30m)", where=where)
+    seconds = sum(float(number) * SECONDS[unit] for number, unit in DURATION.findall(text))
+    if seconds <= 0:
+        raise ConfigError(key, f"bad duration {text!r}: must be > 0", where=where)
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def param_space(space: Space, seed: int) -> dict[str, Any]:
+    """Tune's param_space: fixed fields, one domain per searched key, and a per-trial seed.
+
+    Without a seed in the space, random and grid searches draw one per trial from the search
+    algorithm's seeded generator (reproducible for a given --seed); optuna gives every trial the
+    study seed, so its model of the objective is not fitted to seed noise.
+    """
+    params: dict[str, Any] = dict(space.train_fields)
+    params.update({key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items()})
+    if "seed" not in params:
+        params["seed"] = seed if space.search_alg == "optuna" else tune.randint(0, MAX_SEED)
+    return params
+
+
+def make_asha(space: Space) -> TrialScheduler:
+    s = space.scheduler
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs, grace_period=s["grace_period"],
+                         reduction_factor=s["reduction_factor"], brackets=s["brackets"])
+
+
+def make_hyperband(space: Space) -> TrialScheduler:
+    return HyperBandScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs,
+                              reduction_factor=space.scheduler["reduction_factor"])
+
+
+def make_pbt(space: Space) -> TrialScheduler:
+    s = space.scheduler
+    # choice becomes a plain list: PBT then steps to a neighbouring value instead of scaling a number
+    mutations = {key: args if kind == "choice" else DISTRIBUTIONS[kind](args)
+                 for key, (kind, args) in s["hyperparam_mutations"].items()}
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR, perturbation_interval=s["perturbation_interval"], burn_in_period=s["burn_in_period"],
+        hyperparam_mutations=mutations, quantile_fraction=s["quantile_fraction"],
+        resample_probability=s["resample_probability"])
+
+
+def make_fifo(space: Space) -> TrialScheduler:
+    return FIFOScheduler()
+
+
+SCHEDULERS: dict[str, Callable[[Space], TrialScheduler]] = {
+    "asha": make_asha, "hyperband": make_hyperband, "pbt": make_pbt, "fifo": make_fifo,
+}
+SCHEDULER_CHECKS = {
+    "asha": check_asha, "hyperband": check_hyperband, "pbt": check_pbt, "fifo": check_fifo,
+}
+
+
+def make_basic_variant(space: Space, seed: int) -> SearchAlgorithm:
+    return BasicVariantGenerator(random_state=seed)
+
+
+def make_optuna(space: Space, seed: int) -> Searcher:
+    from ray.tune.search.optuna import OptunaSearch  # late: optuna is an optional extra
+
+    return OptunaSearch(seed=seed)
+
+
+SEARCH_ALGS: dict[str, Callable[[Space, int], SearchAlgorithm | Searcher]] = {
+    "random": make_basic_variant, "grid": make_basic_variant, "optuna": make_optuna,
+}
+
+
+def make_scheduler(space: Space) -> TrialScheduler:
+    return SCHEDULERS[space.scheduler["type"]](space)
+
+
+def make_search_alg(space: Space, seed: int) -> SearchAlgorithm | Searcher:
+    return SEARCH_ALGS[space.search_alg](space, seed)
+
+
+def describe_scheduler(space: Space) -> str:
+    settings = {k: v for k, v in space.scheduler.items() if k not in ("type", "hyperparam_mutations")}
+    mutated = space.scheduler.get("hyperparam_mutations")
+    if mutated:
+        settings["mutates"] = "+".join(mutated)
+    return f"{space.scheduler['type']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+

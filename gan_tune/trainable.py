@@ -1,0 +1,165 @@
+"""The Ray Tune function trainable: one trial runs the `train.fit` loop and reports every epoch to Tune.
+
+`train_gan(config, data)` is passed to Tune as `tune.with_parameters(train_gan, data=data)`, so MNIST
+goes through the object store once. Per epoch it reports REPORTED_METRICS; every `checkpoint_every`
+epochs the report carries a checkpoint, which is what PBT exploits, HyperBand resumes paused trials
+from and FailureConfig retries from.
+
+Pictures and tables go into the trial's working directory: Tune makes it the actor's cwd, and
+`SyncConfig(sync_artifacts=True)` (search.py) uploads it to the trial's folder under the storage path,
+from any node. `tune.get_context().get_trial_dir()` would not do: in Ray 2.60 it is the driver's staging
+folder, which exists only on the driver's node.
+
+Scores: `fit` scores every `eval_every` epochs. Between scores the trainable reports the last known
+score (`score_epoch` says when it was measured), because schedulers compare the metric on every report.
+The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports DIVERGED_SCORES, the
+worst finite values, so NaN never reaches a scheduler's comparison or sort.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import torch
+from ray import tune
+
+from gan_tune import artifacts, train
+from gan_tune.config import TrainConfig, from_dict
+from gan_tune.data import Mnist
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SCORE_KEYS = ("fid", "is", "coverage", "coverage_entropy", "mean_confidence", "fid_samples")
+# Finite on purpose: ASHA takes percentiles of the recorded scores, and an inf among them turns the
+# cutoff into NaN (inf - inf); 1e6 is far above any FID in the classifier's 128-d feature space.
+DIVERGED_FID = 1.0e6
+DIVERGED_SCORES = {"fid": DIVERGED_FID, "is": 0.0, "coverage": 0.0, "coverage_entropy": 0.0,
+                   "mean_confidence": 0.0, "fid_samples": 0}
+# Every key of a report; spaces.py checks a study's metric against it. Tune adds time_total_s.
+REPORTED_METRICS = (
+    "epoch", "loss_d", "loss_g", "d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob", "balance",
+    *SCORE_KEYS, "score_epoch", "img_per_s", "epoch_time_s", "lr_d", "lr_g",
+    "node_id", "data_source", "restored_from", "restored_epoch",
+)
+# Metrics a study may optimise, with the direction that is better.
+OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max", "mean_confidence": "max"}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A search key that is not a TrainConfig field: the trainable turns it into `target`."""
+
+    target: str  # the field it sets
+    inputs: tuple[str, ...]  # the fields it reads, besides itself
+    compute: Callable[[dict[str, Any]], Any]
+
+
+DERIVED_PARAMS: dict[str, Derived] = {
+    # TTUR (Heusel et al. 2017) searches G's rate and how much faster D learns: lr_d = lr_g * lr_ratio
+    "lr_ratio": Derived("lr_d", ("lr_g",), lambda c: c["lr_g"] * c["lr_ratio"]),
+}
+
+
+def resolve_derived(config: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields only: each derived param is replaced by the field it sets."""
+    values = {key: value for key, value in config.items() if key not in DERIVED_PARAMS}
+    for name, derived in DERIVED_PARAMS.items():
+        if name in config:
+            values[derived.target] = derived.compute(config)
+    return values
+
+
+def trial_config(config: dict[str, Any]) -> TrainConfig:
+    """The trial's TrainConfig, built once; a misspelled key fails here, at the trial's start."""
+    return from_dict(resolve_derived(config), where="trial config")
+
+
+def trial_cpus() -> int:
+    """CPUs Ray reserved for this trial: torch uses that many threads, so packed trials don't oversubscribe."""
+    resources = tune.get_context().get_trial_resources().required_resources
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def restore(gan: train.Gan, generator: torch.Generator,
+            checkpoint: tune.Checkpoint) -> tuple[int, torch.Tensor, list, dict]:
+    """Load a checkpoint (own, or another trial's after a PBT exploit); lr_d/lr_g come from this trial."""
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=gan.device, weights_only=True)
+    epoch, noise, history = train.load_state(gan, saved, generator)
+    return epoch, noise, history, {"restored_from": saved["trial_id"], "restored_epoch": epoch}
+
+
+def report(metrics: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
+    """tune.report, with a checkpoint every `checkpoint_every` epochs and on the last (never a diverged state)."""
+    cfg, epoch = gan.cfg, metrics["epoch"]
+    due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.max_epochs
+    if metrics["balance"] == "diverged" or not due:
+        tune.report(metrics)
+        return
+    saved = {**train.state(gan, epoch, noise, generator, history), "trial_id": tune.get_context().get_trial_id()}
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(saved, Path(folder) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
+
+
+def epoch_metrics(record: dict, scores: dict, context: dict) -> dict:
+    """One report: the epoch record, the latest scores (carried between evaluations) and the context."""
+    if record["balance"] == "diverged":
+        scores.update(DIVERGED_SCORES, score_epoch=record["epoch"])
+    elif "fid" in record:
+        scores.update({key: record[key] for key in SCORE_KEYS}, score_epoch=record["epoch"])
+    return {**record, **scores, **context}
+
+
+def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, history: list, final: bool) -> None:
+    """On sampling epochs and the last one: the sample grid and the files a finished run leaves.
+
+    Written before the epoch's report: a trial that Tune stops (ASHA, the GAN stopper, the time budget)
+    runs no code after its last report, so its folder must be complete by then.
+    """
+    epoch = history[-1]["epoch"]
+    if epoch % gan.cfg.sample_every and not final:
+        return
+    images = train.generate(gan.g, noise)
+    artifacts.save_grid(images, trial_dir / train.SAMPLES / artifacts.grid_name(epoch))
+    artifacts.save_grid(images, trial_dir / "final_grid.png")
+    artifacts.write_history(history, trial_dir / "history.csv")
+    artifacts.plot_history(history, trial_dir / "history.png")
+    artifacts.write_gif(sorted((trial_dir / train.SAMPLES).glob("epoch_*.png")), trial_dir / "progress.gif")
+
+
+def last_scores(history: list[dict]) -> dict:
+    """The scores to carry forward after a restore: those of the checkpoint's last epoch, if any."""
+    if not history or "score_epoch" not in history[-1]:
+        return {}
+    return {key: history[-1][key] for key in (*SCORE_KEYS, "score_epoch")}
+
+
+def train_gan(config: dict[str, Any], data: Mnist) -> None:
+    """Ray Tune function trainable: `tune.with_parameters(train_gan, data=data)`."""
+    cfg = trial_config(config)
+    torch.set_num_threads(trial_cpus())
+    device = train.resolve_device(cfg.device)  # cuda only when Ray gave this trial a GPU
+    data = data.to(device)
+    gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
+    start_epoch, noise, history = 0, train.fixed_noise(cfg, device), []
+    context = {"node_id": ray.get_runtime_context().get_node_id(), "data_source": data.source,
+               "restored_from": "", "restored_epoch": 0}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        start_epoch, noise, history, restored = restore(gan, generator, checkpoint)
+        context.update(restored)
+    # the rates the optimisers really use: after a PBT exploit, this trial's explored ones, not the donor's
+    context.update(lr_d=gan.opt_d.param_groups[0]["lr"], lr_g=gan.opt_g.param_groups[0]["lr"])
+    scores = last_scores(history)
+    trial_dir = Path.cwd()  # the trial's working directory (see the module docstring)
+    for record in train.fit(gan, data.images, generator, start_epoch, train.build_scorer(cfg, data, device)):
+        metrics = epoch_metrics(record, scores, context)
+        history.append(metrics)
+        final = record["epoch"] == cfg.max_epochs or record["balance"] == "diverged"
+        write_trial_files(trial_dir, gan, noise, history, final)
+        report(metrics, gan, noise, generator, history)
+

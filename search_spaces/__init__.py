@@ -1,0 +1,1 @@
+"""The shipped search spaces (*.yaml), importable so `--space NAME` resolves from an installed wheel too."""

@@ -1,0 +1,48 @@
+"""Shared fixtures. Fixtures only: helpers live in the test module that uses them."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Searches track into a throwaway sqlite store, never ./mlflow.db of the checkout (tracking is always on)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # session scope: monkeypatch is per test
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs ~10 s); shut down at the end."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_study(ray_local, tmp_path_factory):
+    """The shipped smoke space run once through the CLI (ASHA); returns (exit code, study folder, stdout)."""
+    import contextlib
+    import io
+
+    from gan_tune import search
+
+    storage = tmp_path_factory.mktemp("ray_results")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = search.main(["--space", "smoke", "--storage-path", str(storage), "--name", "smoke-asha",
+                            "--tracking-uri", f"sqlite:///{storage}/mlflow.db"])
+    return code, storage / "smoke-asha", out.getvalue()

@@ -1,0 +1,86 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from ray import tune
+
+from gan_tune import sample, tracking, train
+from gan_tune.config import TrainConfig
+
+SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def checkpoint_of(cfg: TrainConfig, folder: Path, epoch: int) -> tune.Checkpoint:
+    """A trial checkpoint as the trainable writes it: train.state() in checkpoint.pt."""
+    gan = train.make_gan(cfg, torch.device("cpu"))
+    noise, generator = train.fixed_noise(cfg, gan.device), train.make_generator(cfg, gan.device)
+    folder.mkdir(parents=True)
+    torch.save(train.state(gan, epoch, noise, generator, []), folder / train.CHECKPOINT)
+    return tune.Checkpoint.from_directory(str(folder))
+
+
+@pytest.fixture(scope="module")
+def logged_search(tmp_path_factory):
+    """A parent run finished with a real Result: the best of two kept checkpoints is logged as the generator."""
+    tmp_path = tmp_path_factory.mktemp("sample")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.check_tracking(uri)
+    parent = tracking.start_search_run(uri, "sample-test", "smoke", SPACE, {"space": "smoke"}, "none", "fifo", "random")
+    cfg = TrainConfig(model="balanced", width=0.25, latent_dim=16)
+    early, late = checkpoint_of(cfg, tmp_path / "ckpt1", 1), checkpoint_of(cfg, tmp_path / "ckpt2", 2)
+    config = {"model": "balanced", "width": 0.25, "latent_dim": 16, "lr_d": 2.0e-4}
+    metrics = {"epoch": 2, "fid": 90.0, "trial_id": "abc_00001", "balance": "balanced", "config": config}
+    result = tune.Result(metrics=metrics, checkpoint=late, error=None, path=str(tmp_path),
+                         best_checkpoints=[(early, {**metrics, "epoch": 1, "fid": 80.0}), (late, metrics)])
+    tracking.finish_search_run(uri, parent, result, "fid", "min")
+    return uri, parent
+
+
+def test_finish_search_run_records_the_best_checkpoint(logged_search):
+    uri, parent = logged_search
+    run = MlflowClient(uri).get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["best.trial_id"] == "abc_00001" and run.data.tags["best.epoch"] == "1"  # fid 80 < 90
+    assert run.data.metrics["fid"] == 80.0 and run.data.params["best.lr_d"] == "0.0002"
+
+
+def test_sample_writes_a_grid_from_the_logged_generator(logged_search, tmp_path, capsys):
+    uri, parent = logged_search
+    out = tmp_path / "grid.png"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    assert sample.main(["--run-id", parent, "-n", "16", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # later searches in this process keep their default
+    assert Image.open(out).size == (8 * 30 + 2, 2 * 30 + 2)  # 8 per row, 28 px + 2 px padding
+    model_uri = capsys.readouterr().out.split("samples from ", 1)[1].split(":", 2)[:2]
+    assert sample.main(["--model-uri", ":".join(model_uri), "-n", "8", "--out", str(out), "--tracking-uri", uri]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run-id", "0123456789abcdef"], "--run-id: 0123456789abcdef: no such run"),
+    (["-n", "0", "--run-id", "x"], "-n: 0: must be >= 1"),
+    (["--model-uri", "models:/m-doesnotexist"], "--model-uri: models:/m-doesnotexist: cannot load a model"),
+])
+def test_sample_bad_input_exits_2_with_one_line(logged_search, capsys, args, message):
+    uri, _ = logged_search
+    assert sample.main([*args, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_without_a_model_exits_2(logged_search, capsys):
+    uri, parent = logged_search
+    client = MlflowClient(uri)
+    child = client.create_run(client.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent})
+    assert sample.main(["--run-id", child.info.run_id, "--tracking-uri", uri]) == 2
+    assert "has no logged generator model" in capsys.readouterr().err
+
+
+def test_sample_from_the_smoke_search(smoke_study, tmp_path):
+    code, exp_dir, out = smoke_study
+    uri = f"sqlite:///{exp_dir.parent}/mlflow.db"
+    parent = out.split("mlflow parent run: ", 1)[1].split()[0]
+    assert sample.main(["--run-id", parent, "--tracking-uri", uri, "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (8 * 30 + 2, 8 * 30 + 2)

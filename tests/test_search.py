@@ -1,0 +1,158 @@
+import contextlib
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from gan_tune import search, train
+from gan_tune.config import load as load_config
+
+SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def smoke_variant(tmp_path, name, **changes):
+    """The smoke space with top-level keys replaced, written to tmp_path/NAME.yaml."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), **changes}, sort_keys=False))
+    return path
+
+
+def run_search(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = search.main([str(arg) for arg in argv])
+    return code, out.getvalue()
+
+
+def trial_frames(exp_dir):
+    """trial_id -> that trial's reports. progress.csv, not result.json: Ray's JSON logger drops the
+    result on which PBT exploits (it pauses the trial before the loggers see the result)."""
+    frames = [pd.read_csv(path, dtype={"trial_id": str}) for path in Path(exp_dir).glob("*/progress.csv")]
+    return {frame["trial_id"].iloc[0]: frame for frame in frames}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if search.main gets as far as starting Ray."""
+    def refuse(address):
+        raise AssertionError("Ray was started before the input was validated")
+    monkeypatch.setattr(search, "start_ray", refuse)
+
+
+BAD_SPACES = [
+    ("metric: [fid\n", "line"),  # YAML syntax error, with its line
+    ({"colour": "red"}, "colour"),
+    ({"search": {"lr_d": {"normal": [0.0, 1.0]}}}, "search.lr_d"),
+    ({"search": {"lr_d": {"loguniform": [1.0e-3, 1.0e-5]}}}, "search.lr_d: low 0.001 > high 1e-05"),
+    ({"search": {"lr_d": {"loguniform": ["1e-5", 1.0e-3]}}}, "search.lr_d"),  # PyYAML reads 1e-5 as a string
+    ({"scheduler": {"type": "bohb"}}, "scheduler.type"),
+    ({"search_alg": "bayesopt"}, "search_alg"),
+    ({"base": {**yaml.safe_load(SMOKE.read_text())["base"], "model": "stylegan"}}, "base.model"),
+    ({"search": {"model": {"choice": ["dcgan", "stylegan"]}}}, "search.model"),
+    ({"metric": "fid_score"}, "metric"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 1}}, "scheduler.hyperparam_mutations"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 1,
+                    "hyperparam_mutations": {"latent_dim": {"choice": [32, 64]}}}}, "hyperparam_mutations.latent_dim"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 1,
+                    "hyperparam_mutations": {"model": {"choice": ["mlp", "dcgan"]}}}}, "hyperparam_mutations.model"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"time_budget": "soon"}, "time_budget"),
+]
+
+
+@pytest.mark.parametrize("change, key", BAD_SPACES, ids=[key for _, key in BAD_SPACES])
+def test_bad_space_exits_2_naming_file_and_key_before_ray_starts(tmp_path, capsys, no_ray, change, key):
+    if isinstance(change, str):
+        path = tmp_path / "broken.yaml"
+        path.write_text(SMOKE.read_text() + change)
+    else:
+        path = smoke_variant(tmp_path, "broken", **change)
+    assert search.main(["--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and str(path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--space", "no-such-space"], "smoke"),  # lists the known names
+    (["--space", "smoke", "--time-budget", "15x"], "time_budget"),
+    (["--space", "smoke", "--num-samples", "0"], "num_samples"),
+    (["--space", "smoke", "--cpus-per-trial", "0"], "--cpus-per-trial"),
+    (["--space", "smoke", "--resume"], "--name"),
+])
+def test_bad_flags_exit_2_before_ray_starts(capsys, no_ray, argv, key):
+    assert search.main(argv) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_list_spaces_names_the_shipped_spaces(capsys):
+    assert search.main(["--list-spaces"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("balanced", "ttur", "pbt", "wide", "smoke"))
+
+
+def test_gpus_requested_on_a_cpu_cluster_exit_2_without_hanging(ray_local, tmp_path, capsys):
+    if ray_local.cluster_resources().get("GPU", 0):
+        pytest.skip("this cluster has a GPU")
+    assert search.main(["--space", "smoke", "--gpus-per-trial", "0.5", "--storage-path", str(tmp_path)]) == 2
+    assert "no GPU" in capsys.readouterr().err
+
+
+def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_path):
+    code, exp_dir, out = smoke_study
+    assert code == 0
+    best = exp_dir / search.BEST_CONFIG
+    assert f"best config: {best}" in out and "best trial" in out
+    cfg = load_config(best)
+    assert cfg.width == 0.25 and cfg.subset == 1000 and 1.0e-4 <= cfg.lr_d <= 1.0e-3
+    assert train.main(["--config", str(best), "--set", "max_epochs=1", "--set", f"out_dir={tmp_path}",
+                       "--set", "eval_every=0"]) == 0
+    assert list(tmp_path.glob("*/final_grid.png"))
+
+
+def test_pbt_exploits_another_trials_checkpoint(ray_local, tmp_path):
+    base = {**yaml.safe_load(SMOKE.read_text())["base"], "lr_g": 2.0e-4, "checkpoint_every": 1}
+    space = smoke_variant(
+        tmp_path, "smoke_pbt", base=base, search={"lr_d": {"grid": [3.0e-4, 1.0e-6]}}, search_alg="grid",
+        num_samples=1, max_epochs=4,
+        scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5,
+                   "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-5, 1.0e-3]},
+                                            "lr_g": {"loguniform": [1.0e-5, 1.0e-3]}}})
+    code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "pbt")
+    assert code == 0, out
+    frames = trial_frames(tmp_path / "rr" / "pbt")
+    exploits = [(trial_id, row) for trial_id, frame in frames.items() for _, row in frame.iterrows()
+                if isinstance(row["restored_from"], str) and row["restored_from"] != trial_id]
+    assert exploits, {trial_id: frame["restored_from"].tolist() for trial_id, frame in frames.items()}
+    for trial_id, row in exploits:
+        donor = frames[row["restored_from"]]
+        donor_row = donor[donor["epoch"] == row["restored_epoch"]].iloc[0]
+        assert row["epoch"] > row["restored_epoch"] and row["lr_g"] > 0
+        # explore perturbed the donor's rates; the restored optimisers must use the new ones
+        assert (row["lr_d"], row["lr_g"]) != (donor_row["lr_d"], donor_row["lr_g"])
+
+
+def test_hyperband_smoke_search_finishes_every_trial(ray_local, tmp_path):
+    space = smoke_variant(tmp_path, "smoke_hb", scheduler={"type": "hyperband", "reduction_factor": 2},
+                          base={**yaml.safe_load(SMOKE.read_text())["base"], "checkpoint_every": 1})
+    code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "hb")
+    assert code == 0, out
+    assert "0 errored" in out
+    frames = trial_frames(tmp_path / "rr" / "hb")
+    assert len(frames) == 3 and all(frame["epoch"].max() >= 1 for frame in frames.values())
+
+
+def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local, tmp_path):
+    space = smoke_variant(tmp_path, "smoke_nan", search={"lr_d": {"grid": [2.0e-4, 50.0]}}, search_alg="grid",
+                          num_samples=1, scheduler={"type": "fifo"})
+    code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "nan")
+    assert code == 0, out
+    frames = trial_frames(tmp_path / "rr" / "nan")
+    by_lr = {frame["lr_d"].iloc[0]: (trial_id, frame) for trial_id, frame in frames.items()}
+    bad_id, bad = by_lr[50.0]
+    _, good = by_lr[2.0e-4]
+    assert f"stopped {bad_id}: diverged" in out
+    assert bad["balance"].iloc[-1] == "diverged" and bad["fid"].iloc[-1] > 1e5  # a finite sentinel, not NaN
+    assert good["epoch"].max() == 2 and "diverged" not in set(good["balance"])

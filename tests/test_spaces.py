@@ -1,0 +1,127 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from gan_tune import spaces
+from gan_tune.config import FIELD_TYPES, ConfigError, from_dict
+from gan_tune.trainable import DERIVED_PARAMS, resolve_derived
+
+SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
+SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")
+
+
+def write_space(tmp_path, raw, name="x"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def smoke_raw():
+    return yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_spaces_load_and_build_ray_objects(name):
+    space = spaces.load_space(SPACES_DIR / f"{name}.yaml")
+    for variant in (space, spaces.for_cpu(space)):
+        assert set(variant.base) <= set(FIELD_TYPES)
+        assert set(variant.search) <= set(FIELD_TYPES) | set(DERIVED_PARAMS)
+        spaces.make_scheduler(variant)
+        spaces.make_search_alg(variant, seed=0)
+        assert "seed" in spaces.param_space(variant, seed=0)
+        from_dict(variant.train_fields)
+
+
+def test_shipped_spaces_use_the_scheduler_and_search_alg_they_promise():
+    load = lambda name: spaces.load_space(SPACES_DIR / f"{name}.yaml")  # noqa: E731
+    assert isinstance(spaces.make_scheduler(load("balanced")), ASHAScheduler)
+    assert isinstance(spaces.make_scheduler(load("pbt")), PopulationBasedTraining)
+    assert isinstance(spaces.make_scheduler(load("wide")), HyperBandScheduler)
+    assert isinstance(spaces.make_search_alg(load("ttur"), 0), OptunaSearch)
+    assert isinstance(spaces.make_search_alg(load("balanced"), 0), BasicVariantGenerator)
+    assert set(load("pbt").scheduler["hyperparam_mutations"]) == {"lr_d", "lr_g"}
+
+
+def test_balanced_cpu_block_shrinks_the_study_for_a_laptop():
+    space = spaces.load_space(SPACES_DIR / "balanced.yaml")
+    cpu = spaces.for_cpu(space)
+    assert cpu.base["width"] < space.base.get("width", 1.0)
+    assert cpu.num_samples >= 4 and cpu.time_budget_s <= 15 * 60 < space.time_budget_s
+    assert cpu.base["model"] == "balanced"  # merged into base, not replacing it
+    assert cpu.resources == {"cpu": 1, "gpu": 0.25}
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])
+def test_durations(text, seconds):
+    assert spaces.parse_duration(text, "time_budget", "x") == seconds
+
+
+@pytest.mark.parametrize("text", ["15", "15x", "m", "", "-5m", "0s", "1 h"])
+def test_bad_durations_name_the_key(text):
+    with pytest.raises(ConfigError, match="time_budget"):
+        spaces.parse_duration(text, "time_budget", "x")
+
+
+def test_randint_includes_both_bounds():
+    domain = spaces.DISTRIBUTIONS["randint"]([1, 5])
+    assert {domain.sample() for _ in range(400)} == {1, 2, 3, 4, 5}
+
+
+def test_lr_ratio_is_resolved_into_lr_d():
+    assert resolve_derived({"lr_g": 1.0e-4, "lr_ratio": 4.0, "seed": 3}) == {"lr_g": 1.0e-4, "lr_d": 4.0e-4, "seed": 3}
+    space = spaces.load_space(SPACES_DIR / "ttur.yaml")
+    assert space.search["lr_ratio"] == ("uniform", [0.5, 8.0])
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"search": {"lr_ratio": {"uniform": [0.5, 8.0]}}}, "search.lr_ratio"),  # needs lr_g
+    ({"search": {"lr_g": {"loguniform": [1.0e-5, 1.0e-3]}, "lr_ratio": {"uniform": [1.0, 2.0]},
+                 "lr_d": {"loguniform": [1.0e-5, 1.0e-3]}}}, "search.lr_ratio"),  # lr_d set twice
+    ({"search": {"latent_dim": {"loguniform": [16, 128]}}}, "search.latent_dim"),  # int field, float samples
+    ({"search": {"subset": {"choice": [100, 200]}}}, "search.subset"),  # data is loaded once
+    ({"search": {"beta1": {"uniform": [-0.5, 0.5]}}}, "search.beta1"),  # low outside the field's range
+    ({"search": {"n_disc": {"randint": [1, 2.5]}}}, "search.n_disc"),
+    ({"base": {"max_epochs": 3}}, "base.max_epochs"),
+    ({"base": {"lr_d": -1.0}}, "base.lr_d"),
+    ({"base": {"eval_every": 0}}, "base.eval_every"),
+    ({"mode": "max"}, "mode"),
+    ({"metric": "loss_g"}, "metric"),
+    ({"resources": {"gpu": 1.5}}, "resources.gpu"),
+    ({"scheduler": {"type": "asha", "grace_period": 5}}, "scheduler.grace_period"),  # > max_epochs 2
+    ({"scheduler": {"type": "asha", "patience": 5}}, "scheduler.patience"),
+    ({"base": {"eval_every": 2}, "max_epochs": 4}, "scheduler.grace_period"),  # rung 1 before the first score
+    ({"base": {"eval_every": 2}, "scheduler": {"type": "pbt", "perturbation_interval": 2,
+                                               "hyperparam_mutations": {"lr_d": {"choice": [1.0e-4]}}}},
+     "base.eval_every"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 1,
+                    "hyperparam_mutations": {"lr_d": {"grid": [1.0e-4]}}}}, "hyperparam_mutations.lr_d"),
+    ({"search_alg": "grid"}, "search.lr_d"),  # grid search takes grid entries only
+    ({"cpu": {"base": {"width": -1.0}}}, "base.width"),
+    ({"cpu": {"color": "red"}}, "cpu.color"),
+])
+def test_bad_spaces_name_file_and_key(tmp_path, change, key):
+    path = write_space(tmp_path, {**smoke_raw(), **change})
+    with pytest.raises(ConfigError) as err:
+        spaces.load_space(path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_cpu_block_and_flags_override_the_file(tmp_path):
+    raw = {**smoke_raw(), "cpu": {"num_samples": 2, "base": {"subset": 500}, "scheduler": {"grace_period": 2}}}
+    space = spaces.load_space(write_space(tmp_path, raw))
+    cpu = spaces.for_cpu(space)
+    assert (cpu.num_samples, cpu.base["subset"], cpu.base["width"], cpu.scheduler["grace_period"]) == (2, 500, 0.25, 2)
+    flagged = spaces.with_values(cpu, {"max_epochs": 4, "time_budget": "90s"}, where="command line")
+    assert (flagged.max_epochs, flagged.time_budget_s, flagged.num_samples) == (4, 90, 2)
+    with pytest.raises(ConfigError, match="command line: num_samples"):
+        spaces.with_values(cpu, {"num_samples": 0}, where="command line")
+
+
+def test_seed_is_drawn_per_trial_except_under_optuna():
+    smoke = spaces.load_space(SPACES_DIR / "smoke.yaml")
+    assert spaces.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
+    assert spaces.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7

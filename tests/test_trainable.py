@@ -1,0 +1,52 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from gan_tune.config import ConfigError
+from gan_tune.trainable import CHECKPOINT_FILE, DIVERGED_SCORES, REPORTED_METRICS, epoch_metrics, trial_config
+
+
+def test_trial_config_is_built_once_and_rejects_unknown_keys():
+    cfg = trial_config({"lr_g": 1.0e-4, "lr_ratio": 3.0, "latent_dim": 64.0})  # Tune may hand back 64.0
+    assert math.isclose(cfg.lr_d, 3.0e-4) and cfg.latent_dim == 64
+    with pytest.raises(ConfigError, match="trial config: lr_dd"):
+        trial_config({"lr_dd": 1.0e-4})
+
+
+def test_scores_are_carried_between_evaluations_and_a_divergence_reports_the_worst():
+    scores = {}
+    scored = {"epoch": 1, "balance": "balanced", **{k: 1.0 for k in ("fid", "is", "coverage", "coverage_entropy",
+                                                                      "mean_confidence", "fid_samples")}}
+    assert epoch_metrics(scored, scores, {})["score_epoch"] == 1
+    unscored = epoch_metrics({"epoch": 2, "balance": "balanced"}, scores, {})
+    assert unscored["fid"] == 1.0 and unscored["score_epoch"] == 1
+    diverged = epoch_metrics({"epoch": 3, "balance": "diverged", "loss_d": math.nan}, scores, {})
+    assert diverged["fid"] == DIVERGED_SCORES["fid"] and math.isfinite(diverged["fid"])
+
+
+@pytest.fixture(scope="module")
+def smoke_trials(smoke_study):
+    """Trial folder -> its reports, for the smoke study."""
+    code, exp_dir, _ = smoke_study
+    assert code == 0
+    return {path.parent: pd.read_csv(path) for path in exp_dir.glob("*/progress.csv")}
+
+
+def test_every_report_holds_every_metric(smoke_trials):
+    assert len(smoke_trials) == 3
+    for frame in smoke_trials.values():
+        assert set(REPORTED_METRICS) <= set(frame.columns)
+        assert frame["fid"].notna().all() and (frame["epoch"] == frame["training_iteration"]).all()
+        assert (frame["data_source"] == "mnist-test-10k-bundled[:1000]").all() and frame["node_id"].notna().all()
+
+
+def test_trial_folders_hold_pictures_tables_and_loadable_checkpoints(smoke_trials):
+    for trial in smoke_trials:
+        for name in ("final_grid.png", "history.csv", "history.png", "progress.gif", "samples/epoch_001.png"):
+            assert (trial / name).is_file(), f"{trial.name} lacks {name}"
+        checkpoints = sorted(trial.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+        assert checkpoints
+        saved = torch.load(checkpoints[-1], weights_only=True)
+        assert saved["trial_id"] in trial.name and saved["epoch"] >= 1
