@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import socket
 import sys
 import textwrap
 import time
@@ -37,6 +38,7 @@ MAX_FAILURES = 2  # a crashed trial restarts from its last checkpoint twice befo
 # Checkpoints kept per trial, best by the metric; Tune also keeps the latest, which PBT clones.
 CHECKPOINTS_KEPT = 4
 BEST_CONFIG = "best_config.yaml"
+ADDRESS_CHECK_TIMEOUT_S = 3.0  # a live Ray head accepts at once; ray.init itself retries a dead one for minutes
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 
 
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space's)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto, HOST:PORT); default: start one here")
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="results folder (default: ./ray_results)")
+    parser.add_argument("--storage-is-shared", action="store_true",
+                        help="the --storage-path folder is on a filesystem every node mounts (NFS); "
+                             "needed for a local path on a multi-node cluster")
     parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS); required by --resume")
     parser.add_argument("--seed", type=int, default=0, help="seeds the search algorithm and the per-trial seeds")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished study --name")
@@ -93,8 +98,34 @@ def load_plans(args: argparse.Namespace) -> dict[bool, Space]:
         raise ConfigError("--cpus-per-trial", f"{cpu:g}: must be > 0")
     if args.resume and not args.name:
         raise ConfigError("--resume", "needs --name of the study to continue")
+    check_storage_path(args.storage_path)
+    check_address(args.address)
     return {gpu: spaces.with_values(plan, flags, where="command line") if flags else plan
             for gpu, plan in ((True, space), (False, spaces.for_cpu(space)))}
+
+
+def check_storage_path(storage_path: str) -> None:
+    """A local results folder, or its nearest existing parent, must be a writable folder (else Tune fails mid-study)."""
+    if "://" in storage_path:
+        return
+    path = Path(storage_path).expanduser()
+    existing = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError("--storage-path", f"{path}: {existing} is not a writable folder")
+
+
+def check_address(address: str | None) -> None:
+    """A HOST:PORT must accept a TCP connection: ray.init would retry a dead address for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("--address", f"{address}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError("--address", f"{address}: no Ray head answered within "
+                                       f"{ADDRESS_CHECK_TIMEOUT_S:g} s ({type(err).__name__})") from None
 
 
 def start_ray(address: str | None) -> bool:
@@ -123,6 +154,15 @@ def trial_resources(plans: dict[bool, Space], args: argparse.Namespace) -> tuple
     if gpu > gpus:
         raise ConfigError("--gpus-per-trial", f"{gpu} GPUs per trial, but the Ray cluster has {gpus:g}")
     return space, {"cpu": cpu, "gpu": gpu}
+
+
+def check_storage(storage_path: str, shared: bool) -> None:
+    """Since Ray 2.7 every node writes its checkpoints to the storage path itself: with several nodes,
+    a folder only the driver's machine sees loses them, so it must be a URI (s3://) or a declared share."""
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and "://" not in storage_path and not shared:
+        raise ConfigError("--storage-path", f"{storage_path} is local, but the Ray cluster has {nodes} nodes: "
+                          "pass s3://BUCKET/PATH, or an NFS path with --storage-is-shared")
 
 
 def print_plan(space: Space, name: str, exp_dir: Path, trial: dict[str, float], args: argparse.Namespace) -> None:
@@ -246,6 +286,7 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_d
 def run(plans: dict[bool, Space], args: argparse.Namespace) -> int:
     """Everything after Ray is up: resources, plan, data, fit, summary."""
     space, trial = trial_resources(plans, args)
+    check_storage(args.storage_path, args.storage_is_shared)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = Path(args.storage_path).expanduser().resolve() / name
     if args.resume and not tune.Tuner.can_restore(str(exp_dir)):
