@@ -9,13 +9,17 @@ import pytest
 def mlflow_store(tmp_path_factory):
     """Searches track into a throwaway sqlite store, never ./mlflow.db of the checkout (tracking is always on)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # session scope: monkeypatch is per test
-    yield uri
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with pytest.MonkeyPatch.context() as patch:  # session scope: the monkeypatch fixture is per test
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fid_cache(tmp_path_factory):
+    """Real-data FID statistics go to a throwaway cache, never the user's ~/.cache/gan_tune."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GAN_TUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
