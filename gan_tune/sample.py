@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import mlflow
 import torch
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise ConfigError("-n", f"{args.n}: must be >= 1")
         uri = resolve_tracking_uri(args.tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():  # don't create a store
+            raise ConfigError("--tracking-uri", f"{uri}: no such sqlite store")
         model_uri = args.model_uri or model_uri_of_run(MlflowClient(uri), args.run_id)
         with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
             images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)

@@ -132,10 +132,15 @@ def check_sqlite(uri: str) -> None:
             raise PermissionError("folder not writable")
     except OSError as err:
         raise ConfigError("--tracking-uri", f"{uri}: sqlite store not writable ({first_line(err)})") from None
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    level = db_log.level
+    db_log.setLevel(logging.WARNING)  # its "Creating initial MLflow database tables" INFO would add stderr lines
     try:
         MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the store, here
     except Exception as err:  # sqlalchemy's OperationalError/DatabaseError for a file that is no sqlite store
         raise ConfigError("--tracking-uri", f"{uri}: cannot open the sqlite store ({first_line(err)})") from None
+    finally:
+        db_log.setLevel(level)
 
 
 def first_line(err: BaseException) -> str:
@@ -221,25 +226,35 @@ def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, m
 
     `best_result` is a `ray.tune.Result` (`ResultGrid.get_best_result()`), or None when no trial scored.
     Its best kept checkpoint by `metric` (the playbook: pick the checkpoint in hindsight) supplies the
-    generator and the metrics logged on the parent.
+    generator and the metrics logged on the parent. The parent run is ended even if that logging fails.
     """
     client = MlflowClient(tracking_uri)
-    if best_result is not None:
-        checkpoint, metrics = best_checkpoint(best_result, metric, mode)
-        trial_id = str(best_result.metrics.get("trial_id", ""))
-        tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
-                RunTag("best.epoch", str(metrics.get("epoch", "")))]
-        if child := child_run_id(client, run_id, trial_id):
-            tags.append(RunTag("best.run_id", child))
-        params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(best_result.config).items())]
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()],
-                         tags=tags)
-        for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
-        if checkpoint is not None:
-            log_generator(tracking_uri, run_id, checkpoint)
-    client.set_terminated(run_id, status)
+    try:
+        if best_result is not None:
+            log_best_trial(client, tracking_uri, run_id, best_result, metric, mode)
+    except Exception as err:  # the study's results stand; the failure is printed and tagged on the run
+        print(f"mlflow: could not record the best trial on run {run_id}: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        client.set_tag(run_id, "tracking_error", truncate(f"{type(err).__name__}: {err}"))
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any, metric: str,
+                   mode: str) -> None:
+    checkpoint, metrics = best_checkpoint(best_result, metric, mode)
+    trial_id = str(best_result.metrics.get("trial_id", ""))
+    tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
+            RunTag("best.epoch", str(metrics.get("epoch", "")))]
+    if child := child_run_id(client, run_id, trial_id):
+        tags.append(RunTag("best.run_id", child))
+    params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(best_result.config).items())]
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()], tags=tags)
+    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
+    if checkpoint is not None:
+        log_generator(tracking_uri, run_id, checkpoint)
 
 
 def best_checkpoint(result: Any, metric: str, mode: str) -> tuple[tune.Checkpoint | None, dict]:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import math
+import pickle
 import sys
 import time
 import uuid
@@ -378,14 +379,15 @@ def run_logger(run_dir: Path) -> logging.Logger:
 def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
     """Train with cfg, writing grids, history, plot, GIF and checkpoints into a (new or resumed) run folder."""
     device = resolve_device(cfg.device)
+    # read before anything is logged: a corrupt checkpoint fails with one line on stderr
+    saved = read_checkpoint(run_dir / CHECKPOINT, device) if run_dir and (run_dir / CHECKPOINT).is_file() else None
     run_dir = run_dir or new_run_dir(cfg)
     log = run_logger(run_dir)
     data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset).to(device)
     log.info("data: %s (%d images) on %s; model %s", data.source, len(data), device, cfg.model)
     gan, generator = make_gan(cfg, device), make_generator(cfg, device)
     start_epoch, noise, history = 0, fixed_noise(cfg, device), []
-    if (run_dir / CHECKPOINT).is_file():
-        saved = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+    if saved is not None:
         start_epoch, noise, history = load_state(gan, saved, generator)
         log.info("resumed %s at epoch %d", run_dir, start_epoch)
     scorer = build_scorer(cfg, data, device)
@@ -396,6 +398,15 @@ def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
             write_epoch(run_dir, gan, record, noise, generator, history, log)
     write_final(run_dir, gan, noise, history)
     return run_dir
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """A saved training state; a truncated or foreign file is a DataError naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch.load raises on bad bytes
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: unreadable checkpoint ({reason}); delete it to start over") from None
 
 
 def build_scorer(cfg: TrainConfig, data: Mnist, device: torch.device) -> Scorer | None:

@@ -87,7 +87,7 @@ def restore(gan: train.Gan, generator: torch.Generator,
             checkpoint: tune.Checkpoint) -> tuple[int, torch.Tensor, list, dict]:
     """Load a checkpoint (own, or another trial's after a PBT exploit); lr_d/lr_g come from this trial."""
     with checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=gan.device, weights_only=True)
+        saved = train.read_checkpoint(Path(folder) / CHECKPOINT_FILE, gan.device)  # DataError naming a bad file
     epoch, noise, history = train.load_state(gan, saved, generator)
     return epoch, noise, history, {"restored_from": saved["trial_id"], "restored_epoch": epoch}
 

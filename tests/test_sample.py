@@ -84,3 +84,16 @@ def test_sample_from_the_smoke_search(smoke_study, tmp_path):
     parent = out.split("mlflow parent run: ", 1)[1].split()[0]
     assert sample.main(["--run-id", parent, "--tracking-uri", uri, "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size == (8 * 30 + 2, 8 * 30 + 2)
+
+
+def test_an_unreadable_checkpoint_still_ends_the_parent_run(logged_search, tmp_path, capsys):
+    uri, _ = logged_search
+    parent = tracking.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / train.CHECKPOINT).write_bytes(b"not a checkpoint")
+    result = tune.Result(metrics={"trial_id": "t1", "fid": 50.0, "config": {}}, error=None, path=str(tmp_path),
+                         checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "ckpt")))
+    tracking.finish_search_run(uri, parent, result, "fid", "min")
+    run = MlflowClient(uri).get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["best.trial_id"] == "t1" and run.data.tags["tracking_error"]
+    assert "could not record the best trial" in capsys.readouterr().err

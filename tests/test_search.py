@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from gan_tune import search, train
 from gan_tune.config import load as load_config
@@ -144,7 +145,7 @@ def test_hyperband_smoke_search_finishes_every_trial(ray_local, tmp_path):
     assert len(frames) == 3 and all(frame["epoch"].max() >= 1 for frame in frames.values())
 
 
-def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local, tmp_path):
+def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local, tmp_path, mlflow_store):
     space = smoke_variant(tmp_path, "smoke_nan", search={"lr_d": {"grid": [2.0e-4, 50.0]}}, search_alg="grid",
                           num_samples=1, scheduler={"type": "fifo"})
     code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "nan")
@@ -156,3 +157,6 @@ def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local,
     assert f"stopped {bad_id}: diverged" in out
     assert bad["balance"].iloc[-1] == "diverged" and bad["fid"].iloc[-1] > 1e5  # a finite sentinel, not NaN
     assert good["epoch"].max() == 2 and "diverged" not in set(good["balance"])
+    client = MlflowClient(mlflow_store)  # the search tracked into the session store (no --tracking-uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{bad_id}'")
+    assert [run.data.tags["stop_reason"] for run in runs] == ["diverged"]

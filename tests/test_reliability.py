@@ -1,0 +1,141 @@
+"""Issue 9, faults: a truncated checkpoint, and a trial's worker process killed mid-search."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from ray import tune
+
+from gan_tune import config, train, trainable
+from gan_tune.data import DataError
+
+SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
+TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128, "max_epochs": 2,
+        "data_source": "mnist-test-10k-bundled", "subset": 256, "eval_every": 0}
+
+
+def truncated_checkpoint(folder: Path, cfg: config.TrainConfig) -> Path:
+    """A real training state saved by train.state, cut to half its bytes (a disk filled mid-write)."""
+    device = torch.device("cpu")
+    gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
+    path = folder / train.CHECKPOINT
+    torch.save(train.state(gan, 1, train.fixed_noise(cfg, device), generator, []), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_resume_of_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path, capsys):
+    cfg = config.from_dict({**TINY, "out_dir": str(tmp_path)})
+    config.save(cfg, tmp_path / "config.yaml")
+    path = truncated_checkpoint(tmp_path, cfg)
+    assert train.main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{path}: unreadable checkpoint" in err
+
+
+def test_trainable_restore_of_a_truncated_checkpoint_names_the_file(tmp_path):
+    cfg = config.from_dict(TINY)
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    path = truncated_checkpoint(folder, cfg)
+    gan, generator = train.make_gan(cfg, torch.device("cpu")), train.make_generator(cfg, torch.device("cpu"))
+    with pytest.raises(DataError, match=f"{path.name}: unreadable checkpoint"):
+        trainable.restore(gan, generator, tune.Checkpoint.from_directory(folder))
+
+
+def epochs_reported(exp_dir: Path) -> pd.DataFrame | None:
+    found = list(exp_dir.glob("*/progress.csv"))
+    if not found:
+        return None
+    try:
+        return pd.read_csv(found[0], dtype={"trial_id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):  # Tune is writing it
+        return None
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> command line of every process below `root`, read from /proc (psutil is not installed)."""
+    parents, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # the field after "(comm) state"
+    below, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in below:
+                below[child] = titles[child]
+                frontier.append(child)
+    return below
+
+
+def trial_workers(root: int) -> list[int]:
+    """The search's Tune trial actors: `ray::ImplicitFunc...` processes in the search's own process tree."""
+    return [pid for pid, title in process_tree(root).items()
+            if "ray::" in title and ("ImplicitFunc" in title or "train_gan" in title)]
+
+
+def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        frame = epochs_reported(exp_dir)
+        if frame is not None and len(frame) and frame["epoch"].max() >= epoch:
+            return
+        if search.poll() is not None:
+            pytest.fail(f"the search ended (exit {search.returncode}) before epoch {epoch}")
+        time.sleep(0.5)
+    pytest.fail(f"no trial reached epoch {epoch} in {timeout_s} s")
+
+
+def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_once(tmp_path):
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "smoke_kill.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1}, "num_samples": 1,
+                                     "max_epochs": 4, "scheduler": {"type": "fifo"}}, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_dir = tmp_path / "rr" / "kill"
+    log = tmp_path / "search.log"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
+    with open(log, "w") as out:
+        search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                                   str(tmp_path / "rr"), "--name", "kill", "--tracking-uri", uri],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_epoch(search, exp_dir, 2, timeout_s=240)
+        workers = trial_workers(search.pid)
+        assert len(workers) == 1, process_tree(search.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        code = search.wait(timeout=240)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.wait()
+    assert code == 0, log.read_text()[-3000:]
+    frame = epochs_reported(exp_dir)
+    assert frame["epoch"].max() == 4, frame[["epoch", "restored_epoch"]]
+    resumed = frame[frame["restored_epoch"] > 0]
+    assert len(resumed), "the trial did not restart from a checkpoint"
+    first = resumed.iloc[0]
+    assert first["restored_from"] == first["trial_id"] and first["epoch"] == first["restored_epoch"] + 1
+
+    client = MlflowClient(uri)
+    trial_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    "tags.run_kind = 'trial'")
+    assert len(trial_runs) == 1
+    steps = [m.step for m in client.get_metric_history(trial_runs[0].info.run_id, "loss_d")]
+    assert sorted(steps) == [1, 2, 3, 4], steps
