@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 from gan_tune.artifacts import grid_name  # noqa: E402
 from gan_tune.config import WARN_ABOVE, WARN_BELOW, ConfigError  # noqa: E402
-from gan_tune.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri, using_tracking_uri  # noqa: E402
+from gan_tune.tracking import DEFAULT_EXPERIMENT, open_client, resolve_tracking_uri, using_tracking_uri  # noqa: E402
 from gan_tune.train import SAMPLES  # noqa: E402
 from gan_tune.trainable import DIVERGED_FID  # noqa: E402
 
@@ -50,13 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--out", default=".", help="folder for the HTML file (default: .)")
     return parser.parse_args(argv)
-
-
-def open_client(uri: str) -> MlflowClient:
-    """A client on an existing store: a report never creates an empty sqlite file."""
-    if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():
-        raise ConfigError("--tracking-uri", f"{uri}: no such sqlite file")
-    return MlflowClient(uri)
 
 
 def find_parent(client: MlflowClient, experiment: str | None, parent_run: str | None) -> mlflow.entities.Run:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import mlflow
 import torch
@@ -18,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from gan_tune import artifacts
 from gan_tune.config import ConfigError
-from gan_tune.tracking import MODEL_NAME, first_line, resolve_tracking_uri, using_tracking_uri
+from gan_tune.tracking import MODEL_NAME, first_line, open_client, resolve_tracking_uri, using_tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise ConfigError("-n", f"{args.n}: must be >= 1")
         uri = resolve_tracking_uri(args.tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():  # don't create a store
-            raise ConfigError("--tracking-uri", f"{uri}: no such sqlite store")
-        model_uri = args.model_uri or model_uri_of_run(MlflowClient(uri), args.run_id)
+        client = open_client(uri)
+        model_uri = args.model_uri or model_uri_of_run(client, args.run_id)
         with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
             images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)
     except ConfigError as err:

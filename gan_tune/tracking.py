@@ -91,6 +91,13 @@ def resolve_tracking_uri(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def open_client(uri: str) -> MlflowClient:
+    """A client on an existing store, for readers (report, sample): never creates an empty sqlite file."""
+    if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():
+        raise ConfigError("--tracking-uri", f"{uri}: no such sqlite store")
+    return MlflowClient(uri)
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast, before any trial starts, with a one-line ConfigError naming --tracking-uri.
 

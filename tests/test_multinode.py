@@ -8,7 +8,6 @@ and the trainable falls back to the CPU because torch sees no CUDA device.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -95,7 +95,7 @@ def test_report_bad_input_exits_2_with_one_line(wide_search, capsys, args, messa
 
 def test_report_refuses_a_missing_sqlite_file(tmp_path, capsys):
     assert report.main(["--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
-    assert "no such sqlite file" in capsys.readouterr().err
+    assert "no such sqlite store" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
 
 
