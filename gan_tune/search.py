@@ -261,7 +261,8 @@ def format_values(values: dict) -> str:
 
 def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_dir: Path) -> Path | None:
     """Print the best trial, its folder and the stopped trials; write best_config.yaml (None: no trial scored)."""
-    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {exp_dir}")
+    written_mib = sum(f.stat().st_size for f in exp_dir.rglob("*") if f.is_file()) / 2**20
+    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {exp_dir} ({written_mib:.1f} MiB written)")
     for trial_id, reason in sorted(stopper.reasons.items()):
         print(f"  stopped {trial_id}: {reason}")
     diverged = sum(reason == "diverged" for reason in stopper.reasons.values())

@@ -1,5 +1,6 @@
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +107,7 @@ def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_p
     assert code == 0
     best = exp_dir / search.BEST_CONFIG
     assert f"best config: {best}" in out and "best trial" in out
+    assert re.search(r"results in .* \((\d+\.\d) MiB written\)", out)  # the disk volume a search used
     cfg = load_config(best)
     assert cfg.width == 0.25 and cfg.subset == 1000 and 1.0e-4 <= cfg.lr_d <= 1.0e-3
     assert train.main(["--config", str(best), "--set", "max_epochs=1", "--set", f"out_dir={tmp_path}",
