@@ -73,7 +73,12 @@ def known_spaces() -> dict[str, Path]:
 
 
 def packaged_spaces() -> Path:
-    return Path(str(resources.files("gan_tune.search_spaces")))
+    """The spaces in the wheel; when `python -m` in the repository root imports the checkout instead of the
+    installed package, the checkout has no gan_tune.search_spaces, and its search_spaces/ sits beside gan_tune/."""
+    try:
+        return Path(str(resources.files("gan_tune.search_spaces")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
 
 
 def resolve_space(name: str | None) -> Path:
@@ -309,7 +314,22 @@ def run(plans: dict[bool, Space], args: argparse.Namespace) -> int:
         raise
     best_config = summarise(results, space, stopper, exp_dir)
     finish_tracking(results, space, args, parent)
+    print_resume_hint(results, callbacks[0].outcomes, args, exp_dir)
     return 0 if best_config else 1
+
+
+def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: argparse.Namespace,
+                      exp_dir: Path) -> None:
+    """After Ctrl-C (Tune stops gracefully and saves its state) or a spent time budget: how to go on.
+
+    `outcomes` is the tracking callback's trial id -> stop reason; 'search ended' marks a trial the
+    search stopped, and trials that never started have no entry."""
+    unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
+    if unfinished > 0:
+        command = (f"python -m gan_tune.search --space {args.space} --name {exp_dir.name} "
+                   f"--storage-path {exp_dir.parent} --tracking-uri {args.tracking_uri} --resume")
+        print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
+              f"continue them with:\n  {command}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

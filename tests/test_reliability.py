@@ -139,3 +139,38 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
     assert len(trial_runs) == 1
     steps = [m.step for m in client.get_metric_history(trial_runs[0].info.run_id, "loss_d")]
     assert sorted(steps) == [1, 2, 3, 4], steps
+
+
+def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_path):
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "smoke_int.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1}, "num_samples": 2,
+                                     "max_epochs": 4, "scheduler": {"type": "fifo"}}, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_dir = tmp_path / "rr" / "int"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                               str(tmp_path / "rr"), "--name", "int", "--tracking-uri", uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_epoch(search, exp_dir, 1, timeout_s=240)
+        search.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = search.communicate(timeout=240)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.wait()
+    assert search.returncode == 0, out[-3000:]
+    hints = [line.strip() for line in out.splitlines() if line.strip().startswith("python -m gan_tune.search")]
+    assert len(hints) == 1, out[-4000:]
+    hint = hints[0]
+    assert hint.endswith("--resume") and "--name int" in hint
+
+    resumed = subprocess.run([sys.executable, *hint.split()[1:]], capture_output=True, text=True, env=env, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    finals = [pd.read_csv(path)["epoch"].max() for path in exp_dir.glob("*/progress.csv")]
+    assert finals == [4, 4]  # both trials finished all epochs
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert len(client.search_runs(experiments, "tags.run_kind = 'trial'")) == 2  # no duplicate child runs
+    assert len(client.search_runs(experiments, "tags.run_kind = 'search'")) == 1  # the parent run was reused

@@ -229,7 +229,8 @@ def test_smoke_search_parent_run(smoke_study):
     assert parent.info.status == "FINISHED" and tags["space"] == "smoke" and tags["scheduler"] == "asha"
     assert tags["search_alg"] == "random" and tags["data_source"].startswith("mnist-test-10k-bundled")
     assert tags["gan_tune_version"] == tracking.gan_tune.__version__ and tags["best.trial_id"]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"search_args.json", "space"}
+    # test_report may already have added its report to this shared study's parent run
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} - {"report"} == {"search_args.json", "space"}
     assert parent.data.params["best.lr_d"] and parent.data.metrics["fid"] > 0
     models = client.search_logged_models([parent.info.experiment_id],
                                          filter_string=f"source_run_id = '{parent.info.run_id}'")
