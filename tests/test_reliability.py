@@ -90,6 +90,18 @@ def trial_workers(root: int) -> list[int]:
             if "ray::" in title and ("ImplicitFunc" in title or "train_gan" in title)]
 
 
+EPOCHS_KILL = 4  # the GAN stopper ends a smoke trial (coverage <= 2) after epoch 3 anyway
+STEPS_KILL = 20  # seconds per epoch, so the trial is still training when the test looks for its worker
+
+
+def wait_for_workers(root: int, timeout_s: float = 20) -> list[int]:
+    """The trial's worker pids, waiting for Ray to name the process (its title changes as it starts)."""
+    deadline = time.monotonic() + timeout_s
+    while not (workers := trial_workers(root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return workers
+
+
 def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -105,8 +117,10 @@ def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_
 def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_once(tmp_path):
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / "smoke_kill.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1}, "num_samples": 1,
-                                     "max_epochs": 4, "scheduler": {"type": "fifo"}}, sort_keys=False))
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": STEPS_KILL},
+                                     # a slow D, so the GAN stopper's "D dominates" leaves the trial alone
+                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
+                                     "search_alg": "grid", "num_samples": 1, "max_epochs": EPOCHS_KILL, "scheduler": {"type": "fifo"}}, sort_keys=False))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = tmp_path / "rr" / "kill"
     log = tmp_path / "search.log"
@@ -117,7 +131,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
                                   stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_epoch(search, exp_dir, 2, timeout_s=240)
-        workers = trial_workers(search.pid)
+        workers = wait_for_workers(search.pid)
         assert len(workers) == 1, process_tree(search.pid)
         os.kill(workers[0], signal.SIGKILL)
         code = search.wait(timeout=240)
@@ -127,7 +141,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
             search.wait()
     assert code == 0, log.read_text()[-3000:]
     frame = epochs_reported(exp_dir)
-    assert frame["epoch"].max() == 4, frame[["epoch", "restored_epoch"]]
+    assert frame["epoch"].max() == EPOCHS_KILL, frame[["epoch", "restored_epoch"]]
     resumed = frame[frame["restored_epoch"] > 0]
     assert len(resumed), "the trial did not restart from a checkpoint"
     first = resumed.iloc[0]
@@ -138,7 +152,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
                                     "tags.run_kind = 'trial'")
     assert len(trial_runs) == 1
     steps = [m.step for m in client.get_metric_history(trial_runs[0].info.run_id, "loss_d")]
-    assert sorted(steps) == [1, 2, 3, 4], steps
+    assert sorted(steps) == list(range(1, EPOCHS_KILL + 1)), steps
 
 
 def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_path):
