@@ -20,6 +20,7 @@ from torchvision.utils import make_grid, save_image  # noqa: E402
 from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW  # noqa: E402
 
 GRID_ROWS = 8
+SAMPLES = "samples"  # the folder of per-epoch grids, in run folders, trial folders and MLflow
 MAX_GIF_FRAMES = 50  # bounds the GIF's size however long the run
 GIF_FRAME_MS = 400
 
@@ -47,6 +48,14 @@ def write_gif(frames: list[Path], path: str | Path, max_frames: int = MAX_GIF_FR
     images = [Image.open(f).convert("P") for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
     return Path(path)
+
+
+def write_summary(folder: Path, images: Tensor, history: list[dict]) -> None:
+    """The files that sum a run up so far: the latest grid, the history table and plot, the GIF of the grids."""
+    save_grid(images, folder / "final_grid.png")
+    write_history(history, folder / "history.csv")
+    plot_history(history, folder / "history.png")
+    write_gif(sorted((folder / SAMPLES).glob("epoch_*.png")), folder / "progress.gif")
 
 
 def history_frame(history: list[dict]) -> pd.DataFrame:

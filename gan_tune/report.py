@@ -30,10 +30,9 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
-from gan_tune.artifacts import grid_name  # noqa: E402
+from gan_tune.artifacts import SAMPLES, grid_name  # noqa: E402
 from gan_tune.config import WARN_ABOVE, WARN_BELOW, ConfigError  # noqa: E402
 from gan_tune.tracking import DEFAULT_EXPERIMENT, open_client, resolve_tracking_uri, using_tracking_uri  # noqa: E402
-from gan_tune.train import SAMPLES  # noqa: E402
 from gan_tune.trainable import DIVERGED_FID  # noqa: E402
 
 TOP_TRIALS = 5  # curves per plot: more become unreadable

@@ -355,12 +355,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CHECKPOINT = "checkpoint.pt"
-SAMPLES = "samples"
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out_dir) / f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-    (run_dir / SAMPLES).mkdir(parents=True)
+    (run_dir / artifacts.SAMPLES).mkdir(parents=True)
     config.save(cfg, run_dir / "config.yaml")
     return run_dir
 
@@ -424,7 +423,7 @@ def write_epoch(run_dir: Path, gan: Gan, record: dict, noise: Tensor, generator:
     if record["balance"] in ("D too weak", "D too strong", "diverged"):
         log.warning("epoch %d: %s (d_acc %.2f)", epoch, record["balance"], record["d_acc"])
     if epoch % cfg.sample_every == 0 or epoch == cfg.max_epochs:
-        artifacts.save_grid(generate(gan.g, noise), run_dir / SAMPLES / artifacts.grid_name(epoch))
+        artifacts.save_grid(generate(gan.g, noise), run_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
     if record["balance"] != "diverged" and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.max_epochs):
         tmp = run_dir / (CHECKPOINT + ".tmp")
         torch.save(state(gan, epoch, noise, generator, history), tmp)
@@ -432,10 +431,7 @@ def write_epoch(run_dir: Path, gan: Gan, record: dict, noise: Tensor, generator:
 
 
 def write_final(run_dir: Path, gan: Gan, noise: Tensor, history: list[dict]) -> None:
-    artifacts.save_grid(generate(gan.g, noise), run_dir / "final_grid.png")
-    artifacts.write_history(history, run_dir / "history.csv")
-    artifacts.plot_history(history, run_dir / "history.png")
-    artifacts.write_gif(sorted((run_dir / SAMPLES).glob("epoch_*.png")), run_dir / "progress.gif")
+    artifacts.write_summary(run_dir, generate(gan.g, noise), history)
 
 
 def format_record(record: dict) -> str:

@@ -124,11 +124,8 @@ def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, hist
     if epoch % gan.cfg.sample_every and not final:
         return
     images = train.generate(gan.g, noise)
-    artifacts.save_grid(images, trial_dir / train.SAMPLES / artifacts.grid_name(epoch))
-    artifacts.save_grid(images, trial_dir / "final_grid.png")
-    artifacts.write_history(history, trial_dir / "history.csv")
-    artifacts.plot_history(history, trial_dir / "history.png")
-    artifacts.write_gif(sorted((trial_dir / train.SAMPLES).glob("epoch_*.png")), trial_dir / "progress.gif")
+    artifacts.save_grid(images, trial_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
+    artifacts.write_summary(trial_dir, images, history)
 
 
 def last_scores(history: list[dict]) -> dict:
