@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from gan_tune.classifier import NUM_CLASSES, ClassifierError, MnistClassifier, classifier_checksum, load_classifier
-from gan_tune.config import ConfigError, from_dict
+from gan_tune.config import ConfigError
 from gan_tune.data import BUNDLED, DataError, Mnist, load_mnist, to_float
-from gan_tune.models import build_models
+from gan_tune.train import generator_from_state  # train imports this module only inside a function
 
 CACHE_ENV = "GAN_TUNE_CACHE"  # cache root; the real statistics go in its fid_stats/ folder
 DEFAULT_CACHE_ROOT = "~/.cache/gan_tune"
@@ -369,12 +369,10 @@ def load_checkpoint(path: Path) -> tuple[Path, dict]:
 
 def score_command(args: argparse.Namespace) -> int:
     path, saved = load_checkpoint(Path(args.path))
-    cfg = from_dict(saved["config"], where=str(path))
-    g, _ = build_models(cfg)
     try:
-        g.load_state_dict(saved["g"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: generator weights do not fit the config ({str(err).splitlines()[0]})") from None
+        g, cfg = generator_from_state(saved, where=str(path))
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
     device = torch.device(args.device)
     try:
         data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset)

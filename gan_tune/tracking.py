@@ -45,10 +45,8 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, TIME_THIS_ITER_S, T
 from ray.tune.utils import flatten_dict
 
 import gan_tune
-from gan_tune import config
 from gan_tune.config import ConfigError
-from gan_tune.models import build_models
-from gan_tune.train import CHECKPOINT, generate
+from gan_tune.train import CHECKPOINT, generate, generator_from_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +281,8 @@ def child_run_id(client: MlflowClient, parent_run_id: str, trial_id: str) -> str
 
 def load_generator(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, int]:
     """The generator (eval mode, CPU) and latent size from a trial checkpoint written with train.state()."""
-    saved = torch.load(Path(checkpoint_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
-    cfg = config.from_dict(saved["config"], where=str(Path(checkpoint_dir) / CHECKPOINT))
-    g, _ = build_models(cfg)
-    g.load_state_dict(saved["g"])
+    path = Path(checkpoint_dir) / CHECKPOINT
+    g, cfg = generator_from_state(read_checkpoint(path, torch.device("cpu")), where=str(path))
     return g.eval(), cfg.latent_dim
 
 

@@ -264,6 +264,17 @@ def generate(g: nn.Module, z: Tensor) -> Tensor:
         g.train(was_training)
 
 
+def generator_from_state(saved: dict, where: str) -> tuple[nn.Module, TrainConfig]:
+    """The generator (CPU, train mode) and config of a state() dict; weights that do not fit name `where`."""
+    cfg = config.from_dict(saved["config"], where=where)
+    g, _ = build_models(cfg)
+    try:
+        g.load_state_dict(saved["g"])
+    except RuntimeError as err:
+        raise DataError(f"{where}: generator weights do not fit the config ({str(err).splitlines()[0]})") from None
+    return g, cfg
+
+
 def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, history: list[dict]) -> dict:
     """Everything a resumed run needs to continue exactly: weights, optimisers, epoch, RNG, noise."""
     return {
