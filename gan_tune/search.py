@@ -10,6 +10,7 @@ Results go to --storage-path (default ./ray_results, next to the runs/ folder of
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
+import torch
 import yaml
 from ray import tune
 
@@ -30,6 +32,7 @@ from gan_tune.config import ConfigError, from_dict
 from gan_tune.data import DataError, Mnist, load_mnist
 from gan_tune.spaces import Space
 from gan_tune.stopping import GanStopper
+from gan_tune.tracking import first_line
 from gan_tune.trainable import resolve_derived, train_gan
 
 DEFAULT_STORAGE = "ray_results"
@@ -38,11 +41,12 @@ MAX_FAILURES = 2  # a crashed trial restarts from its last checkpoint twice befo
 # Checkpoints kept per trial, best by the metric; Tune also keeps the latest, which PBT clones.
 CHECKPOINTS_KEPT = 4
 BEST_CONFIG = "best_config.yaml"
+SAVED_ARGS = "gan_tune_search.json"  # the resolved flags of a study, for --resume
 ADDRESS_CHECK_TIMEOUT_S = 3.0  # a live Ray head accepts at once; ray.init itself retries a dead one for minutes
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gan_tune.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", help="search-space name (see --list-spaces) or path to a YAML file")
     parser.add_argument("--list-spaces", action="store_true", help="list the known spaces and exit")
@@ -56,13 +60,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage-is-shared", action="store_true",
                         help="the --storage-path folder is on a filesystem every node mounts (NFS); "
                              "needed for a local path on a multi-node cluster")
-    parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS); required by --resume")
+    parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the search algorithm and the per-trial seeds")
-    parser.add_argument("--resume", action="store_true", help="continue the unfinished study --name")
+    parser.add_argument("--resume", nargs="?", const="", metavar="PATH_OR_NAME",
+                        help="continue an interrupted study: its folder, or its name under --storage-path "
+                             "(default: --name); flags not given now are those the study started with")
+    parser.add_argument("--restart-errored", action="store_true",
+                        help="with --resume: run errored trials again from scratch (default: from their last checkpoint)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///mlflow.db in the working directory)")
     parser.add_argument("--experiment", help=f"MLflow experiment name (default: {tracking.DEFAULT_EXPERIMENT})")
-    return parser.parse_args(argv)
+    return parser
+
+
+def resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--resume PATH_OR_NAME: the study's folder, found before Ray starts; flags not given now are the saved ones."""
+    target = args.resume or args.name
+    if not target:
+        raise ConfigError("--resume", "needs the study's folder or name (or --name)")
+    folder = Path(target).expanduser()
+    exp_dir = (folder if folder.is_dir() else Path(args.storage_path).expanduser() / target).resolve()
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError("--resume", f"{exp_dir} holds no study to continue")
+    defaults = vars(build_parser().parse_args([]))
+    given = {key: value for key, value in vars(args).items() if value != defaults[key]}
+    return argparse.Namespace(**{**defaults, **read_saved_args(exp_dir, defaults), **given,
+                                 "name": exp_dir.name, "storage_path": str(exp_dir.parent)})
+
+
+def read_saved_args(exp_dir: Path, defaults: dict) -> dict:
+    """The flags the study started with (save_args); {} for a study saved without them (then --space is needed)."""
+    path = exp_dir / SAVED_ARGS
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(path), f"unreadable saved search command ({first_line(err)})") from None
+    return {key: value for key, value in saved.items() if key in defaults}
+
+
+def save_args(args: argparse.Namespace, exp_dir: Path) -> None:
+    """Keep the resolved flags beside Tune's state, so `--resume FOLDER` alone restarts the same search."""
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    saved = {key: value for key, value in vars(args).items() if key not in ("resume", "restart_errored")}
+    (exp_dir / SAVED_ARGS).write_text(json.dumps(saved, indent=1))
+
+
+def study_dir(args: argparse.Namespace, space_name: str) -> Path:
+    """The study's folder under --storage-path: existing for --resume, new otherwise."""
+    name = args.name or f"{space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(args.storage_path).expanduser().resolve() / name
+    if args.resume is None and exp_dir.exists():
+        raise ConfigError("--name", f"{exp_dir} exists: pick another name, or continue it with --resume {exp_dir}")
+    return exp_dir
+
+
+def check_local_gpus(args: argparse.Namespace) -> None:
+    """Without --address Ray starts on this machine: a GPU request it cannot meet fails before Ray starts."""
+    if not args.address and args.gpus_per_trial and not torch.cuda.device_count():
+        raise ConfigError("--gpus-per-trial", f"{args.gpus_per_trial:g} GPU per trial, but this machine has no GPU")
 
 
 def known_spaces() -> dict[str, Path]:
@@ -101,8 +158,6 @@ def load_plans(args: argparse.Namespace) -> dict[bool, Space]:
         raise ConfigError("--gpus-per-trial", f"{gpu:g}: use a fraction <= 1 or a whole number of GPUs")
     if cpu is not None and cpu <= 0:
         raise ConfigError("--cpus-per-trial", f"{cpu:g}: must be > 0")
-    if args.resume and not args.name:
-        raise ConfigError("--resume", "needs --name of the study to continue")
     check_storage_path(args.storage_path)
     check_address(args.address)
     return {gpu: spaces.with_values(plan, flags, where="command line") if flags else plan
@@ -196,7 +251,7 @@ def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: d
                    stopper: GanStopper, exp_dir: Path) -> tuple[str, list[tune.Callback]]:
     """The study's MLflow parent run (found again on --resume) and the driver-side callback logging each trial."""
     experiment = args.experiment or tracking.DEFAULT_EXPERIMENT
-    parent = tracking.find_search_run(args.tracking_uri, experiment, exp_dir) if args.resume else None
+    parent = tracking.find_search_run(args.tracking_uri, experiment, exp_dir) if args.resume is not None else None
     if parent is None:
         resolved = {**vars(args), "name": exp_dir.name, "storage_path": str(exp_dir.parent), "resources": trial,
                     "num_samples": space.num_samples, "max_epochs": space.max_epochs, "metric": space.metric,
@@ -220,11 +275,25 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
 
+def restore_tuner(exp_dir: Path, trainable: tune.Trainable, stopper: GanStopper, callbacks: list[tune.Callback],
+                  restart_errored: bool) -> tune.Tuner:
+    """Tuner.restore, unfinished trials from their checkpoints; errored ones too, or from scratch.
+
+    Restore unpickles the first session's stopper and callbacks; this session's own (whose stop reasons and
+    outcomes summarise() prints) take their place. Ray has no public setter for the restored RunConfig.
+    """
+    tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                               resume_errored=not restart_errored, restart_errored=restart_errored)
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.stop, run_config.callbacks = stopper, callbacks
+    return tuner
+
+
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
                 stopper: GanStopper, exp_dir: Path, callbacks: list[tune.Callback]) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(train_gan, data=data), trial)
-    if args.resume:
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    if args.resume is not None:
+        return restore_tuner(exp_dir, trainable, stopper, callbacks, args.restart_errored)
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent), stop=stopper, callbacks=callbacks,
         sync_config=tune.SyncConfig(sync_artifacts=True),  # trial files from every node reach the storage path
@@ -289,17 +358,11 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_d
     return path
 
 
-def run(plans: dict[bool, Space], args: argparse.Namespace) -> int:
+def run(plans: dict[bool, Space], args: argparse.Namespace, exp_dir: Path) -> int:
     """Everything after Ray is up: resources, plan, data, fit, summary."""
     space, trial = trial_resources(plans, args)
     check_storage(args.storage_path, args.storage_is_shared)
-    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = Path(args.storage_path).expanduser().resolve() / name
-    if args.resume and not tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError("--resume", f"{exp_dir} holds no study to continue")
-    if not args.resume and exp_dir.exists():
-        raise ConfigError("--name", f"{exp_dir} exists: pick another name, or add --resume to continue it")
-    print_plan(space, name, exp_dir, trial, args)
+    print_plan(space, exp_dir.name, exp_dir, trial, args)
     fixed = from_dict(space.train_fields)
     data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
     print(f"data: {data.source} ({len(data)} images)", flush=True)
@@ -307,6 +370,8 @@ def run(plans: dict[bool, Space], args: argparse.Namespace) -> int:
     np.random.seed(args.seed)
     stopper = GanStopper()
     parent, callbacks = start_tracking(space, args, data, trial, stopper, exp_dir)
+    if args.resume is None:
+        save_args(args, exp_dir)
     try:
         results = build_tuner(space, args, data, trial, stopper, exp_dir, callbacks).fit()
     except BaseException:
@@ -326,18 +391,21 @@ def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: 
     search stopped, and trials that never started have no entry."""
     unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
     if unfinished > 0:
-        command = (f"python -m gan_tune.search --space {args.space} --name {exp_dir.name} "
-                   f"--storage-path {exp_dir.parent} --tracking-uri {args.tracking_uri} --resume")
+        command = f"python -m gan_tune.search --resume {exp_dir}"
         print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
               f"continue them with:\n  {command}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.list_spaces:
             return list_spaces()
+        if args.resume is not None:
+            args = resume_args(args)
         plans = load_plans(args)
+        exp_dir = study_dir(args, plans[False].name)
+        check_local_gpus(args)
         args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
     except ConfigError as err:
@@ -345,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = start_ray(args.address)
     try:
-        return run(plans, args)
+        return run(plans, args, exp_dir)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

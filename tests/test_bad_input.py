@@ -5,6 +5,9 @@ Some rows repeat a case of test_search.py on purpose (that file checks them with
 row also checks the MLflow store and Ray's state, and the table is the one place listing every bad input.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,16 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, capsys, ca
         assert text.format(tmp=tmp_path, space=tmp_path / "bad.yaml") in lines[0], lines[0]
     assert mlflow_runs(tmp_path) == runs_before
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("case", ["gpus on a cpu cluster", "resume of no search", "unknown scheduler"])
+def test_bad_search_input_prints_exactly_one_line_from_a_fresh_process(tmp_path, case):
+    """In a real shell nothing else reaches stderr: Ray, which logs its own start-up lines there, never starts."""
+    if case == "gpus on a cpu cluster" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    main, argv = CASES[case][0](tmp_path)
+    assert main is search.main
+    done = subprocess.run([sys.executable, "-m", "gan_tune.search", *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr

@@ -1,5 +1,6 @@
 """Issue 9, faults: a truncated checkpoint, and a trial's worker process killed mid-search."""
 
+import json
 import os
 import signal
 import subprocess
@@ -178,7 +179,7 @@ def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_
     hints = [line.strip() for line in out.splitlines() if line.strip().startswith("python -m gan_tune.search")]
     assert len(hints) == 1, out[-4000:]
     hint = hints[0]
-    assert hint.endswith("--resume") and "--name int" in hint
+    assert hint == f"python -m gan_tune.search --resume {exp_dir}"  # the saved flags fill in the rest
 
     resumed = subprocess.run([sys.executable, *hint.split()[1:]], capture_output=True, text=True, env=env, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
@@ -188,3 +189,79 @@ def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert len(client.search_runs(experiments, "tags.run_kind = 'trial'")) == 2  # no duplicate child runs
     assert len(client.search_runs(experiments, "tags.run_kind = 'search'")) == 1  # the parent run was reused
+
+
+def fifo_space(tmp_path: Path, trials: int, epochs: int) -> Path:
+    """The smoke space, every trial running all its epochs (FIFO) with a checkpoint each epoch."""
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "smoke_fifo.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1},
+                                     "num_samples": trials, "max_epochs": epochs, "scheduler": {"type": "fifo"}},
+                                    sort_keys=False))
+    return space
+
+
+def study_outcome(exp_dir: Path, uri: str) -> dict:
+    """What a finished study left: each trial's config and epochs in Tune, its child runs and steps in MLflow."""
+    trials = {}
+    for path in exp_dir.glob("*/progress.csv"):
+        frame = pd.read_csv(path, dtype={"trial_id": str})
+        params = json.loads((path.parent / "params.json").read_text())
+        trials[frame["trial_id"].iloc[-1]] = {"lrs": (params["lr_d"], params["lr_g"]),
+                                              "epochs": sorted(frame["epoch"])}
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, f"tags.`ray.experiment_path` = '{exp_dir}'")
+    children = client.search_runs(experiments, "tags.run_kind = 'trial'")
+    steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
+             for run in children}
+    return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
+
+
+def unfinished_mid_study(exp_dir: Path, epochs: int) -> bool:
+    """A trial has finished and another is part-way: the moment to kill the driver."""
+    finals = []
+    for path in exp_dir.glob("*/progress.csv"):
+        try:
+            finals.append(pd.read_csv(path)["epoch"].max())
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):  # Tune is writing it
+            continue
+    return epochs in finals and any(0 < final < epochs for final in finals)
+
+
+def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_path):
+    trials, epochs = 3, 4
+    space = fifo_space(tmp_path, trials, epochs)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path", str(tmp_path / "rr")]
+    straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
+    done = subprocess.run([*command, "--name", "straight", "--tracking-uri", straight_uri], capture_output=True,
+                          text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+    exp_dir = tmp_path / "rr" / "killed"
+    driver = subprocess.Popen([*command, "--name", "killed", "--tracking-uri", killed_uri],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not unfinished_mid_study(exp_dir, epochs) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the search finished before the test could kill it"
+        driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    resumed = subprocess.run([sys.executable, "-m", "gan_tune.search", "--resume", str(exp_dir)],
+                             capture_output=True, text=True, env=env, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+
+    straight = study_outcome(tmp_path / "rr" / "straight", straight_uri)
+    killed = study_outcome(exp_dir, killed_uri)
+    assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
+    assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
+    assert sorted(t["lrs"] for t in killed["trials"].values()) == sorted(t["lrs"] for t in straight["trials"].values())
+    for trial_id, trial in killed["trials"].items():
+        assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
+        assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
