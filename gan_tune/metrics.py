@@ -20,7 +20,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import math
 import os
 import pickle
@@ -175,15 +175,14 @@ def generated_batches(g: nn.Module, latent_dim: int, n: int, batch_size: int, de
         yield g(z[start:start + batch_size].to(device)).float()
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (BatchNorm running statistics) inside the block, then the caller's mode back."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+def scoring_copy(g: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of G (BatchNorm running statistics) in channels_last.
+
+    A copy, so the training model keeps its mode and memory layout. channels_last because oneDNN's
+    convolutions run in NHWC: on the 2-core CPU the balanced G generates 10k images ~1.9x faster
+    (`python -m gan_tune.bench` prints the scoring time).
+    """
+    return copy.deepcopy(g).eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 def score_images(images: Tensor, real: GaussianFit, device: torch.device,
@@ -266,8 +265,8 @@ def make_scorer(data: Mnist, device: torch.device, n_samples: int = 0, batch_siz
     real = real_stats(data, device, batch_size=batch_size)
 
     def score(g: nn.Module, latent_dim: int) -> dict[str, float]:
-        with torch.no_grad(), eval_mode(g):
-            out = classify(generated_batches(g, latent_dim, n, batch_size, device), classifier)
+        with torch.inference_mode():
+            out = classify(generated_batches(scoring_copy(g), latent_dim, n, batch_size, device), classifier)
         return {**calc_metrics(out, real), "fid_samples": n}
 
     return score

@@ -137,6 +137,19 @@ def test_untrained_generator_scores_finite_and_bad(table):
     assert not g.training
 
 
+def test_scoring_in_channels_last_matches_the_training_layout():
+    """The scorer's channels_last copy draws the same images as G itself, and leaves G's layout alone."""
+    cfg = TrainConfig(width=0.25)
+    g, _ = build_models(cfg)
+    g[1].running_mean.normal_()  # non-trivial BatchNorm statistics, which eval mode uses
+    z = torch.randn(64, cfg.latent_dim)
+    copy = metrics.scoring_copy(g)
+    assert copy[5].weight.is_contiguous(memory_format=torch.channels_last) and g[5].weight.is_contiguous()
+    assert g.training and not copy.training
+    with torch.no_grad():
+        assert torch.allclose(copy(z), g.eval()(z), atol=1e-5)
+
+
 def test_diverged_generator_gets_infinite_fid():
     nan_generator = nn.Sequential(nn.Linear(8, 784), nn.Unflatten(1, (1, 28, 28)))
     nn.init.constant_(nan_generator[0].weight, math.nan)
