@@ -106,19 +106,26 @@ def trial_table(device: torch.device, data: Mnist, models: list[str], batches: l
     return frame
 
 
+FID_WIDTHS = (1.0, 0.25)  # the balanced recipe, and the width the CPU default search trains
+
+
 def fid_timing(device: torch.device, data: Mnist, n_samples: int) -> dict:
-    """Seconds to generate and score n_samples images with the balanced generator (real stats cached)."""
+    """Seconds to generate and score n_samples images with the balanced generator at each FID_WIDTHS
+    (real statistics cached; the scorer's copy of G and the classifier run in channels_last)."""
     from gan_tune.metrics import make_scorer
 
     score = make_scorer(data, device, n_samples)
-    g, _ = build_models(TrainConfig())
-    g = g.to(device)
-    score(g, 100)  # computes and caches the real statistics; also warms up
-    start = time.perf_counter()
-    result = score(g, 100)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"fid_samples": n_samples, "fid_seconds": time.perf_counter() - start, "fid_untrained": result["fid"]}
+    timings = {"fid_samples": n_samples}
+    for width in FID_WIDTHS:
+        g, _ = build_models(TrainConfig(width=width))
+        g = g.to(device)
+        score(g, 100)  # the first call computes and caches the real statistics; every call warms up
+        start = time.perf_counter()
+        score(g, 100)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[f"fid_seconds width {width:g}"] = round(time.perf_counter() - start, 2)
+    return timings
 
 
 def packed_search(trials: int, device: torch.device, data: Mnist, steps: int, epochs: int = 3) -> dict:
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
     parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
                         "(default 1,4,8 on CUDA, 1,2 on CPU; '' to skip)")
+    parser.add_argument("--fid-samples", type=int, default=10_000, help="(f): samples scored (default 10000)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device: cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.packed is None:
         args.packed = "1,4,8" if on_gpu else "1,2"
     table = trial_table(device, data, models, batches, steps)
-    extra = fid_timing(device, data, 10_000 if on_gpu or not args.quick else 2_000)
+    extra = fid_timing(device, data, args.fid_samples)
     for trials in [int(n) for n in args.packed.split(",") if n]:
         extra[f"packed {trials} trials"] = packed_search(trials, device, data, steps)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
