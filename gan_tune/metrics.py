@@ -39,7 +39,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from gan_tune.classifier import NUM_CLASSES, ClassifierError, MnistClassifier, classifier_checksum, load_classifier
 from gan_tune.config import ConfigError
 from gan_tune.data import BUNDLED, DataError, Mnist, load_mnist, to_float
-from gan_tune.train import generator_from_state  # train imports this module only inside a function
+from gan_tune.train import generator_from_state, read_checkpoint  # train imports this module only inside a function
 
 CACHE_ENV = "GAN_TUNE_CACHE"  # cache root; the real statistics go in its fid_stats/ folder
 DEFAULT_CACHE_ROOT = "~/.cache/gan_tune"
@@ -49,10 +49,6 @@ DEFAULT_BATCH_SIZE = 500
 COVERAGE_MIN_SHARE = 0.02  # a class is covered from 2 % of the samples (a balanced generator gives 10 %)
 SCORE_SEED = 0  # the scorer's latent draws: the same generator weights always get the same score
 CHECKPOINT_FILE = "checkpoint.pt"  # inside a run directory
-
-
-class CheckpointError(RuntimeError):
-    """A missing or unreadable checkpoint; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -354,24 +350,17 @@ def load_checkpoint(path: Path) -> tuple[Path, dict]:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise DataError(f"{path}: no such checkpoint file")
+    saved = read_checkpoint(path, torch.device("cpu"))  # DataError naming an unreadable file
     missing = [key for key in ("config", "g") if not isinstance(saved, dict) or key not in saved]
     if missing:
-        raise CheckpointError(f"{path}: missing key(s) {', '.join(missing)}; expected a gan_tune.train.state() dict")
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected a gan_tune.train.state() dict")
     return path, saved
 
 
 def score_command(args: argparse.Namespace) -> int:
     path, saved = load_checkpoint(Path(args.path))
-    try:
-        g, cfg = generator_from_state(saved, where=str(path))
-    except DataError as err:
-        raise CheckpointError(str(err)) from None
+    g, cfg = generator_from_state(saved, where=str(path))
     device = torch.device(args.device)
     try:
         data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset)
@@ -425,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, ConfigError, DataError, ClassifierError) as err:
+    except (ConfigError, DataError, ClassifierError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
