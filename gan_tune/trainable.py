@@ -10,6 +10,11 @@ Pictures and tables go into the trial's working directory: Tune makes it the act
 from any node. `tune.get_context().get_trial_dir()` would not do: in Ray 2.60 it is the driver's staging
 folder, which exists only on the driver's node.
 
+Restores: Tune hands over the trial's latest checkpoint (or, after a PBT exploit, the donor's). When its
+file is unreadable (truncated by a full disk or a cut upload), the trial falls back to the checkpoints
+saved before it in the same folder, newest first, and with none readable starts fresh from epoch 0;
+each step is logged as a warning and reported in `restore_note`, next to `restored_from`/`restored_epoch`.
+
 Scores: `fit` scores every `eval_every` epochs. Between scores the trainable reports the last known
 score (`score_epoch` says when it was measured), because schedulers compare the metric on every report.
 The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports DIVERGED_SCORES, the
@@ -18,20 +23,27 @@ worst finite values, so NaN never reaches a scheduler's comparison or sort.
 
 from __future__ import annotations
 
+import logging
+import posixpath
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 
 from gan_tune import artifacts, train
 from gan_tune.config import TrainConfig, from_dict
-from gan_tune.data import Mnist
+from gan_tune.data import DataError, Mnist
+
+log = logging.getLogger(__name__)  # a worker's warnings reach the driver's console through Ray's log forwarding
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{6}")  # Ray's name for the N-th checkpoint of a trial
 SCORE_KEYS = ("fid", "is", "coverage", "coverage_entropy", "mean_confidence", "fid_samples")
 # Finite on purpose: ASHA takes percentiles of the recorded scores, and an inf among them turns the
 # cutoff into NaN (inf - inf); 1e6 is far above any FID in the classifier's 128-d feature space.
@@ -42,7 +54,7 @@ DIVERGED_SCORES = {"fid": DIVERGED_FID, "is": 0.0, "coverage": 0.0, "coverage_en
 REPORTED_METRICS = (
     "epoch", "loss_d", "loss_g", "d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob", "balance",
     *SCORE_KEYS, "score_epoch", "img_per_s", "epoch_time_s", "lr_d", "lr_g",
-    "node_id", "data_source", "restored_from", "restored_epoch",
+    "node_id", "data_source", "restored_from", "restored_epoch", "restore_note",
 )
 # Metrics a study may optimise, with the direction that is better.
 OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max", "mean_confidence": "max"}
@@ -90,6 +102,45 @@ def restore(gan: train.Gan, generator: torch.Generator,
         saved = train.read_checkpoint(Path(folder) / CHECKPOINT_FILE, gan.device)  # DataError naming a bad file
     epoch, noise, history = train.load_state(gan, saved, generator)
     return epoch, noise, history, {"restored_from": saved["trial_id"], "restored_epoch": epoch}
+
+
+def earlier_checkpoints(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The checkpoints saved before `checkpoint` in its trial's folder, newest first.
+
+    Listed through the checkpoint's own pyarrow filesystem, so local, NFS and s3:// storage all work.
+    Tune keeps several per trial (search.CHECKPOINTS_KEPT); after a PBT exploit these are the donor's.
+    """
+    folder, name = posixpath.split(checkpoint.path.rstrip("/"))
+    found = checkpoint.filesystem.get_file_info(pafs.FileSelector(folder))
+    names = sorted((info.base_name for info in found if info.type == pafs.FileType.Directory
+                    and CHECKPOINT_FOLDER.fullmatch(info.base_name) and info.base_name < name), reverse=True)
+    return [tune.Checkpoint(posixpath.join(folder, older), filesystem=checkpoint.filesystem) for older in names]
+
+
+def restore_readable(gan: train.Gan, generator: torch.Generator, checkpoint: tune.Checkpoint,
+                     noise: torch.Tensor) -> tuple[int, torch.Tensor, list, dict]:
+    """`restore` the newest readable of `checkpoint` and the ones saved before it; none readable: epoch 0.
+
+    A truncated file (a disk that filled during the upload) fails inside torch.load, before any state
+    reaches `gan`, so the next candidate or a fresh start needs no rebuilt model. `restore_note` tells
+    the results what happened; each step is also logged.
+    """
+    unreadable: list[str] = []  # folder names, oldest last
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        try:
+            epoch, noise, history, restored = restore(gan, generator, candidate)
+        except DataError as err:
+            log.warning("checkpoint %s not restored: %s", candidate.path, err)
+            unreadable.append(posixpath.basename(candidate.path))
+            continue
+        if not unreadable:
+            return epoch, noise, history, {**restored, "restore_note": ""}
+        log.warning("fell back to the previous checkpoint %s (epoch %d)", candidate.path, epoch)
+        note = f"unreadable {', '.join(unreadable)}; restored {posixpath.basename(candidate.path)}"
+        return epoch, noise, history, {**restored, "restore_note": note}
+    log.warning("no readable checkpoint left (%s): the trial starts fresh from epoch 0", ", ".join(unreadable))
+    return 0, noise, [], {"restored_from": "", "restored_epoch": 0,
+                          "restore_note": f"unreadable {', '.join(unreadable)}; started fresh"}
 
 
 def report(metrics: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
@@ -144,10 +195,10 @@ def train_gan(config: dict[str, Any], data: Mnist) -> None:
     gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
     start_epoch, noise, history = 0, train.fixed_noise(cfg, device), []
     context = {"node_id": ray.get_runtime_context().get_node_id(), "data_source": data.source,
-               "restored_from": "", "restored_epoch": 0}
+               "restored_from": "", "restored_epoch": 0, "restore_note": ""}
     checkpoint = tune.get_checkpoint()
     if checkpoint:
-        start_epoch, noise, history, restored = restore(gan, generator, checkpoint)
+        start_epoch, noise, history, restored = restore_readable(gan, generator, checkpoint, noise)
         context.update(restored)
     # the rates the optimisers really use: after a PBT exploit, this trial's explored ones, not the donor's
     context.update(lr_d=gan.opt_d.param_groups[0]["lr"], lr_g=gan.opt_g.param_groups[0]["lr"])

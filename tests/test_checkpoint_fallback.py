@@ -1,0 +1,131 @@
+"""Issue 9, corrupt checkpoint: an unreadable latest checkpoint falls back to an earlier one, or to a fresh start."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from ray import tune
+
+from gan_tune import config, train, trainable
+from test_reliability import SMOKE, TINY, epochs_reported, process_tree, wait_for_epoch, wait_for_workers
+
+CPU = torch.device("cpu")
+
+
+def save_checkpoint(folder: Path, cfg: config.TrainConfig, epoch: int) -> Path:
+    """A real trial checkpoint, as trainable.report writes it: train.state plus the trial id."""
+    gan, generator = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    folder.mkdir(parents=True)
+    path = folder / trainable.CHECKPOINT_FILE
+    history = [{"epoch": e} for e in range(1, epoch + 1)]
+    torch.save({**train.state(gan, epoch, train.fixed_noise(cfg, CPU), generator, history), "trial_id": "t1"}, path)
+    return path
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a disk filled mid-write
+
+
+def restore_latest(trial_dir: Path, cfg: config.TrainConfig) -> tuple[int, list, dict]:
+    gan, generator = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    latest = tune.Checkpoint.from_directory(trial_dir / "checkpoint_000002")
+    epoch, _, history, restored = trainable.restore_readable(gan, generator, latest, train.fixed_noise(cfg, CPU))
+    return epoch, history, restored
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    cfg = config.from_dict(TINY)
+    save_checkpoint(tmp_path / "checkpoint_000001", cfg, epoch=1)
+    truncate(latest := save_checkpoint(tmp_path / "checkpoint_000002", cfg, epoch=2))
+    save_checkpoint(tmp_path / "checkpoint_000003", cfg, epoch=3)  # newer than the one handed over: never used
+    (tmp_path / "samples").mkdir()  # trial files beside the checkpoints are not candidates
+    with caplog.at_level(logging.WARNING, logger="gan_tune.trainable"):
+        epoch, history, restored = restore_latest(tmp_path, cfg)
+    assert epoch == 1 and len(history) == 1
+    assert restored == {"restored_from": "t1", "restored_epoch": 1,
+                        "restore_note": "unreadable checkpoint_000002; restored checkpoint_000001"}
+    assert f"{latest}: unreadable checkpoint" in caplog.text
+    assert "fell back to the previous checkpoint" in caplog.text and "checkpoint_000001" in caplog.text
+
+
+def test_no_readable_checkpoint_starts_fresh(tmp_path, caplog):
+    cfg = config.from_dict(TINY)
+    for index in (1, 2):
+        truncate(save_checkpoint(tmp_path / f"checkpoint_00000{index}", cfg, epoch=index))
+    with caplog.at_level(logging.WARNING, logger="gan_tune.trainable"):
+        epoch, history, restored = restore_latest(tmp_path, cfg)
+    assert epoch == 0 and history == []
+    assert restored == {"restored_from": "", "restored_epoch": 0,
+                        "restore_note": "unreadable checkpoint_000002, checkpoint_000001; started fresh"}
+    assert "starts fresh from epoch 0" in caplog.text
+
+
+def test_a_readable_latest_checkpoint_is_restored_without_a_note(tmp_path):
+    cfg = config.from_dict(TINY)
+    save_checkpoint(tmp_path / "checkpoint_000002", cfg, epoch=2)
+    epoch, _, restored = restore_latest(tmp_path, cfg)
+    assert epoch == 2 and restored["restore_note"] == ""
+
+
+
+EPOCHS = 4  # as in test_reliability's worker-kill test: with its rates the GAN stopper leaves the trial alone
+STEPS = 20  # D steps per epoch: a few seconds, so the trial is still running when the test stops it
+
+
+def truncate_latest_and_kill(search: subprocess.Popen, exp_dir: Path) -> Path:
+    """Freeze the trial's worker, truncate its latest checkpoint, kill it: Tune retries from that checkpoint."""
+    wait_for_epoch(search, exp_dir, 2, timeout_s=240)
+    workers = wait_for_workers(search.pid)
+    assert len(workers) == 1, process_tree(search.pid)
+    os.kill(workers[0], signal.SIGSTOP)  # frozen, the trial saves nothing while the test picks its latest checkpoint
+    last = epochs_reported(exp_dir)["epoch"].max()
+    assert last < EPOCHS, "the trial finished before the test could stop it"
+    # checkpoint_every 1 and fewer than CHECKPOINTS_KEPT epochs: epoch e is in checkpoint_{e-1}, none deleted
+    latest, = exp_dir.glob(f"*/checkpoint_{last - 1:06d}/{trainable.CHECKPOINT_FILE}")
+    truncate(latest)
+    os.kill(workers[0], signal.SIGKILL)
+    return latest
+
+
+def test_a_trial_restarted_on_a_truncated_checkpoint_falls_back_and_finishes(tmp_path):
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "smoke_truncate.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": STEPS},
+                                     # a slow D, so the GAN stopper's "D dominates" leaves the trial alone
+                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
+                                     "search_alg": "grid", "num_samples": 1, "max_epochs": EPOCHS,
+                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_dir = tmp_path / "rr" / "truncate"
+    log = tmp_path / "search.log"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
+    with open(log, "w") as out:
+        search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                                   str(tmp_path / "rr"), "--name", "truncate", "--tracking-uri", uri],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        latest = truncate_latest_and_kill(search, exp_dir)
+        code = search.wait(timeout=240)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.wait()
+    output = log.read_text()
+    assert code == 0, output[-3000:]
+    frame = epochs_reported(exp_dir)
+    assert frame["epoch"].max() == EPOCHS, frame[["epoch", "restored_epoch", "restore_note"]]
+    fallback = frame[frame["restore_note"].notna()]
+    assert len(fallback), frame[["epoch", "restored_epoch", "restore_note"]]
+    first, truncated = fallback.iloc[0], latest.parent.name
+    previous = f"checkpoint_{int(truncated.split('_')[1]) - 1:06d}"
+    assert first["restore_note"] == f"unreadable {truncated}; restored {previous}"
+    assert first["epoch"] == first["restored_epoch"] + 1 == int(truncated.split("_")[1]) + 1
+    assert first["restored_from"] == first["trial_id"]
+    assert f"{latest}: unreadable checkpoint" in output, output[-3000:]  # the worker's warning, forwarded by Ray
