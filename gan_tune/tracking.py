@@ -11,10 +11,17 @@ pyarrow filesystem (local, NFS, or s3:// / gs:// through pyarrow), plus the driv
 when the trial ran on the driver's node. Ray uploads a worker's trial folder to the storage path only
 with `tune.SyncConfig(sync_artifacts=True)`, at each checkpointed report and once more when the trial
 actor stops, which is after `on_trial_complete`; `on_experiment_end` therefore uploads what arrived late.
+
+A store that goes away mid-search (a server restart, a locked sqlite file) never stops a trial. The
+callback's writes go through `PendingWrites`: one the store refuses waits there, in order, and later hooks
+retry it. The end of the search gives the store a last FINAL_PATIENCE_S; what it still refuses is saved as
+JSON lines in the study folder (UNDELIVERED), which `python -m gan_tune.tracking replay FILE` delivers once
+the store is back. Ray keeps every epoch's metrics in each trial's result.json and progress.csv regardless.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fnmatch
 import functools
@@ -27,16 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 import mlflow
 import pyarrow.fs as pafs
 import requests
+import sqlalchemy
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
@@ -60,11 +69,26 @@ TRIAL_FILES = ("samples/epoch_*.png", "final_grid.png", "progress.gif", "history
 NOT_METRICS = (set(DEBUG_METRICS) | set(AUTO_RESULT_KEYS) | {"done", "should_checkpoint", "epoch"}) \
     - {TIME_THIS_ITER_S, TIME_TOTAL_S}
 MODEL_NAME = "generator"
+TrialFiles = dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]  # path in the trial folder -> where to read it
 EXPERIMENT_PATH_TAG = "ray.experiment_path"
 MODEL_EXAMPLE_BATCH = 4  # > 1 so torch.export keeps the batch dimension dynamic
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 SEARCH_PAGE = 10_000  # runs per search_runs call; a study has far fewer trials
 MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000 characters
+RETRY_FIRST_S = 5.0  # a refused write is first retried after this; each failed retry doubles the wait ...
+RETRY_MAX_S = 60.0  # ... up to a minute, as a black-holed server costs a full request timeout per retry
+FINAL_PATIENCE_S = 30.0  # how long a search's end waits for the store: a server restarts in ~15-30 s
+UNDELIVERED = "mlflow_undelivered.jsonl"  # in the study folder: the writes the store never took
+# MLflow's HTTP client retries a request 7 times over ~4 minutes by default, reading these variables on every
+# request (mlflow/environment_variables.py). In the driver that would stall Tune's event loop, and with it
+# every trial waiting in tune.report, for each write to a dead server; the driver fails fast instead and
+# PendingWrites does the long-term retrying. A variable the user set wins.
+FAIL_FAST_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a keep-alive connection the restarted server dropped is retried
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",  # at once: a refused connection then costs milliseconds
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",  # (the default adds up to 1 s, meant for many clients)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",  # s; a write PendingWrites repeats after a lost reply is idempotent
+}
 
 
 @contextlib.contextmanager
@@ -82,6 +106,30 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(None)  # clears the global and the variable ...
         if env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env  # ... which then gets its old value back
+
+
+@contextlib.contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """MLflow HTTP requests in this block give up within seconds (FAIL_FAST_HTTP); variables already set stay."""
+    unset = [name for name in FAIL_FAST_HTTP if name not in os.environ]
+    os.environ.update({name: FAIL_FAST_HTTP[name] for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
+def is_outage(err: BaseException) -> bool:
+    """A write the store may take later: no answer, a timeout, a 5xx reply, a locked sqlite file.
+
+    MLflow wraps connection errors and exhausted retries in an MlflowException with INTERNAL_ERROR (500), and a
+    locked sqlite file in one with TEMPORARILY_UNAVAILABLE (503); a 4xx (a bad value, a deleted run) fails the
+    same way every time.
+    """
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, sqlalchemy.exc.OperationalError)):
+        return True
+    return isinstance(err, MlflowException) and err.get_http_status_code() >= 500
 
 
 def resolve_tracking_uri(flag: str | None) -> str:
@@ -234,15 +282,27 @@ def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, m
     generator and the metrics logged on the parent. The parent run is ended even if that logging fails.
     """
     client = MlflowClient(tracking_uri)
+    with fail_fast_http():  # a server that went away must not hold up the end of the search for minutes
+        try:
+            if best_result is not None:
+                log_best_trial(client, tracking_uri, run_id, best_result, metric, mode)
+        except Exception as err:  # the study's results stand; the failure is printed and tagged on the run
+            print(f"mlflow: could not record the best trial on run {run_id}: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+            if not is_outage(err):  # an unreachable store takes no tag either
+                client.set_tag(run_id, "tracking_error", truncate(f"{type(err).__name__}: {err}"))
+        finally:
+            end_search_run(client, run_id, status)
+
+
+def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
     try:
-        if best_result is not None:
-            log_best_trial(client, tracking_uri, run_id, best_result, metric, mode)
-    except Exception as err:  # the study's results stand; the failure is printed and tagged on the run
-        print(f"mlflow: could not record the best trial on run {run_id}: {type(err).__name__}: {err}",
-              file=sys.stderr)
-        client.set_tag(run_id, "tracking_error", truncate(f"{type(err).__name__}: {err}"))
-    finally:
         client.set_terminated(run_id, status)
+    except Exception as err:
+        if not is_outage(err):
+            raise
+        print(f"mlflow: the store is unreachable, the parent run {run_id} stays RUNNING: {first_line(err)}",
+              file=sys.stderr)
 
 
 def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any, metric: str,
@@ -314,7 +374,7 @@ def string_tags(result: Mapping[str, Any]) -> dict[str, str]:
 
 
 def hook(method: Callable) -> Callable:
-    """Wrap a callback hook: time it per trial, and turn any tracking error into a counted warning.
+    """Wrap a callback hook: fail fast on HTTP, time it per trial, and turn any error into a counted warning.
 
     An exception escaping a Tune callback aborts the whole search; a tracking hiccup must not.
     """
@@ -323,13 +383,118 @@ def hook(method: Callable) -> Callable:
     def run(self: "TrackingCallback", iteration: int, trials: list, trial: Any, **info: Any) -> None:
         start = time.perf_counter()
         try:
-            method(self, trial, **info)
+            with fail_fast_http():
+                method(self, trial, **info)
         except Exception as err:  # reported below and counted in the end-of-search summary
             self.warn(f"{method.__name__} for trial {trial}: {type(err).__name__}: {err}")
         finally:
             self.overhead_s[trial.trial_id] += time.perf_counter() - start
 
     return run
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def batch(metrics: Iterable[Metric] = (), params: Iterable[Param] = (),
+          tags: Iterable[RunTag] = ()) -> dict[str, list[dict[str, Any]]]:
+    """A log_batch payload as plain JSON values, so an undelivered one can be saved and replayed."""
+    return {"metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                        for m in metrics],
+            "params": [{"key": p.key, "value": p.value} for p in params],
+            "tags": [{"key": t.key, "value": t.value} for t in tags]}
+
+
+def find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
+                       start_time: int) -> str:
+    """The trial's child run; found, not made twice, when a create whose reply was lost (or a --resume before
+    a replay) already made it."""
+    found = child_run_id(client, tags[MLFLOW_PARENT_RUN_ID], tags["trial_id"])
+    return found or client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name).info.run_id
+
+
+# What a queued write does once its run id is known: kind -> (client, run id, payload).
+WRITES: dict[str, Callable[[MlflowClient, str, dict], Any]] = {
+    "log_batch": lambda client, run_id, p: client.log_batch(
+        run_id, [Metric(**m) for m in p["metrics"]], [Param(**x) for x in p["params"]],
+        [RunTag(**x) for x in p["tags"]]),
+    "update_run": lambda client, run_id, p: client.update_run(run_id, status=p["status"]),
+    "set_terminated": lambda client, run_id, p: client.set_terminated(run_id, p["status"], p["end_time"]),
+    "upload_files": lambda client, run_id, p: upload_folder(client, run_id, p["folder"]),
+}
+
+
+def deliver(client: MlflowClient, entry: dict[str, Any], run_ids: dict[str, str]) -> None:
+    """One queued write; a create_run entry records the run id that the trial's later entries resolve."""
+    if entry["kind"] == "create_run":
+        run_ids[entry["trial_id"]] = find_or_create_run(client, **entry["payload"])
+        return
+    run_id = entry["run_id"] or run_ids[entry["trial_id"]]  # KeyError: the store refused its create_run
+    WRITES[entry["kind"]](client, run_id, entry["payload"])
+
+
+class PendingWrites:
+    """MLflow writes delivered in order. One the store refuses for now (is_outage) waits here with every write
+    after it, and each later write first retries the queue, but no sooner than a growing delay (RETRY_FIRST_S
+    up to RETRY_MAX_S): a dead server costs Tune's event loop one fast-failing request per retry, not per write.
+
+    An entry is {"trial_id", "run_id", "kind", "payload"} of plain JSON values. A child run's entries carry only
+    the trial id; the run id comes from the trial's create_run entry, itself queued, when they are delivered.
+    """
+
+    def __init__(self, client: MlflowClient, run_ids: dict[str, str], warn: Callable[[str], None]):
+        self.client, self.run_ids, self.warn = client, run_ids, warn
+        self.queue: deque[dict[str, Any]] = deque()
+        self.down_since: float | None = None  # time.monotonic() of this outage's first refused write
+        self.retry_s, self.next_try = RETRY_FIRST_S, 0.0
+        self.late = 0  # writes delivered since this outage began (reset when it begins)
+        self.refused = 0  # writes dropped: the store answered with an error a retry would repeat
+
+    def add(self, trial_id: str | None, kind: str, payload: dict[str, Any], run_id: str | None = None) -> None:
+        self.queue.append({"trial_id": trial_id, "run_id": run_id, "kind": kind, "payload": payload})
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver up to the first write the store refuses; while it is down, only once a retry is due."""
+        if self.down_since is not None and time.monotonic() < self.next_try:
+            return
+        while self.queue:
+            entry = self.queue[0]
+            try:
+                deliver(self.client, entry, self.run_ids)
+            except Exception as err:  # an outage keeps the entry; any other refusal would recur, so it is dropped
+                if is_outage(err):
+                    return self.went_down(err)
+                self.refused += 1
+                self.warn(f"{entry['kind']} for trial {entry['trial_id']}: {type(err).__name__}: {err}")
+            else:
+                self.late += 1
+            self.queue.popleft()
+        self.came_back()
+
+    def went_down(self, err: BaseException) -> None:
+        now = time.monotonic()
+        if self.down_since is None:  # once per outage, not once per write
+            self.down_since, self.late = now, 0
+            self.warn(f"store unreachable, writes wait in order and are retried: {first_line(err)}")
+        self.next_try = now + self.retry_s
+        self.retry_s = min(2 * self.retry_s, RETRY_MAX_S)
+
+    def came_back(self) -> None:
+        if self.down_since is not None:
+            log.warning("mlflow tracking: store back, delivered %d queued writes after %.0f s", self.late,
+                        time.monotonic() - self.down_since)
+        self.down_since, self.retry_s = None, RETRY_FIRST_S
+
+    def drain(self, patience_s: float) -> None:
+        """Retry now, then as retries fall due, until the queue is empty or `patience_s` has passed."""
+        deadline = time.monotonic() + patience_s
+        self.retry_s, self.next_try = RETRY_FIRST_S, 0.0
+        self.flush()
+        while self.queue and self.next_try <= deadline:
+            time.sleep(max(0.0, self.next_try - time.monotonic()))
+            self.flush()
 
 
 class TrackingCallback(tune.Callback):
@@ -346,7 +511,8 @@ class TrackingCallback(tune.Callback):
         self.stop_reasons = stop_reasons if stop_reasons is not None else {}
         self.scheduler = scheduler
         self.client: MlflowClient | None = None  # made in setup(): the callback is pickled into tuner.pkl
-        self.run_ids: dict[str, str] = {}  # trial_id -> child run id
+        self.writes: PendingWrites | None = None  # made in setup(), on the client
+        self.run_ids: dict[str, str] = {}  # trial_id -> child run id, once the store made the run
         self.open_trials: set[str] = set()
         self.outcomes: dict[str, str] = {}  # trial_id -> stop reason
         self.uploaded: dict[str, dict[str, int]] = defaultdict(dict)  # trial_id -> {artifact path: size}
@@ -358,14 +524,16 @@ class TrackingCallback(tune.Callback):
     def setup(self, **info: Any) -> None:
         """Connect; on a resumed search, reopen the parent and reuse the child runs it already has."""
         self.client = MlflowClient(self.tracking_uri)
-        parent = self.client.get_run(self.parent_run_id)
-        self.experiment_id = parent.info.experiment_id
-        if parent.info.status != "RUNNING":
-            self.client.update_run(self.parent_run_id, status="RUNNING")
-        for run in self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = "
-                                           f"'{self.parent_run_id}'", max_results=SEARCH_PAGE):
-            if "trial_id" in run.data.tags:
-                self.run_ids.setdefault(run.data.tags["trial_id"], run.info.run_id)
+        self.writes = PendingWrites(self.client, self.run_ids, self.warn)
+        with fail_fast_http():
+            parent = self.client.get_run(self.parent_run_id)
+            self.experiment_id = parent.info.experiment_id
+            if parent.info.status != "RUNNING":
+                self.client.update_run(self.parent_run_id, status="RUNNING")
+            for run in self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = "
+                                               f"'{self.parent_run_id}'", max_results=SEARCH_PAGE):
+                if "trial_id" in run.data.tags:
+                    self.run_ids.setdefault(run.data.tags["trial_id"], run.info.run_id)
 
     def warn(self, message: str) -> None:
         self.failures.append(message)
@@ -374,28 +542,28 @@ class TrackingCallback(tune.Callback):
     @hook
     def on_trial_start(self, trial: Any, **info: Any) -> None:
         """Create the child run; a trial started again (PBT, HyperBand, a retry, --resume) keeps its run."""
-        if trial.trial_id in self.run_ids:
-            if trial.trial_id not in self.open_trials:  # finished in an earlier session of a resumed search
-                self.client.update_run(self.run_ids[trial.trial_id], status="RUNNING")
-                self.open_trials.add(trial.trial_id)
+        if trial.trial_id in self.open_trials:
+            return
+        self.open_trials.add(trial.trial_id)
+        if trial.trial_id in self.run_ids:  # finished in an earlier session of a resumed search
+            self.writes.add(trial.trial_id, "update_run", {"status": "RUNNING"})
             return
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial.trial_id, "run_kind": "trial",
                 "ray.trial_path": trial.path}
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=str(trial))
-        self.run_ids[trial.trial_id] = run.info.run_id
-        self.open_trials.add(trial.trial_id)
+        self.writes.add(trial.trial_id, "create_run", {"experiment_id": self.experiment_id, "run_name": str(trial),
+                                                       "tags": tags, "start_time": now_ms()})
         params = [Param(k, truncate(str(v))) for k, v in sorted(flatten_dict(trial.config).items())]
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run.info.run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
+            self.writes.add(trial.trial_id, "log_batch", batch(params=params[start:start + MAX_PARAMS_PER_BATCH]))
 
     @hook
     def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
         step = int(result["epoch"]) if "epoch" in result else int(result["training_iteration"])
-        now = int(time.time() * 1000)
+        now = now_ms()
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         tags = [RunTag(k, v) for k, v in string_tags(result).items()]
         tags += self.exploit_tags(trial, result, step)
-        self.client.log_batch(self.run_ids[trial.trial_id], metrics=metrics, tags=tags)
+        self.writes.add(trial.trial_id, "log_batch", batch(metrics, tags=tags))
         if TIME_TOTAL_S in result:
             self.trial_time_s[trial.trial_id] = float(result[TIME_TOTAL_S])
 
@@ -432,7 +600,6 @@ class TrackingCallback(tune.Callback):
         """Tags (stop_reason, Tune's trial_status, error), trial files and overhead; then end the child run."""
         if trial.trial_id not in self.open_trials:
             return
-        run_id = self.run_ids[trial.trial_id]
         self.outcomes[trial.trial_id] = reason
         tags = [RunTag("stop_reason", reason), RunTag("trial_status", tune_status)]
         if error:
@@ -440,54 +607,84 @@ class TrackingCallback(tune.Callback):
         try:
             self.upload_trial_files(trial)
         finally:
-            overhead = Metric("mlflow_overhead_s", self.overhead_s[trial.trial_id], int(time.time() * 1000), 0)
-            self.client.log_batch(run_id, metrics=[overhead], tags=tags)
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
+            overhead = Metric("mlflow_overhead_s", self.overhead_s[trial.trial_id], now_ms(), 0)
+            self.writes.add(trial.trial_id, "log_batch", batch([overhead], tags=tags))
+            self.writes.add(trial.trial_id, "set_terminated", {"status": RunStatus.to_string(status),
+                                                               "end_time": now_ms()})
             self.open_trials.discard(trial.trial_id)
 
-    def upload_trial_files(self, trial: Any) -> None:
-        """Upload trial files not uploaded yet (or grown since); the newest copy of each wins."""
-        found = trial_files(trial)
+    def files_to_upload(self, trial: Any) -> TrialFiles:
+        """Trial files not uploaded yet (or grown since); the newest copy of each."""
         done = self.uploaded[trial.trial_id]
-        todo = {rel: (fs, info) for rel, (fs, info) in found.items() if done.get(rel) != info.size}
-        if not todo:
+        return {rel: (fs, info) for rel, (fs, info) in trial_files(trial).items() if done.get(rel) != info.size}
+
+    def upload_trial_files(self, trial: Any) -> None:
+        if self.writes.queue:  # the store is down, or the run not made yet: on_experiment_end tries again
             return
-        with tempfile.TemporaryDirectory(prefix="gan_tune_mlflow_") as staging:
-            for rel, (fs, info) in todo.items():
-                target = Path(staging, rel)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as src:  # s3:// etc. download through pyarrow
-                    target.write_bytes(src.read())
-            self.client.log_artifacts(self.run_ids[trial.trial_id], staging)
-        done.update({rel: info.size for rel, (_, info) in todo.items()})
+        todo = self.files_to_upload(trial)
+        if todo:
+            upload_files(self.client, self.run_ids[trial.trial_id], todo)
+            self.uploaded[trial.trial_id].update({rel: info.size for rel, (_, info) in todo.items()})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Close trials the search ended (time budget, Ctrl-C), upload late-synced files, summarise."""
-        for trial in trials:
-            if trial.trial_id not in self.run_ids:
-                continue
-            start = time.perf_counter()
-            try:
-                if trial.trial_id in self.open_trials:
-                    self.finish_trial(trial, RunStatus.KILLED, "search ended", trial.status)
-                elif trial.trial_id in self.uploaded:  # finished in this session: its final sync came after
-                    self.upload_trial_files(trial)
-            except Exception as err:  # counted and reported like every tracking failure
-                self.warn(f"on_experiment_end for trial {trial}: {type(err).__name__}: {err}")
-            self.overhead_s[trial.trial_id] += time.perf_counter() - start
-        self.summarise()
+        """Give a store that went away a last chance, close trials the search ended (time budget, Ctrl-C),
+        upload late-synced files, save what the store never took, summarise."""
+        with fail_fast_http():
+            self.writes.drain(FINAL_PATIENCE_S)  # returns at once when nothing waits
+            for trial in trials:
+                if trial.trial_id not in self.open_trials and trial.trial_id not in self.outcomes:
+                    continue
+                start = time.perf_counter()
+                try:
+                    if trial.trial_id in self.open_trials:
+                        self.finish_trial(trial, RunStatus.KILLED, "search ended", trial.status)
+                    else:  # finished in this session: its final sync came after
+                        self.upload_trial_files(trial)
+                except Exception as err:  # counted and reported like every tracking failure
+                    self.warn(f"on_experiment_end for trial {trial}: {type(err).__name__}: {err}")
+                self.overhead_s[trial.trial_id] += time.perf_counter() - start
+            outcomes = json.dumps(dict(Counter(self.outcomes.values())))
+            self.writes.add(None, "log_batch", batch(tags=[RunTag("trial_outcomes", outcomes)]), self.parent_run_id)
+        self.summarise(self.save_undelivered(trials))
 
-    def summarise(self) -> None:
+    def save_undelivered(self, trials: list) -> tuple[str, int] | None:
+        """Append the writes the store never took to UNDELIVERED in the study folder: (its path, how many).
+
+        Trial files not uploaded become one upload_files entry per trial, and a last entry ends the parent
+        run, which search.finish_search_run cannot reach either (its best-trial record is not replayed).
+        """
+        files = [{"trial_id": t.trial_id, "run_id": None, "kind": "upload_files", "payload": {"folder": t.path}}
+                 for t in trials if t.trial_id in self.outcomes and self.files_to_upload(t)]
+        left = [*self.writes.queue, *files]
+        if not left or not trials:
+            return None
+        left.append({"trial_id": None, "run_id": self.parent_run_id, "kind": "set_terminated",
+                     "payload": {"status": "FINISHED", "end_time": now_ms()}})
+        lines = [json.dumps({**entry, "run_id": entry["run_id"] or self.run_ids.get(entry["trial_id"])})
+                 for entry in left]
+        storage = trials[0].storage  # the study folder on its filesystem: local, NFS or s3://
+        fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{UNDELIVERED}"
+        earlier = b""  # an earlier session of a resumed search may have left some
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as src:
+                earlier = src.read()
+        with fs.open_output_stream(path) as out:
+            out.write(earlier + "".join(line + "\n" for line in lines).encode())
+        return path, len(lines)
+
+    def summarise(self, undelivered: tuple[str, int] | None) -> None:
         counts = Counter(self.outcomes.values())
-        try:
-            self.client.set_tag(self.parent_run_id, "trial_outcomes", json.dumps(dict(counts)))
-        except Exception as err:  # counted and reported like every tracking failure
-            self.warn(f"summary tag: {type(err).__name__}: {err}")
         print(f"mlflow: {len(self.run_ids)} trial runs under parent {self.parent_run_id} at {self.tracking_uri}; "
               f"outcomes {dict(counts)}; {overhead_line(self.overhead_s, self.trial_time_s)}", file=sys.stderr)
         if self.failures:
             print(f"mlflow: {len(self.failures)} tracking failures (warnings above), first: {self.failures[0]}",
                   file=sys.stderr)
+        if undelivered:
+            path, count = undelivered
+            print(f"mlflow: {count} writes never reached {self.tracking_uri}; they are saved in {path}: once "
+                  f"the store is back, run `python -m gan_tune.tracking replay {path} --tracking-uri "
+                  f"{self.tracking_uri}` (every epoch's metrics are also in each trial's result.json and "
+                  "progress.csv)", file=sys.stderr)
 
 
 def overhead_line(overhead_s: Mapping[str, float], trial_time_s: Mapping[str, float]) -> str:
@@ -517,10 +714,14 @@ def trial_sources(trial: Any) -> list[tuple[pafs.FileSystem, str]]:
             (local, trial.local_path)]
 
 
-def trial_files(trial: Any) -> dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]:
+def trial_files(trial: Any) -> TrialFiles:
+    return find_trial_files(trial_sources(trial))
+
+
+def find_trial_files(sources: list[tuple[pafs.FileSystem, str]]) -> TrialFiles:
     """{path relative to the trial folder: (filesystem, info)} for TRIAL_FILES, newest copy of each."""
-    found: dict[str, tuple[pafs.FileSystem, pafs.FileInfo]] = {}
-    for fs, root in trial_sources(trial):
+    found: TrialFiles = {}
+    for fs, root in sources:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         for info in infos:
             rel = info.path[len(root.rstrip("/")) + 1:] if info.path.startswith(root.rstrip("/")) else info.base_name
@@ -531,6 +732,71 @@ def trial_files(trial: Any) -> dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]:
     return found
 
 
+def upload_files(client: MlflowClient, run_id: str, files: TrialFiles) -> None:
+    """Log `files` (find_trial_files) as the run's artifacts, at their paths relative to the trial folder."""
+    with tempfile.TemporaryDirectory(prefix="gan_tune_mlflow_") as staging:
+        for rel, (fs, info) in files.items():
+            target = Path(staging, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src:  # s3:// etc. download through pyarrow
+                target.write_bytes(src.read())
+        client.log_artifacts(run_id, staging)
+
+
+def upload_folder(client: MlflowClient, run_id: str, folder: str) -> None:
+    """A replayed upload_files entry: the trial files in a trial folder this machine can read."""
+    if not Path(folder).is_dir():  # remote storage (s3://) is not read here: copy the folder over first
+        raise FileNotFoundError(f"no trial folder {folder} on this machine")
+    upload_files(client, run_id, find_trial_files([(pafs.LocalFileSystem(), folder)]))
+
+
 def newer(a: pafs.FileInfo, b: pafs.FileInfo) -> bool:
     a_time, b_time = a.mtime_ns or 0, b.mtime_ns or 0
     return a_time > b_time or (a_time == b_time and (a.size or 0) > (b.size or 0))
+
+
+def replay(path: Path, tracking_uri: str) -> int:
+    """Deliver the writes a search saved in `path` (UNDELIVERED); 0 when the store took them all.
+
+    The file is removed then; otherwise it stays, and replaying it again is safe: a run is found before it is
+    created, and MLflow keeps one copy of a metric logged twice with the same step and timestamp.
+    """
+    def warn(message: str) -> None:
+        print(f"mlflow: {message}", file=sys.stderr)
+
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    writes = PendingWrites(MlflowClient(tracking_uri), {}, warn)
+    writes.queue.extend(entries)
+    with fail_fast_http():
+        writes.drain(FINAL_PATIENCE_S)
+    waiting, refused = len(writes.queue), writes.refused
+    print(f"mlflow: delivered {len(entries) - waiting - refused} of {len(entries)} writes from {path} to "
+          f"{tracking_uri}; {refused} refused (warnings above), {waiting} still wait for the store",
+          file=sys.stderr)
+    if waiting or refused:
+        return 1
+    path.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gan_tune.tracking",
+                                     description="Deliver MLflow writes a search saved while its store was away")
+    parser.add_argument("command", choices=["replay"])
+    parser.add_argument("file", type=Path, help=f"a study folder's {UNDELIVERED}")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///mlflow.db in the working directory)")
+    args = parser.parse_args(argv)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        if not args.file.is_file():
+            raise ConfigError("file", f"{args.file}: no such file")
+        check_tracking(uri)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return replay(args.file, uri)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The tracking server going away mid-search (issue #9), with a real `mlflow server` killed under a real search run
+through the CLI: trials keep training, the outage is logged once, queued writes reach the server when it is back,
+and writes it never took are saved in the study folder and replayed later."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from gan_tune import tracking
+
+ROOT = Path(__file__).parents[1]
+EXPERIMENT = "outage"
+SERVER_START_S = 120  # a cold `mlflow server` takes ~15-30 s on a busy 2-core machine
+SEARCH_TIMEOUT_S = 480
+TRIALS, EPOCHS = 2, 4  # two trials at once for ~40 s: long enough to outlast a server restart
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on its own port and a store shared by all servers of a test; a test kills and restarts it."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
+
+    def launch(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+                   "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job workers: starts faster
+        with open(self.folder / "server.log", "a") as log:  # its own group: kill() reaches the uvicorn child too
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+
+    def wait(self) -> None:
+        """Until GET /health answers."""
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group, as a crash would: no graceful shutdown, no reply to a request in flight."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Makes Servers on one store in tmp_path; kills every one at the end."""
+    made = []
+
+    def make() -> Server:
+        made.append(Server(tmp_path / "server"))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+@contextlib.contextmanager
+def running_search(tmp_path: Path, uri: str) -> subprocess.Popen:
+    search = start_search(tmp_path, uri)
+    try:
+        yield search
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(search.pid, signal.SIGKILL)  # whatever a failed test left running, its Ray included
+
+
+def start_search(tmp_path: Path, uri: str) -> subprocess.Popen:
+    """`python -m gan_tune.search` on the smoke space with FIFO, so only the GAN stopper ends a trial early."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    space["scheduler"] = {"type": "fifo"}
+    (tmp_path / "outage.yaml").write_text(yaml.safe_dump(space))
+    command = [sys.executable, "-m", "gan_tune.search", "--space", str(tmp_path / "outage.yaml"),
+               "--num-samples", str(TRIALS), "--max-epochs", str(EPOCHS), "--storage-path", str(tmp_path / "ray"),
+               "--name", "study", "--tracking-uri", uri, "--experiment", EXPERIMENT]
+    with open(tmp_path / "search.out", "w") as out, open(tmp_path / "search.err", "w") as err:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+
+
+def finish_search(search: subprocess.Popen, tmp_path: Path) -> str:
+    """Wait for the search to exit 0; its stderr."""
+    try:
+        code = search.wait(timeout=SEARCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(search.pid, signal.SIGKILL)
+        code = "timeout"
+    err = (tmp_path / "search.err").read_text()
+    assert code == 0, f"{code}\n{(tmp_path / 'search.out').read_text()[-3000:]}\n{err[-5000:]}"
+    return err
+
+
+def trial_runs(uri: str) -> list:
+    with tracking.fail_fast_http():
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        return client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'") if experiment else []
+
+
+def kill_after_first_metric(server: Server, search: subprocess.Popen) -> None:
+    """Kill the server once a child run has its first epoch's metrics, while the trials still train."""
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+    while not any(run.data.metrics for run in trial_runs(server.uri)):
+        assert search.poll() is None and time.monotonic() < deadline, "the search ended before any metric"
+        time.sleep(0.5)
+    server.kill()
+
+
+def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
+    with tracking.fail_fast_http():
+        return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def trained_epochs(run) -> list[int]:
+    """The epochs Ray recorded for the run's trial, from the trial folder's progress.csv."""
+    return pd.read_csv(Path(run.data.tags["ray.trial_path"]) / "progress.csv")["epoch"].tolist()
+
+
+def assert_every_epoch_logged(uri: str) -> None:
+    """Each trial's child run has every epoch Ray recorded, once, and its end."""
+    runs = trial_runs(uri)
+    assert len(runs) == TRIALS
+    for run in runs:
+        epochs = trained_epochs(run)
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > 1, epochs  # trained on after the kill
+        for key in ("loss_d", "fid", "img_per_s"):
+            assert logged_steps(uri, run.info.run_id, key) == epochs, (run.info.run_name, key)
+        assert run.info.status == "FINISHED" and run.data.tags["stop_reason"]
+
+
+def assert_saved_or_logged(study: Path, uri: str) -> None:
+    """Each epoch Ray recorded is in MLflow or in the saved file, and the file has some: the trials trained on."""
+    runs = {run.data.tags["trial_id"]: run for run in trial_runs(uri)}
+    entries = [json.loads(line) for line in (study / tracking.UNDELIVERED).read_text().splitlines()]
+    for trial_path in study.glob("train_gan_*"):
+        progress = pd.read_csv(trial_path / "progress.csv")
+        trial_id, epochs = progress["trial_id"].iloc[0], progress["epoch"].tolist()
+        assert epochs == list(range(1, len(epochs) + 1)), (trial_id, epochs)
+        in_mlflow = logged_steps(uri, runs[trial_id].info.run_id, "loss_d") if trial_id in runs else []
+        in_file = [m["step"] for e in entries if e["trial_id"] == trial_id and e["kind"] == "log_batch"
+                   for m in e["payload"]["metrics"] if m["key"] == "loss_d"]
+        assert sorted(in_mlflow + in_file) == epochs and in_file, (trial_id, in_mlflow, in_file)
+
+
+def test_queued_writes_keep_their_order_and_find_their_run(tmp_path, caplog):
+    """Writes to a port nobody listens on wait, in order, behind one warning; once a store answers they arrive,
+    the metrics under the run that the queued create_run made."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.check_tracking(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("queue")
+    parent = client.create_run(experiment).info.run_id
+    warnings = []
+    writes = tracking.PendingWrites(MlflowClient(f"http://127.0.0.1:{free_port()}"), {}, warnings.append)
+    create = {"experiment_id": experiment, "run_name": "t1", "start_time": 1,
+              "tags": {MLFLOW_PARENT_RUN_ID: parent, "trial_id": "t1"}}
+    with tracking.fail_fast_http():
+        writes.add("t1", "create_run", create)
+        for step in (1, 2, 3):
+            writes.add("t1", "log_batch", tracking.batch([Metric("loss_d", step / 10, 1000 + step, step)]))
+    assert [entry["kind"] for entry in writes.queue] == ["create_run"] + ["log_batch"] * 3
+    assert len(warnings) == 1 and warnings[0].startswith("store unreachable")
+    assert writes.next_try > time.monotonic()  # no retry before it is due
+
+    writes.client = client  # the store is back
+    writes.add("t1", "create_run", create)  # a create retried after a lost reply finds the run
+    writes.add("t2", "log_batch", tracking.batch())  # a trial whose run was never made: refused, not retried
+    writes.drain(0)
+    assert not writes.queue and writes.refused == 1 and len(warnings) == 2
+    assert "store back, delivered 5 queued writes" in caplog.text
+    run_id = writes.run_ids["t1"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss_d")] == [(1, .1), (2, .2), (3, .3)]
+    assert len(client.search_runs([experiment], "tags.trial_id = 't1'")) == 1
+
+
+def test_writes_wait_for_a_restarted_server(servers, tmp_path):
+    server = servers()
+    server.start()
+    with running_search(tmp_path, server.uri) as search:
+        kill_after_first_metric(server, search)
+        time.sleep(5)  # the restart adds its own ~15 s: the server is away for ~20 s
+        server.start()
+        err = finish_search(search, tmp_path)
+    assert err.count("mlflow tracking: store unreachable") == 1, err
+    assert err.count("mlflow tracking: store back, delivered") == 1, err
+    assert "writes never reached" not in err and not (tmp_path / "ray" / "study" / tracking.UNDELIVERED).exists()
+    assert_every_epoch_logged(server.uri)
+
+
+def test_writes_a_gone_server_never_took_are_saved_and_replayed(servers, tmp_path):
+    server, back = servers(), servers()  # back: the same store behind a port the search never hears of
+    server.start()
+    with running_search(tmp_path, server.uri) as search:
+        kill_after_first_metric(server, search)
+        back.launch()  # starts while the trials train on
+        err = finish_search(search, tmp_path)
+    saved = tmp_path / "ray" / "study" / tracking.UNDELIVERED
+    assert f"writes never reached {server.uri}; they are saved in {saved}" in err, err
+    assert err.count("mlflow tracking: store unreachable") == 1, err
+    back.wait()
+    assert_saved_or_logged(tmp_path / "ray" / "study", back.uri)
+    assert tracking.main(["replay", str(saved), "--tracking-uri", back.uri]) == 0
+    assert not saved.exists()
+    assert_every_epoch_logged(back.uri)
+    client = MlflowClient(back.uri)
+    for run in trial_runs(back.uri):
+        assert "final_grid.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
