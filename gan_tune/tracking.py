@@ -69,6 +69,7 @@ TRIAL_FILES = ("samples/epoch_*.png", "final_grid.png", "progress.gif", "history
 NOT_METRICS = (set(DEBUG_METRICS) | set(AUTO_RESULT_KEYS) | {"done", "should_checkpoint", "epoch"}) \
     - {TIME_THIS_ITER_S, TIME_TOTAL_S}
 MODEL_NAME = "generator"
+STEP_METRIC = "loss_d"  # a metric in every trial report
 TrialFiles = dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]  # path in the trial folder -> where to read it
 EXPERIMENT_PATH_TAG = "ray.experiment_path"
 MODEL_EXAMPLE_BATCH = 4  # > 1 so torch.export keeps the batch dimension dynamic
@@ -373,6 +374,11 @@ def string_tags(result: Mapping[str, Any]) -> dict[str, str]:
     return {k: truncate(v) for k, v in result.items() if k not in NOT_METRICS and isinstance(v, str) and v}
 
 
+def last_step(client: MlflowClient, run_id: str) -> int:
+    """The last epoch a run has metrics for (every report carries STEP_METRIC); 0 for none."""
+    return max((m.step for m in client.get_metric_history(run_id, STEP_METRIC)), default=0)
+
+
 def hook(method: Callable) -> Callable:
     """Wrap a callback hook: fail fast on HTTP, time it per trial, and turn any error into a counted warning.
 
@@ -513,6 +519,7 @@ class TrackingCallback(tune.Callback):
         self.client: MlflowClient | None = None  # made in setup(): the callback is pickled into tuner.pkl
         self.writes: PendingWrites | None = None  # made in setup(), on the client
         self.run_ids: dict[str, str] = {}  # trial_id -> child run id, once the store made the run
+        self.logged_steps: dict[str, int] = {}  # trial_id -> last epoch logged, in this or an earlier session
         self.open_trials: set[str] = set()
         self.outcomes: dict[str, str] = {}  # trial_id -> stop reason
         self.uploaded: dict[str, dict[str, int]] = defaultdict(dict)  # trial_id -> {artifact path: size}
@@ -534,6 +541,7 @@ class TrackingCallback(tune.Callback):
                                                f"'{self.parent_run_id}'", max_results=SEARCH_PAGE):
                 if "trial_id" in run.data.tags:
                     self.run_ids.setdefault(run.data.tags["trial_id"], run.info.run_id)
+                    self.logged_steps[run.data.tags["trial_id"]] = last_step(self.client, run.info.run_id)
 
     def warn(self, message: str) -> None:
         self.failures.append(message)
@@ -561,11 +569,27 @@ class TrackingCallback(tune.Callback):
         step = int(result["epoch"]) if "epoch" in result else int(result["training_iteration"])
         now = now_ms()
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        if self.replayed(trial.trial_id, result, step):
+            metrics = []
         tags = [RunTag(k, v) for k, v in string_tags(result).items()]
         tags += self.exploit_tags(trial, result, step)
         self.writes.add(trial.trial_id, "log_batch", batch(metrics, tags=tags))
         if TIME_TOTAL_S in result:
             self.trial_time_s[trial.trial_id] = float(result[TIME_TOTAL_S])
+
+    def replayed(self, trial_id: str, result: dict, step: int) -> bool:
+        """An epoch the trial's run already has, trained again from the trial's own older state.
+
+        A restarted worker or an unreadable checkpoint (trainable.restore_readable) rewinds a trial to
+        an earlier checkpoint, and `--resume` after a killed driver to Tune's last saved state (every
+        ~10 s). The run keeps the first value of each step: one point per epoch. A PBT exploit also
+        rewinds, but onto another trial's lineage, whose epochs are logged (and tagged pbt.exploits).
+        """
+        donor = result.get("restored_from")
+        if step <= self.logged_steps.get(trial_id, 0) and donor in (None, "", trial_id):
+            return True
+        self.logged_steps[trial_id] = step
+        return False
 
     def exploit_tags(self, trial: Any, result: dict, epoch: int) -> list[RunTag]:
         """PBT: a trial that copied another keeps its own run; record each donor and the config it now has."""

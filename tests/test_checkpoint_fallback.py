@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 from ray import tune
 
 from gan_tune import config, train, trainable
@@ -129,3 +130,8 @@ def test_a_trial_restarted_on_a_truncated_checkpoint_falls_back_and_finishes(tmp
     assert first["epoch"] == first["restored_epoch"] + 1 == int(truncated.split("_")[1]) + 1
     assert first["restored_from"] == first["trial_id"]
     assert f"{latest}: unreadable checkpoint" in output, output[-3000:]  # the worker's warning, forwarded by Ray
+    (run,) = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()],
+                                           "tags.run_kind = 'trial'")
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "loss_d")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1)), steps  # the re-trained epoch is one point, not two
+    assert run.data.tags["restore_note"] == first["restore_note"]
