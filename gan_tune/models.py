@@ -126,5 +126,61 @@ def balanced(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
     return g, d
 
 
+class NearestUpConv(nn.Module):
+    """Inference stand-in for Upsample(x2, nearest) -> Conv2d(3x3, stride 1, padding 1), same outputs.
+
+    Each output pixel of the pair sees only a 2x2 patch of distinct input pixels, so the pair is four
+    2x2 convolutions at the input's resolution (one per output phase), interleaved: 4/9 of the
+    multiply-adds, and no upsampled tensor. Scoring the balanced G on 10k samples on a 2-core CPU goes
+    from ~34 s to ~13 s with it (metrics.scoring_copy). Phase 0 of a row reads input rows (i-1, i)
+    with kernel rows (w0, w1 + w2); phase 1 reads rows (i, i+1) with (w0 + w1, w2); columns alike.
+    """
+
+    PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.out_channels = conv.out_channels
+        weight = torch.cat([fold_phase(fold_phase(conv.weight.detach(), 2, a), 3, b) for a, b in self.PHASES])
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().repeat(len(self.PHASES)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        c = self.out_channels
+        y = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)  # (n, 4c, h+1, w+1)
+        out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+        for p, (a, b) in enumerate(self.PHASES):
+            out[:, :, a::2, b::2] = y[:, p * c:(p + 1) * c, a:a + h, b:b + w]
+        return out
+
+
+def fold_phase(weight: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """3 kernel taps along `dim` -> the 2 that one phase of a nearest-upsampled input sees."""
+    k0, k1, k2 = weight.unbind(dim)
+    return torch.stack((k0, k1 + k2) if phase == 0 else (k0 + k1, k2), dim)
+
+
+def upsample_conv_pair(up: nn.Module, conv: nn.Module) -> bool:
+    return (isinstance(up, nn.Upsample) and up.mode == "nearest" and up.size is None
+            and up.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0))
+            and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def fuse_upsample_conv(model: nn.Module) -> nn.Module:
+    """An nn.Sequential with every Upsample(x2) -> Conv2d(3x3) pair replaced by NearestUpConv (inference only)."""
+    if not isinstance(model, nn.Sequential):
+        return model
+    layers: list[nn.Module] = []
+    for layer in model:
+        if layers and upsample_conv_pair(layers[-1], layer):
+            layers[-1] = NearestUpConv(layer)
+        else:
+            layers.append(layer)
+    return nn.Sequential(*layers).train(model.training)
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

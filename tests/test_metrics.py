@@ -9,7 +9,7 @@ from gan_tune import metrics
 from gan_tune.classifier import FEATURE_DIM, classifier_checksum, load_classifier
 from gan_tune.config import TrainConfig
 from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
-from gan_tune.models import build_models
+from gan_tune.models import NearestUpConv, build_models
 from gan_tune.train import fixed_noise, make_gan, make_generator, state
 
 CPU = torch.device("cpu")
@@ -144,7 +144,8 @@ def test_scoring_in_channels_last_matches_the_training_layout():
     g[1].running_mean.normal_()  # non-trivial BatchNorm statistics, which eval mode uses
     z = torch.randn(64, cfg.latent_dim)
     copy = metrics.scoring_copy(g)
-    assert copy[5].weight.is_contiguous(memory_format=torch.channels_last) and g[5].weight.is_contiguous()
+    assert sum(isinstance(layer, NearestUpConv) for layer in copy) == 2  # both upsample + conv pairs fused
+    assert copy[10].weight.is_contiguous(memory_format=torch.channels_last) and g[12].weight.is_contiguous()
     assert g.training and not copy.training
     with torch.no_grad():
         assert torch.allclose(copy(z), g.eval()(z), atol=1e-5)

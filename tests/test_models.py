@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from gan_tune.config import TrainConfig
-from gan_tune.models import MODELS, build_models, count_params, register_model
+from torch import nn
+
+from gan_tune.models import MODELS, NearestUpConv, build_models, count_params, fuse_upsample_conv, register_model
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -44,3 +46,26 @@ def test_dcgan_init_follows_radford():
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError, match="registered twice"):
         register_model("mlp")(lambda cfg: None)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nearest_up_conv_equals_upsample_then_conv(bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 5, 3, padding=1, bias=bias)
+    x = torch.randn(3, 8, 6, 7)  # odd and even sizes: every phase and border
+    expected = conv(nn.Upsample(scale_factor=2)(x))
+    with torch.no_grad():
+        assert torch.allclose(NearestUpConv(conv)(x), expected, atol=1e-5)
+
+
+def test_fusing_keeps_the_generator_function_and_skips_other_pairs():
+    g, _ = build_models(TrainConfig(width=0.25))
+    g.eval()
+    fused = fuse_upsample_conv(g)
+    assert [type(layer).__name__ for layer in fused].count("NearestUpConv") == 2
+    z = torch.randn(16, 100)
+    with torch.no_grad():
+        assert torch.allclose(fused(z), g(z), atol=1e-5)
+    bilinear = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(1, 1, 3, padding=1))
+    strided = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(1, 1, 3, stride=2, padding=1))
+    assert all(not any(isinstance(m, NearestUpConv) for m in fuse_upsample_conv(s)) for s in (bilinear, strided))
