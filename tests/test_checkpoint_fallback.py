@@ -4,18 +4,15 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
-import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from ray import tune
 
 from gan_tune import config, train, trainable
-from test_reliability import SMOKE, TINY, epochs_reported, process_tree, wait_for_epoch, wait_for_workers
+from test_reliability import (TINY, epochs_reported, one_trial_search, process_tree, wait_for_epoch,
+                              wait_for_workers)
 
 CPU = torch.device("cpu")
 
@@ -96,21 +93,7 @@ def truncate_latest_and_kill(search: subprocess.Popen, exp_dir: Path) -> Path:
 
 
 def test_a_trial_restarted_on_a_truncated_checkpoint_falls_back_and_finishes(tmp_path):
-    smoke = yaml.safe_load(SMOKE.read_text())
-    space = tmp_path / "smoke_truncate.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": STEPS},
-                                     # a slow D, so the GAN stopper's "D dominates" leaves the trial alone
-                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
-                                     "search_alg": "grid", "num_samples": 1, "max_epochs": EPOCHS,
-                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exp_dir = tmp_path / "rr" / "truncate"
-    log = tmp_path / "search.log"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
-    with open(log, "w") as out:
-        search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
-                                   str(tmp_path / "rr"), "--name", "truncate", "--tracking-uri", uri],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    search, exp_dir, log, uri = one_trial_search(tmp_path, "truncate", STEPS, EPOCHS)
     try:
         latest = truncate_latest_and_kill(search, exp_dir)
         code = search.wait(timeout=240)

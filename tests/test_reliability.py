@@ -115,21 +115,29 @@ def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_
     pytest.fail(f"no trial reached epoch {epoch} in {timeout_s} s")
 
 
-def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_once(tmp_path):
+def one_trial_search(tmp_path: Path, name: str, steps: int, epochs: int) -> tuple[subprocess.Popen, Path, Path, str]:
+    """The CLI on one smoke trial with a checkpoint every epoch of `steps` D steps, in the background.
+
+    Returns (process, study folder, its output file, tracking URI)."""
     smoke = yaml.safe_load(SMOKE.read_text())
-    space = tmp_path / "smoke_kill.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": STEPS_KILL},
+    space = tmp_path / f"smoke_{name}.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": steps},
                                      # a slow D, so the GAN stopper's "D dominates" leaves the trial alone
                                      "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
-                                     "search_alg": "grid", "num_samples": 1, "max_epochs": EPOCHS_KILL, "scheduler": {"type": "fifo"}}, sort_keys=False))
+                                     "search_alg": "grid", "num_samples": 1, "max_epochs": epochs,
+                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exp_dir = tmp_path / "rr" / "kill"
     log = tmp_path / "search.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
     with open(log, "w") as out:
         search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
-                                   str(tmp_path / "rr"), "--name", "kill", "--tracking-uri", uri],
+                                   str(tmp_path / "rr"), "--name", name, "--tracking-uri", uri],
                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    return search, tmp_path / "rr" / name, log, uri
+
+
+def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_once(tmp_path):
+    search, exp_dir, log, uri = one_trial_search(tmp_path, "kill", STEPS_KILL, EPOCHS_KILL)
     try:
         wait_for_epoch(search, exp_dir, 2, timeout_s=240)
         workers = wait_for_workers(search.pid)
