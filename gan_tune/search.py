@@ -4,7 +4,8 @@ best trial's config as best_config.yaml, which `python -m gan_tune.train --confi
 Flow: parse -> load and validate the space (exit 2 before Ray starts) -> start or join Ray -> detect GPUs
 and pick resources (no GPU: the space's `cpu:` block) -> print the plan -> load MNIST once -> Tuner.fit
 -> print the best trial, its folder and why trials were stopped -> write best_config.yaml.
-Results go to --storage-path (default ./ray_results, next to the runs/ folder of gan_tune.train).
+Results go to --storage-path (default ./ray_results, next to the runs/ folder of gan_tune.train), a local
+folder or a URI such as s3://BUCKET/PATH; the study's location is kept as a string so that a URI stays one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 import torch
 import yaml
@@ -74,46 +76,100 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resume_args(args: argparse.Namespace) -> argparse.Namespace:
-    """--resume PATH_OR_NAME: the study's folder, found before Ray starts; flags not given now are the saved ones."""
+    """--resume PATH_OR_NAME: the study's location, found before Ray starts; flags not given now are the saved ones."""
     target = args.resume or args.name
     if not target:
         raise ConfigError("--resume", "needs the study's folder or name (or --name)")
-    folder = Path(target).expanduser()
-    exp_dir = (folder if folder.is_dir() else Path(args.storage_path).expanduser() / target).resolve()
-    if not tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError("--resume", f"{exp_dir} holds no study to continue")
+    if "://" in target:
+        location = target.rstrip("/")
+    else:
+        folder = Path(target).expanduser()
+        location = str(folder.resolve()) if folder.is_dir() else study_location(args.storage_path, target)
+    study_fs(location, "--resume")  # a bad URI fails here with the flag named, not inside Tune
+    if not tune.Tuner.can_restore(location):
+        raise ConfigError("--resume", f"{location} holds no study to continue")
     defaults = vars(build_parser().parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
-    return argparse.Namespace(**{**defaults, **read_saved_args(exp_dir, defaults), **given,
-                                 "name": exp_dir.name, "storage_path": str(exp_dir.parent)})
+    storage_path, name = tune_storage(location)
+    return argparse.Namespace(**{**defaults, **read_saved_args(location, defaults), **given,
+                                 "name": name, "storage_path": storage_path})
 
 
-def read_saved_args(exp_dir: Path, defaults: dict) -> dict:
+def read_saved_args(location: str, defaults: dict) -> dict:
     """The flags the study started with (save_args); {} for a study saved without them (then --space is needed)."""
-    path = exp_dir / SAVED_ARGS
-    if not path.is_file():
-        return {}
     try:
-        saved = json.loads(path.read_text())
+        text = read_study_file(location, SAVED_ARGS)
+        saved = json.loads(text) if text is not None else {}
     except (OSError, ValueError) as err:
-        raise ConfigError(str(path), f"unreadable saved search command ({first_line(err)})") from None
+        raise ConfigError(f"{location}/{SAVED_ARGS}", f"unreadable saved search command ({first_line(err)})") from None
     return {key: value for key, value in saved.items() if key in defaults}
 
 
-def save_args(args: argparse.Namespace, exp_dir: Path) -> None:
-    """Keep the resolved flags beside Tune's state, so `--resume FOLDER` alone restarts the same search."""
-    exp_dir.mkdir(parents=True, exist_ok=True)
+def save_args(args: argparse.Namespace, location: str) -> None:
+    """Keep the resolved flags beside Tune's state, so `--resume LOCATION` alone restarts the same search."""
     saved = {key: value for key, value in vars(args).items() if key not in ("resume", "restart_errored")}
-    (exp_dir / SAVED_ARGS).write_text(json.dumps(saved, indent=1))
+    write_study_file(location, SAVED_ARGS, json.dumps(saved, indent=1))
 
 
-def study_dir(args: argparse.Namespace, space_name: str) -> Path:
-    """The study's folder under --storage-path: existing for --resume, new otherwise."""
+def study_location(storage_path: str, name: str) -> str:
+    """The study's folder: an absolute local path, or the URI kept whole (Path would fold s3://b into the local
+    folder s3:/b, and checkpoints would never reach the bucket)."""
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path).expanduser().resolve() / name)
+
+
+def tune_storage(location: str) -> tuple[str, str]:
+    """RunConfig's (storage_path, name) for a study location, a URI's scheme intact."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    return parent or "/", name
+
+
+def study_fs(location: str, flag: str = "--storage-path") -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding the study (local, NFS, s3://...) and the study's path on it, as Tune resolves them."""
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ConfigError(flag, f"{location}: {first_line(err)}") from None
+
+
+def read_study_file(location: str, filename: str) -> str | None:
+    """A file of the study's folder as text; None if it is not there."""
+    fs, path = study_fs(location)
+    if fs.get_file_info(f"{path}/{filename}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{filename}") as src:
+        return src.read().decode()
+
+
+def write_study_file(location: str, filename: str, text: str) -> str:
+    """Write a file into the study's folder, made if missing (a local filesystem makes no parents); its location."""
+    fs, path = study_fs(location)
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/{filename}") as out:
+        out.write(text.encode())
+    return f"{location}/{filename}"
+
+
+def study_mib(location: str) -> float:
+    """MiB the study holds, on whichever filesystem it is."""
+    fs, path = study_fs(location)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(info.size for info in found if info.type == pafs.FileType.File) / 2**20
+
+
+def study_dir(args: argparse.Namespace, space_name: str) -> str:
+    """The study's location under --storage-path: existing for --resume, new otherwise."""
     name = args.name or f"{space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = Path(args.storage_path).expanduser().resolve() / name
-    if args.resume is None and exp_dir.exists():
-        raise ConfigError("--name", f"{exp_dir} exists: pick another name, or continue it with --resume {exp_dir}")
-    return exp_dir
+    location = study_location(args.storage_path, name)
+    if args.resume is None and study_exists(location):
+        raise ConfigError("--name", f"{location} exists: pick another name, or continue it with --resume {location}")
+    return location
+
+
+def study_exists(location: str) -> bool:
+    fs, path = study_fs(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def check_local_gpus(args: argparse.Namespace) -> None:
@@ -225,7 +281,7 @@ def check_storage(storage_path: str, shared: bool) -> None:
                           "pass s3://BUCKET/PATH, or an NFS path with --storage-is-shared")
 
 
-def print_plan(space: Space, name: str, exp_dir: Path, trial: dict[str, float], args: argparse.Namespace) -> None:
+def print_plan(space: Space, name: str, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
     cluster = ray.cluster_resources()
     fixed = from_dict(space.train_fields)
     at_once = int(cluster.get("CPU", 0) // trial["cpu"])
@@ -244,20 +300,21 @@ def print_plan(space: Space, name: str, exp_dir: Path, trial: dict[str, float], 
     print(f"  budget:    {budget} (--time-budget overrides)")
     print(f"  model:     {fixed.model}, width {fixed.width:g}, batch {fixed.batch_size}; "
           f"data {fixed.data_source}{subset}")
-    print(f"  results:   {exp_dir}", flush=True)
+    print(f"  results:   {location}", flush=True)
 
 
 def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
-                   stopper: GanStopper, exp_dir: Path) -> tuple[str, list[tune.Callback]]:
+                   stopper: GanStopper, location: str) -> tuple[str, list[tune.Callback]]:
     """The study's MLflow parent run (found again on --resume) and the driver-side callback logging each trial."""
     experiment = args.experiment or tracking.DEFAULT_EXPERIMENT
-    parent = tracking.find_search_run(args.tracking_uri, experiment, exp_dir) if args.resume is not None else None
+    parent = tracking.find_search_run(args.tracking_uri, experiment, location) if args.resume is not None else None
     if parent is None:
-        resolved = {**vars(args), "name": exp_dir.name, "storage_path": str(exp_dir.parent), "resources": trial,
+        storage_path, name = tune_storage(location)
+        resolved = {**vars(args), "name": name, "storage_path": storage_path, "resources": trial,
                     "num_samples": space.num_samples, "max_epochs": space.max_epochs, "metric": space.metric,
                     "mode": space.mode, "time_budget_s": space.time_budget_s, "experiment": experiment}
         parent = tracking.start_search_run(args.tracking_uri, experiment, space.name, resolve_space(args.space),
-                                           resolved, data.source, space.scheduler["type"], space.search_alg, exp_dir)
+                                           resolved, data.source, space.scheduler["type"], space.search_alg, location)
     print(f"mlflow parent run: {parent} (experiment {experiment} at {args.tracking_uri})", flush=True)
     callback = tracking.TrackingCallback(args.tracking_uri, parent, space.max_epochs, stopper.reasons,
                                          scheduler=space.scheduler["type"])
@@ -275,14 +332,14 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
 
-def restore_tuner(exp_dir: Path, trainable: tune.Trainable, stopper: GanStopper, callbacks: list[tune.Callback],
+def restore_tuner(location: str, trainable: tune.Trainable, stopper: GanStopper, callbacks: list[tune.Callback],
                   restart_errored: bool) -> tune.Tuner:
     """Tuner.restore, unfinished trials from their checkpoints; errored ones too, or from scratch.
 
     Restore unpickles the first session's stopper and callbacks; this session's own (whose stop reasons and
     outcomes summarise() prints) take their place. Ray has no public setter for the restored RunConfig.
     """
-    tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+    tuner = tune.Tuner.restore(location, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     run_config = tuner._local_tuner.get_run_config()
     run_config.stop, run_config.callbacks = stopper, callbacks
@@ -290,12 +347,13 @@ def restore_tuner(exp_dir: Path, trainable: tune.Trainable, stopper: GanStopper,
 
 
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
-                stopper: GanStopper, exp_dir: Path, callbacks: list[tune.Callback]) -> tune.Tuner:
+                stopper: GanStopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(train_gan, data=data), trial)
     if args.resume is not None:
-        return restore_tuner(exp_dir, trainable, stopper, callbacks, args.restart_errored)
+        return restore_tuner(location, trainable, stopper, callbacks, args.restart_errored)
+    storage_path, name = tune_storage(location)
     run_config = tune.RunConfig(
-        name=exp_dir.name, storage_path=str(exp_dir.parent), stop=stopper, callbacks=callbacks,
+        name=name, storage_path=storage_path, stop=stopper, callbacks=callbacks,
         sync_config=tune.SyncConfig(sync_artifacts=True),  # trial files from every node reach the storage path
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
@@ -316,16 +374,16 @@ def best_epoch(result: tune.Result, space: Space) -> pd.Series:
     return frame.loc[scores.idxmin() if space.mode == "min" else scores.idxmax()]
 
 
-def write_best_config(result: tune.Result, row: pd.Series, space: Space, exp_dir: Path) -> Path:
+def write_best_config(result: tune.Result, row: pd.Series, space: Space, location: str) -> str:
     """TrainConfig fields only (derived params resolved), trained for as many epochs as the best score took."""
-    values = {**resolve_derived(result.config), "max_epochs": int(row["epoch"]), "name": f"{exp_dir.name}-best"}
+    name = tune_storage(location)[1]
+    values = {**resolve_derived(result.config), "max_epochs": int(row["epoch"]), "name": f"{name}-best"}
     cfg = from_dict(values, where=f"trial {row['trial_id']} config")
-    path = exp_dir / BEST_CONFIG
-    header = (f"# Best trial {row['trial_id']} of study {exp_dir.name} (space {space.where}):\n"
+    path = f"{location}/{BEST_CONFIG}"
+    header = (f"# Best trial {row['trial_id']} of study {name} (space {space.where}):\n"
               f"# {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])} of {space.max_epochs}.\n"
               f"# Reproduce: python -m gan_tune.train --config {path}\n")
-    path.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return path
+    return write_study_file(location, BEST_CONFIG, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def format_values(values: dict) -> str:
@@ -333,10 +391,10 @@ def format_values(values: dict) -> str:
                      for key, value in values.items())
 
 
-def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_dir: Path) -> Path | None:
+def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str) -> str | None:
     """Print the best trial, its folder and the stopped trials; write best_config.yaml (None: no trial scored)."""
-    written_mib = sum(f.stat().st_size for f in exp_dir.rglob("*") if f.is_file()) / 2**20
-    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {exp_dir} ({written_mib:.1f} MiB written)")
+    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {location} "
+          f"({study_mib(location):.1f} MiB written)")
     for trial_id, reason in sorted(stopper.reasons.items()):
         print(f"  stopped {trial_id}: {reason}")
     diverged = sum(reason == "diverged" for reason in stopper.reasons.values())
@@ -353,45 +411,45 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, exp_d
     print(f"  config:  {format_values({**searched, **resolve_derived(searched)})}")
     print(f"  metrics: {format_values({key: row[key] for key in SUMMARY_METRICS})}")
     print(f"  folder:  {best.path}")
-    path = write_best_config(best, row, space, exp_dir)
+    path = write_best_config(best, row, space, location)
     print(f"best config: {path}")
     return path
 
 
-def run(plans: dict[bool, Space], args: argparse.Namespace, exp_dir: Path) -> int:
+def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> int:
     """Everything after Ray is up: resources, plan, data, fit, summary."""
     space, trial = trial_resources(plans, args)
     check_storage(args.storage_path, args.storage_is_shared)
-    print_plan(space, exp_dir.name, exp_dir, trial, args)
+    print_plan(space, tune_storage(location)[1], location, trial, args)
     fixed = from_dict(space.train_fields)
     data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
     print(f"data: {data.source} ({len(data)} images)", flush=True)
     random.seed(args.seed)  # the driver-side draws of Tune's schedulers (PBT explore, ASHA brackets)
     np.random.seed(args.seed)
     stopper = GanStopper()
-    parent, callbacks = start_tracking(space, args, data, trial, stopper, exp_dir)
+    parent, callbacks = start_tracking(space, args, data, trial, stopper, location)
     if args.resume is None:
-        save_args(args, exp_dir)
+        save_args(args, location)
     try:
-        results = build_tuner(space, args, data, trial, stopper, exp_dir, callbacks).fit()
+        results = build_tuner(space, args, data, trial, stopper, location, callbacks).fit()
     except BaseException:
         tracking.finish_search_run(args.tracking_uri, parent, None, space.metric, space.mode, status="FAILED")
         raise
-    best_config = summarise(results, space, stopper, exp_dir)
+    best_config = summarise(results, space, stopper, location)
     finish_tracking(results, space, args, parent)
-    print_resume_hint(results, callbacks[0].outcomes, args, exp_dir)
+    print_resume_hint(results, callbacks[0].outcomes, args, location)
     return 0 if best_config else 1
 
 
 def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: argparse.Namespace,
-                      exp_dir: Path) -> None:
+                      location: str) -> None:
     """After Ctrl-C (Tune stops gracefully and saves its state) or a spent time budget: how to go on.
 
     `outcomes` is the tracking callback's trial id -> stop reason; 'search ended' marks a trial the
     search stopped, and trials that never started have no entry."""
     unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
     if unfinished > 0:
-        command = f"python -m gan_tune.search --resume {exp_dir}"
+        command = f"python -m gan_tune.search --resume {location}"
         print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
               f"continue them with:\n  {command}", flush=True)
 
@@ -404,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is not None:
             args = resume_args(args)
         plans = load_plans(args)
-        exp_dir = study_dir(args, plans[False].name)
+        location = study_dir(args, plans[False].name)
         check_local_gpus(args)
         args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
@@ -413,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = start_ray(args.address)
     try:
-        return run(plans, args, exp_dir)
+        return run(plans, args, location)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -162,3 +163,48 @@ def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local,
     client = MlflowClient(mlflow_store)  # the search tracked into the session store (no --tracking-uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.trial_id = '{bad_id}'")
     assert [run.data.tags["stop_reason"] for run in runs] == ["diverged"]
+
+
+def test_a_uri_study_location_stays_a_uri_for_tune():
+    # Path("s3://b/x").resolve() would be the local folder ./s3:/b/x, and checkpoints would never reach S3
+    location = search.study_location("s3://bucket/gan_tune/ray/", "NAME")
+    assert location == "s3://bucket/gan_tune/ray/NAME"
+    assert search.tune_storage(location) == ("s3://bucket/gan_tune/ray", "NAME")
+    assert search.tune_storage(location + "/") == ("s3://bucket/gan_tune/ray", "NAME")
+
+
+def test_a_local_study_location_is_the_absolute_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    location = search.study_location("rr", "NAME")
+    assert location == str(tmp_path.resolve() / "rr" / "NAME")
+    assert search.tune_storage(location) == (str(tmp_path.resolve() / "rr"), "NAME")
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_study_files_go_through_the_storage_filesystem(tmp_path, as_uri):
+    folder = tmp_path / "rr" / "NAME"
+    location = folder.as_uri() if as_uri else str(folder)
+    assert not search.study_exists(location) and search.study_mib(location) == 0
+    assert search.read_study_file(location, "flags.json") is None
+    assert search.write_study_file(location, "flags.json", "x" * 2**20) == f"{location}/flags.json"
+    assert (folder / "flags.json").read_text() == "x" * 2**20  # made the missing folders
+    assert search.read_study_file(location, "flags.json") == "x" * 2**20
+    assert search.study_exists(location) and search.study_mib(location) == 1.0
+
+
+def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_path):
+    storage = (tmp_path / "rr").as_uri()
+    code, out = run_search("--space", "smoke", "--storage-path", storage, "--name", "uri",
+                           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert code == 0, out
+    location = f"{storage}/uri"
+    folder = tmp_path / "rr" / "uri"
+    assert f"results in {location} (" in out and f"best config: {location}/{search.BEST_CONFIG}" in out
+    assert load_config(folder / search.BEST_CONFIG).width == 0.25
+    assert json.loads((folder / search.SAVED_ARGS).read_text())["storage_path"] == storage
+    assert len(trial_frames(folder)) == 3 and not list(tmp_path.glob("**/file:*"))
+    assert run_search("--space", "smoke", "--storage-path", storage, "--name", "uri")[0] == 2  # taken
+    parent = re.search(r"mlflow parent run: (\w+)", out).group(1)
+    code, out = run_search("--resume", location)  # the saved flags fill in the rest, the tracking store too
+    assert code == 0, out
+    assert f"results in {location} (" in out and f"mlflow parent run: {parent} " in out
