@@ -390,7 +390,7 @@ def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
     """Train with cfg, writing grids, history, plot, GIF and checkpoints into a (new or resumed) run folder."""
     device = resolve_device(cfg.device)
     # read before anything is logged: a corrupt checkpoint fails with one line on stderr
-    saved = read_checkpoint(run_dir / CHECKPOINT, device) if run_dir and (run_dir / CHECKPOINT).is_file() else None
+    saved = resume_state(run_dir, device) if run_dir and (run_dir / CHECKPOINT).is_file() else None
     run_dir = run_dir or new_run_dir(cfg)
     log = run_logger(run_dir)
     data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset).to(device)
@@ -416,7 +416,15 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch.load raises on bad bytes
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: unreadable checkpoint ({reason}); delete it to start over") from None
+        raise DataError(f"{path}: unreadable checkpoint ({reason})") from None
+
+
+def resume_state(run_dir: Path, device: torch.device) -> dict:
+    """The run folder's checkpoint for --resume; unreadable, the one line says how to go on."""
+    try:
+        return read_checkpoint(run_dir / CHECKPOINT, device)
+    except DataError as err:
+        raise DataError(f"{err}; delete it to start over") from None
 
 
 def build_scorer(cfg: TrainConfig, data: Mnist, device: torch.device) -> Scorer | None:
