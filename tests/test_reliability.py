@@ -200,12 +200,15 @@ def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_
 
 
 def fifo_space(tmp_path: Path, trials: int, epochs: int) -> Path:
-    """The smoke space, every trial running all its epochs (FIFO) with a checkpoint each epoch."""
+    """`trials` smoke trials of `epochs` epochs (FIFO), a checkpoint each epoch, each with its own seed.
+
+    The rates of one_trial_search (a slow D), so the GAN stopper lets every trial run all its epochs."""
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / "smoke_fifo.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1},
-                                     "num_samples": trials, "max_epochs": epochs, "scheduler": {"type": "fifo"}},
-                                    sort_keys=False))
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": 10},
+                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
+                                     "search_alg": "grid", "num_samples": trials, "max_epochs": epochs,
+                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
     return space
 
 
@@ -215,7 +218,7 @@ def study_outcome(exp_dir: Path, uri: str) -> dict:
     for path in exp_dir.glob("*/progress.csv"):
         frame = pd.read_csv(path, dtype={"trial_id": str})
         params = json.loads((path.parent / "params.json").read_text())
-        trials[frame["trial_id"].iloc[-1]] = {"lrs": (params["lr_d"], params["lr_g"]),
+        trials[frame["trial_id"].iloc[-1]] = {"config": (params["lr_d"], params["lr_g"], params["seed"]),
                                               "epochs": sorted(frame["epoch"])}
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -226,15 +229,15 @@ def study_outcome(exp_dir: Path, uri: str) -> dict:
     return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
 
 
-def unfinished_mid_study(exp_dir: Path, epochs: int) -> bool:
-    """A trial has finished and another is part-way: the moment to kill the driver."""
-    finals = []
-    for path in exp_dir.glob("*/progress.csv"):
-        try:
-            finals.append(pd.read_csv(path)["epoch"].max())
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError):  # Tune is writing it
-            continue
-    return epochs in finals and any(0 < final < epochs for final in finals)
+def unfinished_mid_study(uri: str) -> bool:
+    """A trial's child run has ended and another's has metrics but is still running: the moment to kill."""
+    try:
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    except Exception:  # the store is not made yet, or the driver holds the sqlite write lock
+        return False
+    ended = any(run.info.status == "FINISHED" for run in runs)
+    return ended and any(run.info.status == "RUNNING" and "loss_d" in run.data.metrics for run in runs)
 
 
 def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_path):
@@ -252,7 +255,7 @@ def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_p
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300
-        while not unfinished_mid_study(exp_dir, epochs) and driver.poll() is None and time.monotonic() < deadline:
+        while not unfinished_mid_study(killed_uri) and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert driver.poll() is None, "the search finished before the test could kill it"
         driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved
@@ -269,7 +272,7 @@ def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_p
     killed = study_outcome(exp_dir, killed_uri)
     assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
     assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
-    assert sorted(t["lrs"] for t in killed["trials"].values()) == sorted(t["lrs"] for t in straight["trials"].values())
+    assert sorted(t["config"] for t in killed["trials"].values()) == sorted(t["config"] for t in straight["trials"].values())
     for trial_id, trial in killed["trials"].items():
         assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
         assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
