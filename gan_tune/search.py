@@ -108,6 +108,8 @@ def read_saved_args(location: str, defaults: dict) -> dict:
 def save_args(args: argparse.Namespace, location: str) -> None:
     """Keep the resolved flags beside Tune's state, so `--resume LOCATION` alone restarts the same search."""
     saved = {key: value for key, value in vars(args).items() if key not in ("resume", "restart_errored")}
+    if args.space and Path(args.space).is_file():  # a space file given relative to today's working directory
+        saved["space"] = str(Path(args.space).resolve())
     write_study_file(location, SAVED_ARGS, json.dumps(saved, indent=1))
 
 
