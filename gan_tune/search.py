@@ -283,7 +283,7 @@ def check_storage(storage_path: str, shared: bool) -> None:
                           "pass s3://BUCKET/PATH, or an NFS path with --storage-is-shared")
 
 
-def print_plan(space: Space, name: str, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
+def print_plan(space: Space, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
     cluster = ray.cluster_resources()
     fixed = from_dict(space.train_fields)
     at_once = int(cluster.get("CPU", 0) // trial["cpu"])
@@ -294,7 +294,7 @@ def print_plan(space: Space, name: str, location: str, trial: dict[str, float], 
         device = "no GPU (the cluster has none)"
     budget = spaces.format_duration(space.time_budget_s) if space.time_budget_s else "none"
     subset = f", first {fixed.subset} images" if fixed.subset else ""
-    print(f"study {name}: space {space.name} ({space.where})")
+    print(f"study {tune_storage(location)[1]}: space {space.name} ({space.where})")
     print(f"  trials:    {space.num_samples} x up to {space.max_epochs} epochs, {space.search_alg} search, "
           f"seed {args.seed}")
     print(f"  scheduler: {spaces.describe_scheduler(space)} on {space.metric} ({space.mode})")
@@ -422,7 +422,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     """Everything after Ray is up: resources, plan, data, fit, summary."""
     space, trial = trial_resources(plans, args)
     check_storage(args.storage_path, args.storage_is_shared)
-    print_plan(space, tune_storage(location)[1], location, trial, args)
+    print_plan(space, location, trial, args)
     fixed = from_dict(space.train_fields)
     data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
     print(f"data: {data.source} ({len(data)} images)", flush=True)

@@ -115,17 +115,24 @@ def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_
     pytest.fail(f"no trial reached epoch {epoch} in {timeout_s} s")
 
 
-def one_trial_search(tmp_path: Path, name: str, steps: int, epochs: int) -> tuple[subprocess.Popen, Path, Path, str]:
-    """The CLI on one smoke trial with a checkpoint every epoch of `steps` D steps, in the background.
+def slow_d_space(tmp_path: Path, name: str, steps: int, epochs: int, trials: int = 1) -> Path:
+    """`trials` smoke trials (FIFO, each its own seed) of `epochs` epochs of `steps` D steps, a checkpoint each.
 
-    Returns (process, study folder, its output file, tracking URI)."""
+    A slow D, so the GAN stopper's "D dominates" and "mode collapse" leave every trial to run all its epochs."""
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / f"smoke_{name}.yaml"
     space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": steps},
-                                     # a slow D, so the GAN stopper's "D dominates" leaves the trial alone
                                      "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
-                                     "search_alg": "grid", "num_samples": 1, "max_epochs": epochs,
+                                     "search_alg": "grid", "num_samples": trials, "max_epochs": epochs,
                                      "scheduler": {"type": "fifo"}}, sort_keys=False))
+    return space
+
+
+def one_trial_search(tmp_path: Path, name: str, steps: int, epochs: int) -> tuple[subprocess.Popen, Path, Path, str]:
+    """The CLI on one slow_d_space trial, in the background.
+
+    Returns (process, study folder, its output file, tracking URI)."""
+    space = slow_d_space(tmp_path, name, steps, epochs)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = tmp_path / "search.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
@@ -199,19 +206,6 @@ def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_
     assert len(client.search_runs(experiments, "tags.run_kind = 'search'")) == 1  # the parent run was reused
 
 
-def fifo_space(tmp_path: Path, trials: int, epochs: int) -> Path:
-    """`trials` smoke trials of `epochs` epochs (FIFO), a checkpoint each epoch, each with its own seed.
-
-    The rates of one_trial_search (a slow D), so the GAN stopper lets every trial run all its epochs."""
-    smoke = yaml.safe_load(SMOKE.read_text())
-    space = tmp_path / "smoke_fifo.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1, "steps_per_epoch": 10},
-                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
-                                     "search_alg": "grid", "num_samples": trials, "max_epochs": epochs,
-                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
-    return space
-
-
 def study_outcome(exp_dir: Path, uri: str) -> dict:
     """What a finished study left: each trial's config and epochs in Tune, its child runs and steps in MLflow."""
     trials = {}
@@ -242,7 +236,7 @@ def unfinished_mid_study(uri: str) -> bool:
 
 def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_path):
     trials, epochs = 3, 4
-    space = fifo_space(tmp_path, trials, epochs)
+    space = slow_d_space(tmp_path, "fifo", steps=10, epochs=epochs, trials=trials)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     command = [sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path", str(tmp_path / "rr")]
     straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
