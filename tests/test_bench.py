@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
 
 from gan_tune import bench
 
@@ -18,3 +24,49 @@ def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
     assert numbers["fid_samples"] == 200
     assert all(numbers[f"fid_seconds width {w:g}"] > 0 for w in bench.FID_WIDTHS)
     assert "b eager fp32" in capsys.readouterr().out  # the printed table
+
+
+def epoch_rows(trial: str, first_start: float, images: float = 100.0) -> list[dict]:
+    """Three one-second epochs of `images` each, back to back from first_start."""
+    return [{"trial": trial, "epoch": e, "start": first_start + e - 1, "end": first_start + e, "images": images}
+            for e in (1, 2, 3)]
+
+
+def test_packed_aggregate_counts_only_the_time_all_trials_train():
+    # b starts half a second after a: both train together from 1.5 s (b's epoch 2) to 3.0 s (a's end);
+    # inside that window a trains 50 + 100 images and b 100 + 50: 300 images in 1.5 s
+    epochs = pd.DataFrame(epoch_rows("a", 0.0) + epoch_rows("b", 0.5))
+    numbers = bench.packed_aggregate(epochs, fit_start=-0.2)
+    assert numbers["aggregate_img_per_s"] == pytest.approx(200.0)
+    assert numbers["sum_of_trial_img_per_s"] == pytest.approx(200.0)
+    assert numbers["concurrent_window_s"] == pytest.approx(1.5)
+    assert numbers["trial_setup_s_median"] == pytest.approx(0.45)  # a: 0.2 s, b: 0.7 s to its first epoch
+    assert numbers["first_epoch_s_median"] == pytest.approx(1.0)
+
+
+def test_packed_aggregate_of_trials_that_never_overlap_is_not_a_number():
+    epochs = pd.DataFrame(epoch_rows("a", 0.0) + epoch_rows("b", 10.0))
+    numbers = bench.packed_aggregate(epochs, fit_start=0.0)
+    assert math.isnan(numbers["aggregate_img_per_s"]) and "never" in numbers["note"]
+
+
+PACKED_TWO_MLP_TRIALS = """
+import json, torch
+from gan_tune import bench
+from gan_tune.data import BUNDLED, load_mnist
+print(json.dumps(bench.packed_search(2, torch.device("cpu"), load_mnist(BUNDLED), steps=40, epochs=5, model="mlp")))
+"""
+
+
+def test_a_packed_search_of_two_real_trials_reports_its_window_and_overheads():
+    # its own process: the bench starts and stops its own Ray, apart from the suite's shared one;
+    # mlp epochs of ~1 s on one thread are long enough for both trials to overlap after their start-up
+    done = subprocess.run([sys.executable, "-c", PACKED_TWO_MLP_TRIALS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert numbers["cpus_per_trial"] >= 1 and numbers["gpu_per_trial"] == 0
+    for key in ("aggregate_img_per_s", "sum_of_trial_img_per_s", "concurrent_window_s", "ray_start_s",
+                "trial_setup_s_median", "first_epoch_s_median", "search_wall_s"):
+        assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers)
+    assert numbers["search_wall_s"] > numbers["concurrent_window_s"]
