@@ -5,7 +5,9 @@ Prints one table measured in one run, side by side:
   (b) gan_tune eager fp32; (c) gan_tune CUDA graph TF32; (d) CUDA graph bf16;
 per-trial training images/s for each model family and batch size, with the ratio to (a);
 then (e) aggregate images/s of a packed Ray Tune search, (f) FID scoring time for 10k samples,
-(g) peak GPU memory per trial. (c), (d) and (g) need CUDA and are skipped on a CPU.
+(g) peak GPU memory per trial, (h) quality parity: eager vs graph losses over the first steps and
+eager fp32 vs graph bf16 FID after the same epochs with the same seed. (c), (d) and (g) need CUDA
+and are skipped on a CPU, where (h) is off by default (--parity-epochs).
 It imports the same models and loop as training (nanoGPT's bench.py idea), so it never forks them.
 """
 
@@ -24,9 +26,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gan_tune import train
-from gan_tune.config import TrainConfig
+from gan_tune.config import ConfigError, TrainConfig
 from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
-from gan_tune.models import build_models
+from gan_tune.models import MODELS, build_models
 
 MODES = {  # name -> TrainConfig overrides; None marks the reference loop
     "a typical loop": None,
@@ -90,14 +92,15 @@ def trial_table(device: torch.device, data: Mnist, models: list[str], batches: l
     for model in models:
         for batch in batches:
             cfg = TrainConfig(model=model, batch_size=batch, device=str(device))
-            row = {"model": model, "batch": batch}
+            row, cell_steps = {"model": model, "batch": batch}, max(20, steps * 128 // batch)  # same images per cell
             for mode, overrides in MODES.items():
                 if mode in CUDA_ONLY and device.type != "cuda":
                     continue
                 if overrides is None:
-                    row[mode] = typical_loop(cfg, data, device, steps)
+                    row[mode] = typical_loop(cfg, data, device, cell_steps)
                 else:
-                    row[mode], row[f"peak MiB {mode[0]}"] = gan_tune_loop(replace(cfg, **overrides), data, device, steps)
+                    row[mode], row[f"peak MiB {mode[0]}"] = gan_tune_loop(replace(cfg, **overrides), data, device,
+                                                                          cell_steps)
             rows.append(row)
             print(f"  measured {model} batch {batch}", file=sys.stderr)
     frame = pd.DataFrame(rows)
@@ -127,6 +130,42 @@ def fid_timing(device: torch.device, data: Mnist, n_samples: int) -> dict:
             torch.cuda.synchronize(device)
         timings[f"fid_seconds width {width:g}"] = round(time.perf_counter() - start, 2)
     return timings
+
+
+PARITY_STEPS = 10  # loss parity compares the first steps, before chaotic GAN dynamics amplify rounding
+
+
+def quality_parity(device: torch.device, data: Mnist, base: TrainConfig) -> dict:
+    """(h) Same seed, same work: do the fast paths train the same GAN as eager fp32?
+
+    Losses: the mean D and G loss of the first PARITY_STEPS steps, eager vs CUDA graph (both TF32 on
+    CUDA), as relative differences. Quality: FID after base.max_epochs epochs, eager fp32 vs graph bf16
+    (the issue's bar: within 10 %). Each path's step_mode is reported: on a CPU both run eagerly.
+    """
+    from gan_tune.metrics import make_scorer
+
+    out = {}
+    first = {}
+    for mode in ("b eager fp32", "c graph tf32"):
+        cfg = replace(base, **MODES[mode], steps_per_epoch=PARITY_STEPS)
+        gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
+        first[mode] = train.train_epoch(gan, data.images.to(device), generator)
+        out[f"step_mode {mode[0]}"] = first[mode]["step_mode"]
+    for key in ("loss_d", "loss_g"):
+        b, c = first["b eager fp32"][key], first["c graph tf32"][key]
+        out[f"{key} rel diff c vs b"] = float(f"{abs(c - b) / abs(b):.2e}")
+    score = make_scorer(data, device, base.fid_samples)
+    for mode in ("b eager fp32", "d graph bf16"):
+        cfg = replace(base, **MODES[mode], eval_every=base.max_epochs)
+        gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
+        start = time.perf_counter()
+        *_, last = train.fit(gan, data.images.to(device), generator, scorer=score)
+        out[f"fid {mode}"] = round(last.get("fid", float("nan")), 2)  # no fid: diverged before the end
+        out[f"seconds {mode}"] = round(time.perf_counter() - start, 1)
+        out[f"step_mode {mode[0]}"] = last["step_mode"]
+    out["parity_epochs"] = base.max_epochs
+    out["fid d / fid b"] = round(out["fid d graph bf16"] / out["fid b eager fp32"], 3)
+    return out
 
 
 class EpochClock(tune.Callback):
@@ -203,52 +242,91 @@ def packed_search(trials: int, device: torch.device, data: Mnist, steps: int, ep
             "search_wall_s": round(fit_s, 2), "cpus_per_trial": cpus, "gpu_per_trial": resources["gpu"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def counts(flag: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers ('' = none); anything else is a ConfigError naming the flag."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        values = [0]
+    if any(n < 1 for n in values):
+        raise ConfigError(flag, f"{text!r} is not a comma-separated list of integers >= 1")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gan_tune.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="balanced model at batch 128 only, fewer steps")
     parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    parser.add_argument("--models", default=None, help="(a)-(d): model families, comma-separated "
+                        "(default balanced,dcgan,mlp; balanced with --quick; '' to skip the table)")
     parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
                         "(default 1,2,4,8 on CUDA, 1,2 on CPU; '' to skip)")
-    parser.add_argument("--fid-samples", type=int, default=10_000, help="(f): samples scored (default 10000)")
+    parser.add_argument("--fid-samples", type=int, default=10_000, help="(f): samples scored (default 10000; 0 skips)")
+    parser.add_argument("--parity-epochs", type=int, default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
+                        "FID comparison (default 20 on CUDA, 0 = skip on CPU)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device: cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
-    try:
-        packing = [int(n) for n in (args.packed if args.packed is not None else
-                                    "1,2,4,8" if args.device == "cuda" else "1,2").split(",") if n]
-    except ValueError:
-        packing = [0]
-    if any(n < 1 for n in packing):
-        print(f"error: --packed: {args.packed!r} is not a comma-separated list of trial counts >= 1", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda requested but torch.cuda.is_available() is False")
+    if args.models is None:
+        args.models = "balanced" if args.quick else "balanced,dcgan,mlp"
+    args.models = [m for m in args.models.split(",") if m.strip()]
+    unknown = set(args.models) - set(MODELS)
+    if unknown:
+        raise ConfigError("--models", f"unknown {', '.join(sorted(unknown))} (known: {', '.join(MODELS)})")
+    args.packed = counts("--packed", args.packed if args.packed is not None else "1,2,4,8" if on_gpu else "1,2")
+    if args.parity_epochs is None:
+        args.parity_epochs = 20 if on_gpu else 0
+    for flag, value in (("--parity-epochs", args.parity_epochs), ("--fid-samples", args.fid_samples)):
+        if value < 0:
+            raise ConfigError(flag, f"{value} is negative")
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
+    device, on_gpu = torch.device(args.device), args.device == "cuda"
     data = load_mnist(BUNDLED)
-    on_gpu = device.type == "cuda"
-    models = ["balanced"] if args.quick else ["balanced", "dcgan", "mlp"]
     batches = [128] if args.quick or not on_gpu else [128, 1024]
     steps = (200 if on_gpu else 8) if args.quick else (500 if on_gpu else 10)
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {steps} timed steps per cell", file=sys.stderr)
-    table = trial_table(device, data, models, batches, steps)
-    extra = fid_timing(device, data, args.fid_samples)
-    reference = table.loc[(table["model"] == "balanced") & (table["batch"] == 128), "a typical loop"].item()
-    for trials in packing:
+          f"torch {torch.__version__}, {steps * 128:,} timed images per cell", file=sys.stderr)
+    table = trial_table(device, data, args.models, batches, steps)
+    extra = fid_timing(device, data, args.fid_samples) if args.fid_samples else {}
+    reference = table.loc[(table["model"] == "balanced") & (table["batch"] == 128), "a typical loop"] \
+        if len(table) else pd.Series(dtype=float)
+    for trials in args.packed:
         # GPU trials start seconds apart and must overlap for several epochs: long ones; a CPU has
         # time for short ones only (2 trials x 1 thread at width 1 train ~60 images/s each)
-        packed = packed_search(trials, device, data, steps * 4, epochs=5) if on_gpu else \
+        packed = packed_search(trials, device, data, steps * 3, epochs=4) if on_gpu else \
             packed_search(trials, device, data, steps=6, epochs=3)
-        extra[f"packed {trials} trials"] = {**packed, "x a": round(packed["aggregate_img_per_s"] / reference, 1)}
-    if packing:
-        best = max(packing, key=lambda n: extra[f"packed {n} trials"]["aggregate_img_per_s"])
+        if len(reference):
+            packed["x a"] = round(packed["aggregate_img_per_s"] / reference.item(), 1)
+        extra[f"packed {trials} trials"] = packed
+    if args.packed:
+        best = max(args.packed, key=lambda n: extra[f"packed {n} trials"]["aggregate_img_per_s"])
         extra["best packing (trials per device)"] = best
-    print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+    if args.parity_epochs:
+        base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
+                           fid_samples=args.fid_samples or 10_000)
+        extra["quality parity"] = quality_parity(device, data, base)
+    return table, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table, extra = measure(args)
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
     for key, value in extra.items():
         print(f"{key}: {value}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "trials": table.to_dict("records"), **extra}, fh, indent=2, default=str)
+            json.dump({"device": args.device, "trials": table.to_dict("records"), **extra}, fh, indent=2, default=str)
     return 0
 
 

@@ -8,8 +8,11 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from gan_tune import bench
+from gan_tune.config import TrainConfig
+from gan_tune.data import BUNDLED, load_mnist
 
 
 def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
@@ -70,3 +73,25 @@ def test_a_packed_search_of_two_real_trials_reports_its_window_and_overheads():
                 "trial_setup_s_median", "first_epoch_s_median", "search_wall_s"):
         assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers)
     assert numbers["search_wall_s"] > numbers["concurrent_window_s"]
+
+
+def test_quality_parity_on_cpu_runs_both_paths_eagerly_and_scores_them():
+    data = load_mnist(BUNDLED)
+    base = TrainConfig(device="cpu", width=0.25, batch_size=32, steps_per_epoch=4, max_epochs=2, fid_samples=200,
+                       data_source=data.source)
+    numbers = bench.quality_parity(torch.device("cpu"), data, base)
+    assert numbers["step_mode b"] == numbers["step_mode c"] == numbers["step_mode d"] == "eager"  # no pretend graph
+    # cuda_graph: true must not change what an eager step computes
+    assert numbers["loss_d rel diff c vs b"] == 0.0 and numbers["loss_g rel diff c vs b"] == 0.0
+    assert numbers["parity_epochs"] == 2
+    for key in ("fid b eager fp32", "fid d graph bf16", "fid d / fid b"):
+        assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers)
+    assert numbers["fid b eager fp32"] != numbers["fid d graph bf16"]  # d really trained in bf16
+
+
+def test_bad_bench_flags_exit_2_with_one_line(capsys):
+    for args, flag in ((["--packed", "0,a"], "--packed"), (["--parity-epochs", "-1"], "--parity-epochs"),
+                       (["--models", "balanced,gpt"], "--models"), (["--fid-samples", "-5"], "--fid-samples")):
+        assert bench.main(["--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag}:") and len(err.splitlines()) == 1
