@@ -393,7 +393,16 @@ def format_values(values: dict) -> str:
                      for key, value in values.items())
 
 
-def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str) -> str | None:
+def time_to(timestamp: float, started: float) -> str:
+    """How long after `started` (this session's fit) a report with Tune's `timestamp` arrived: time to quality."""
+    if timestamp < int(started):  # Tune's timestamp has whole seconds
+        return "reported before this session resumed the study"
+    minutes, seconds = divmod(round(timestamp - started), 60)
+    return f"reported {minutes} min {seconds:02d} s into the search"
+
+
+def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str,
+              started: float) -> str | None:
     """Print the best trial, its folder and the stopped trials; write best_config.yaml (None: no trial scored)."""
     print(f"\n{len(results)} trials, {results.num_errors} errored; results in {location} "
           f"({study_mib(location):.1f} MiB written)")
@@ -408,7 +417,8 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, locat
         print(f"error: no trial reported {space.metric}", file=sys.stderr)
         return None
     row = best_epoch(best, space)
-    print(f"best trial {row['trial_id']}: {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])}")
+    print(f"best trial {row['trial_id']}: {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])}, "
+          f"{time_to(row['timestamp'], started)}")
     searched = {key: best.config[key] for key in (*space.search, "seed")}
     print(f"  config:  {format_values({**searched, **resolve_derived(searched)})}")
     print(f"  metrics: {format_values({key: row[key] for key in SUMMARY_METRICS})}")
@@ -432,12 +442,13 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     parent, callbacks = start_tracking(space, args, data, trial, stopper, location)
     if args.resume is None:
         save_args(args, location)
+    started = time.time()
     try:
         results = build_tuner(space, args, data, trial, stopper, location, callbacks).fit()
     except BaseException:
         tracking.finish_search_run(args.tracking_uri, parent, None, space.metric, space.mode, status="FAILED")
         raise
-    best_config = summarise(results, space, stopper, location)
+    best_config = summarise(results, space, stopper, location, started)
     finish_tracking(results, space, args, parent)
     print_resume_hint(results, callbacks[0].outcomes, args, location)
     return 0 if best_config else 1

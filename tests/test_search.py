@@ -108,6 +108,9 @@ def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_p
     assert code == 0
     best = exp_dir / search.BEST_CONFIG
     assert f"best config: {best}" in out and "best trial" in out
+    # time to quality: when the best score arrived, within the smoke search's minute or two
+    minutes, seconds = map(int, re.search(r"best trial .*, reported (\d+) min (\d+) s into the search", out).groups())
+    assert 0 < minutes * 60 + seconds < 600
     assert re.search(r"results in .* \((\d+\.\d) MiB written\)", out)  # the disk volume a search used
     cfg = load_config(best)
     assert cfg.width == 0.25 and cfg.subset == 1000 and 1.0e-4 <= cfg.lr_d <= 1.0e-3
@@ -208,3 +211,8 @@ def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_pat
     code, out = run_search("--resume", location)  # the saved flags fill in the rest, the tracking store too
     assert code == 0, out
     assert f"results in {location} (" in out and f"mlflow parent run: {parent} " in out
+
+
+def test_time_to_quality_counts_from_this_sessions_start():
+    assert search.time_to(1_000_125, 1_000_000.4) == "reported 2 min 05 s into the search"
+    assert search.time_to(999_000, 1_000_000.4) == "reported before this session resumed the study"
