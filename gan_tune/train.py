@@ -79,6 +79,8 @@ def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
     torch.manual_seed(cfg.seed)  # weight init is part of the run's identity
     g, d = build_models(cfg)
     g, d = g.to(device), d.to(device)
+    if device.type == "cpu":  # oneDNN's NHWC convolutions; on the 2-core dev CPU +40 % at width 0.25, +10 % at 1
+        g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~2x on Ampere+ at GAN-irrelevant precision
         torch.backends.cudnn.allow_tf32 = True  # convolutions too (PyTorch's default, set in case a user changed it)
