@@ -143,7 +143,7 @@ def quality_parity(device: torch.device, data: Mnist, base: TrainConfig) -> dict
 
     Losses: the mean D and G loss of the first PARITY_STEPS steps, eager vs CUDA graph (both TF32 on
     CUDA), as relative differences. Quality: FID after base.max_epochs epochs, eager fp32 vs graph bf16
-    (the issue's bar: within 10 %). Each path's step_mode is reported: on a CPU both run eagerly.
+    (the target: within 10 %). Each path's step_mode is reported: on a CPU all run eagerly.
     """
     from gan_tune.metrics import make_scorer
 
