@@ -116,12 +116,11 @@ FID_WIDTHS = (1.0, 0.25)  # the balanced recipe, and the width the CPU default s
 def fid_timing(device: torch.device, data: Mnist, n_samples: int) -> dict:
     """Seconds to generate and score n_samples images with the balanced generator at each FID_WIDTHS
     (real statistics cached; the scorer's copy of G and the classifier run in channels_last)."""
-    from gan_tune.metrics import CPU_BATCH_SIZE, GPU_BATCH_SIZE, make_scorer
+    from gan_tune.metrics import DEFAULT_BATCH_SIZE, batch_for, make_scorer
 
     score = make_scorer(data, device, n_samples)
     # two full batches warm up every kernel shape the timed call runs (cuDNN autotunes per shape)
-    batch = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
-    warm_up = make_scorer(data, device, min(n_samples, 2 * batch))
+    warm_up = make_scorer(data, device, min(n_samples, 2 * batch_for(device, DEFAULT_BATCH_SIZE)))
     timings = {"fid_samples": n_samples}
     for width in FID_WIDTHS:
         g, _ = build_models(TrainConfig(width=width))
@@ -147,12 +146,11 @@ def quality_parity(device: torch.device, data: Mnist, base: TrainConfig) -> dict
     """
     from gan_tune.metrics import make_scorer
 
-    out = {}
-    first = {}
+    out, first, images = {}, {}, data.images.to(device)
     for mode in ("b eager fp32", "c graph tf32"):
         cfg = replace(base, **MODES[mode], steps_per_epoch=PARITY_STEPS)
         gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
-        first[mode] = train.train_epoch(gan, data.images.to(device), generator)
+        first[mode] = train.train_epoch(gan, images, generator)
         out[f"step_mode {mode[0]}"] = first[mode]["step_mode"]
     for key in ("loss_d", "loss_g"):
         b, c = first["b eager fp32"][key], first["c graph tf32"][key]
@@ -162,7 +160,7 @@ def quality_parity(device: torch.device, data: Mnist, base: TrainConfig) -> dict
         cfg = replace(base, **MODES[mode], eval_every=base.max_epochs)
         gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
         start = time.perf_counter()
-        *_, last = train.fit(gan, data.images.to(device), generator, scorer=score)
+        *_, last = train.fit(gan, images, generator, scorer=score)
         out[f"fid {mode}"] = round(last.get("fid", float("nan")), 2)  # no fid: diverged before the end
         out[f"seconds {mode}"] = round(time.perf_counter() - start, 1)
         out[f"step_mode {mode[0]}"] = last["step_mode"]
@@ -196,14 +194,14 @@ def packed_aggregate(epochs: pd.DataFrame, fit_start: float) -> dict:
     it all trials train at once, so images trained in it / its length is what the packing delivers
     (summing per-trial rates would also count trials that ran alone while others were starting).
     """
-    timed = epochs[epochs["epoch"] >= 2]
+    timed = epochs[epochs["epoch"] >= 2].assign(seconds=epochs["end"] - epochs["start"])
     window_start = timed.groupby("trial")["start"].min().max()
     window_end = timed.groupby("trial")["end"].max().min()
     if window_end <= window_start:  # trials started too far apart for their epochs' length
         return {"aggregate_img_per_s": float("nan"), "note": "the trials never trained at the same time"}
     inside = (timed["end"].clip(upper=window_end) - timed["start"].clip(lower=window_start)).clip(lower=0)
-    images = (timed["images"] * inside / (timed["end"] - timed["start"])).sum()  # each epoch's share in the window
-    per_trial = timed.assign(seconds=timed["end"] - timed["start"]).groupby("trial")[["images", "seconds"]].sum()
+    images = (timed["images"] * inside / timed["seconds"]).sum()  # each epoch's share in the window
+    per_trial = timed.groupby("trial")[["images", "seconds"]].sum()
     first = epochs[epochs["epoch"] == 1]
     return {"aggregate_img_per_s": round(float(images / (window_end - window_start)), 1),
             "sum_of_trial_img_per_s": round(float((per_trial["images"] / per_trial["seconds"]).sum()), 1),
