@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -243,6 +244,13 @@ def packed_search(trials: int, device: torch.device, data: Mnist, steps: int, ep
             "search_wall_s": round(fit_s, 2), "cpus_per_trial": cpus, "gpu_per_trial": resources["gpu"]}
 
 
+def best_packing(aggregates: dict[int, float]) -> int | None:
+    """The trial count with the highest aggregate; counts whose trials never overlapped (NaN) cannot win,
+    which max() alone would let happen (nothing compares greater than NaN)."""
+    measured = {n: rate for n, rate in aggregates.items() if not math.isnan(rate)}
+    return max(measured, key=measured.get) if measured else None
+
+
 def counts(flag: str, text: str) -> list[int]:
     """A comma-separated list of positive integers ('' = none); anything else is a ConfigError naming the flag."""
     try:
@@ -305,8 +313,8 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
             packed["x a"] = round(packed["aggregate_img_per_s"] / reference.item(), 1)
         extra[f"packed {trials} trials"] = packed
     if args.packed:
-        best = max(args.packed, key=lambda n: extra[f"packed {n} trials"]["aggregate_img_per_s"])
-        extra["best packing (trials per device)"] = best
+        aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}
+        extra["best packing (trials per device)"] = best_packing(aggregates)
     if args.parity_epochs:
         base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
                            fid_samples=args.fid_samples or 10_000)

@@ -95,3 +95,9 @@ def test_bad_bench_flags_exit_2_with_one_line(capsys):
         assert bench.main(["--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {flag}:") and len(err.splitlines()) == 1
+
+
+def test_best_packing_skips_counts_whose_trials_never_overlapped():
+    assert bench.best_packing({1: 100.0, 2: 130.0, 4: 120.0}) == 2
+    assert bench.best_packing({1: math.nan, 2: 130.0, 4: 120.0}) == 2  # max() alone would return 1
+    assert bench.best_packing({8: math.nan}) is None
