@@ -174,8 +174,11 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
 def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_path):
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / "smoke_int.yaml"
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 1}, "num_samples": 2,
-                                     "max_epochs": 4, "scheduler": {"type": "fifo"}}, sort_keys=False))
+    # 4000 images: epochs long enough (~10 s) that Ctrl-C after epoch 1 lands before the trials finish;
+    # at smoke's 1000 both trials could end during Tune's graceful stop, leaving nothing to resume
+    base = {**smoke["base"], "checkpoint_every": 1, "subset": 4000}
+    space.write_text(yaml.safe_dump({**smoke, "base": base, "num_samples": 2, "max_epochs": 4,
+                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = tmp_path / "rr" / "int"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
