@@ -6,11 +6,14 @@ trial's config dict into a TrainConfig once) and the search spaces all name thes
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -22,6 +25,7 @@ DATA_SOURCES = ("auto", "mnist-train-60k", "mnist-test-10k-bundled")
 # D accuracy bands of the balanced recipe: 40-70 % healthy, < 30 % or > 80 % worth a warning.
 BALANCED_BAND = (0.40, 0.70)
 WARN_BELOW, WARN_ABOVE = 0.30, 0.80
+SEED_MAX = 2**32 - 1  # numpy's seed range is [0, 2**32 - 1]; the search seeds its generators with it
 
 
 class ConfigError(ValueError):
@@ -34,6 +38,24 @@ class ConfigError(ValueError):
     def __str__(self) -> str:
         prefix = f"{self.where}: " if self.where else ""
         return f"{prefix}{self.key}: {self.msg}"
+
+
+class CliParser(argparse.ArgumentParser):
+    """The parser of every gan_tune command: a bad flag is one `error: FLAG: why` line and exit 2, like every
+    other input mistake, instead of argparse's usage block (sub-commands inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        flag_first = re.sub(r"^argument ([^:]+): ", r"\1: ", message)  # "argument --seed: ..." -> "--seed: ..."
+        print(f"error: {flag_first}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of a --seed flag: an integer numpy accepts as a seed."""
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range [0, {SEED_MAX}]")
+    return value
 
 
 @dataclass
@@ -72,8 +94,9 @@ class TrainConfig:
 
         checks: list[tuple[str, bool, str]] = [
             ("model", self.model in MODELS, f"unknown model family {self.model!r} (known: {', '.join(sorted(MODELS))})"),
+            ("seed", 0 <= self.seed <= SEED_MAX, f"must be in [0, {SEED_MAX}]"),
             ("latent_dim", self.latent_dim > 0, "must be > 0"),
-            ("width", self.width > 0, "must be > 0"),
+            ("width", math.isfinite(self.width) and self.width > 0, "must be > 0"),
             ("batch_size", self.batch_size > 0, "must be > 0"),
             ("lr_d", math.isfinite(self.lr_d) and self.lr_d > 0, "must be > 0"),
             ("lr_g", math.isfinite(self.lr_g) and self.lr_g > 0, "must be > 0"),
@@ -84,11 +107,15 @@ class TrainConfig:
             ("max_epochs", self.max_epochs >= 1, "must be >= 1"),
             ("steps_per_epoch", self.steps_per_epoch >= 0, "must be >= 0"),
             ("subset", self.subset >= 0, "must be >= 0"),
+            ("subset", self.subset == 0 or self.subset >= self.batch_size,
+             f"{self.subset} images are fewer than one batch of {self.batch_size} (0 = all)"),
             ("data_source", self.data_source in DATA_SOURCES, f"must be one of {', '.join(DATA_SOURCES)}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
-            ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "must be auto, cpu or cuda[:N]"),
+            ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+             "must be auto, cpu, mps or cuda[:N]"),
             ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = never)"),
-            ("fid_samples", self.fid_samples >= 0, "must be >= 0"),
+            ("fid_samples", self.fid_samples == 0 or self.fid_samples >= 2,
+             "must be 0 (the device default) or >= 2 (one sample has no covariance)"),
             ("sample_every", self.sample_every >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
         ]
@@ -136,7 +163,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(text, "expected key=value", where="--set")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(key.strip(), f"malformed YAML value {raw!r} ({yaml_problem(err)})", where="--set") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -145,12 +179,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("path", "file not found", where=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"byte {err.start}", "not UTF-8 text (save the file as UTF-8)", where=str(path)) from None
+    except OSError as err:
+        raise ConfigError("path", f"unreadable ({err.strerror or type(err).__name__})", where=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark else "yaml"
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(line, f"malformed YAML: {problem}", where=str(path)) from None
+        raise ConfigError(line, f"malformed YAML: {yaml_problem(err)}", where=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
