@@ -9,6 +9,7 @@ at load time too, so a GPU machine still catches its mistakes. search_spaces/REA
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ REQUIRED = ("metric", "mode", "num_samples", "max_epochs", "search_alg", "schedu
 # Loaded once by the driver and shared by all trials, or chosen by Ray: a study cannot search these.
 FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "out_dir", "name")
 PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
+# Bounded above ([0, 1)): PBT multiplies a continuous value by 1.2 again and again, a choice steps between values.
+PBT_CHOICE_ONLY = ("beta1",)
 TIME_ATTR = "training_iteration"  # one report per epoch, restored with the checkpoint
 MAX_SEED = 2**31 - 1
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
@@ -139,9 +142,16 @@ def check_int(value: Any, key: str, where: str, low: int) -> int:
 
 
 def check_number(value: Any, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(key, f"expected a finite number, got {type(value).__name__} {value!r}"
                           " (write floats with a dot: 1.0e-4)", where=where)
+    return value
+
+
+def check_name(value: Any, known: Any, key: str, what: str, where: str) -> str:
+    """A name from `known` (a registry); a list or mapping in its place is named, not a TypeError."""
+    if not isinstance(value, str) or value not in known:
+        raise ConfigError(key, f"unknown {what} {value!r} (known: {', '.join(known)})", where=where)
     return value
 
 
@@ -196,9 +206,10 @@ def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], wh
     field_type = FIELD_TYPES.get(field, "float")  # derived params are floats
     if kind in BOUNDED:
         low, high = check_bounds(kind, args, field, field_type, key, where)
-        inclusive = (low, high) if kind == "randint" else (low,)  # uniform and loguniform never draw high
-        for value in inclusive:
-            check_value(field, value, base, key, where)
+        # uniform and loguniform draw from [low, high): the largest value they can draw is the float below high
+        top = high if kind == "randint" else math.nextafter(high, low)
+        for value, bound in ((low, "low"), (top, "high")):
+            check_value(field, value, base, key, where, f"{kind} {bound} {value if value == low else high}")
         return kind, [low, high]
     values = [check_value(field, value, base, key, where) for value in args]
     return kind, values
@@ -224,15 +235,18 @@ def check_bounds(kind: str, args: list, field: str, field_type: str, key: str, w
     return low, high
 
 
-def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str) -> Any:
-    """A choice/grid value: the field's type, and a valid TrainConfig together with base."""
-    if field in DERIVED_PARAMS:
-        return check_number(value, key, where)
+def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str, shown: str = "") -> Any:
+    """A value a trial may get: the field's type, and a valid TrainConfig together with base."""
+    if field in DERIVED_PARAMS:  # each scales its target field (lr_d = lr_g * lr_ratio), which must stay > 0
+        if check_number(value, key, where) <= 0:
+            raise ConfigError(key, f"{value}: must be > 0", where=where)
+        return value
     try:
         value = coerce(field, value)
         from_dict({**base, field: value})
     except ConfigError as err:
-        raise ConfigError(key, err.msg, where=where) from None
+        other = f"{err.key} " if err.key != field else ""  # a clash with base: batch_size 4096 vs subset 1000
+        raise ConfigError(key, f"{shown or repr(value)}: {other}{err.msg}", where=where) from None
     return value
 
 
@@ -248,7 +262,7 @@ def check_derived(search: dict[str, tuple[str, list]], base: dict[str, Any], whe
 
 
 def check_metric(metric: Any, mode: Any, fixed: TrainConfig, where: str) -> tuple[str, str]:
-    if metric not in OBJECTIVES:
+    if not isinstance(metric, str) or metric not in OBJECTIVES:
         what = "a diagnostic, not a quality score" if metric in REPORTED_METRICS else "not reported by the trainable"
         raise ConfigError("metric", f"{metric!r} is {what} (objectives: {', '.join(OBJECTIVES)})", where=where)
     if mode != OBJECTIVES[metric]:
@@ -260,9 +274,7 @@ def check_metric(metric: Any, mode: Any, fixed: TrainConfig, where: str) -> tupl
 
 
 def check_search_alg(name: Any, search: dict[str, tuple[str, list]], where: str) -> str:
-    if name not in SEARCH_ALGS:
-        known = ", ".join(SEARCH_ALGS)
-        raise ConfigError("search_alg", f"unknown search algorithm {name!r} (known: {known})", where=where)
+    check_name(name, SEARCH_ALGS, "search_alg", "search algorithm", where)
     for key, (kind, _) in search.items():
         if name == "grid" and kind != "grid":
             raise ConfigError(f"search.{key}", f"search_alg grid takes only grid entries, got {kind}", where=where)
@@ -276,9 +288,7 @@ def check_search_alg(name: Any, search: dict[str, tuple[str, list]], where: str)
 def parse_scheduler(raw: Any, fixed: TrainConfig, search_alg: str, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or "type" not in raw:
         raise ConfigError("scheduler", f"expected a mapping with type: ({', '.join(SCHEDULERS)})", where=where)
-    kind = raw["type"]
-    if kind not in SCHEDULERS:
-        raise ConfigError("scheduler.type", f"unknown scheduler {kind!r} (known: {', '.join(SCHEDULERS)})", where=where)
+    kind = check_name(raw["type"], SCHEDULERS, "scheduler.type", "scheduler", where)
     defaults = SCHEDULER_SETTINGS[kind]
     for key in raw:
         if key != "type" and key not in defaults:
@@ -334,7 +344,8 @@ def check_pbt(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -
         raise ConfigError("scheduler.quantile_fraction", "must be in (0, 0.5]", where=where)
     if not 0 <= check_number(settings["resample_probability"], "scheduler.resample_probability", where) <= 1:
         raise ConfigError("scheduler.resample_probability", "must be in [0, 1]", where=where)
-    check_number(settings["burn_in_period"], "scheduler.burn_in_period", where)
+    if check_number(settings["burn_in_period"], "scheduler.burn_in_period", where) < 0:
+        raise ConfigError("scheduler.burn_in_period", "must be >= 0 (epochs)", where=where)
     return {**settings, "hyperparam_mutations": parse_mutations(settings["hyperparam_mutations"], fixed, where)}
 
 
@@ -351,6 +362,8 @@ def parse_mutations(mutations: Any, fixed: TrainConfig, where: str) -> dict[str,
         kind, args = parse_distribution(spec, field, key, fixed.to_dict(), where)
         if kind not in ("loguniform", "uniform", "choice"):
             raise ConfigError(key, f"pbt mutations take loguniform, uniform or choice, not {kind}", where=where)
+        if field in PBT_CHOICE_ONLY and kind != "choice":
+            raise ConfigError(key, f"pbt's x1.2 steps would take {field} past its range: use choice", where=where)
         parsed[field] = (kind, args)
     return parsed
 
