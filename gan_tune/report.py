@@ -31,8 +31,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 from gan_tune.artifacts import SAMPLES, grid_name  # noqa: E402
-from gan_tune.config import WARN_ABOVE, WARN_BELOW, ConfigError  # noqa: E402
-from gan_tune.tracking import DEFAULT_EXPERIMENT, open_client, resolve_tracking_uri, using_tracking_uri  # noqa: E402
+from gan_tune.config import WARN_ABOVE, WARN_BELOW, CliParser, ConfigError  # noqa: E402
+from gan_tune.tracking import (DEFAULT_EXPERIMENT, first_line, is_outage, open_client, resolve_tracking_uri,  # noqa: E402
+                               store_errors, using_tracking_uri)
 from gan_tune.trainable import DIVERGED_FID  # noqa: E402
 
 TOP_TRIALS = 5  # curves per plot: more become unreadable
@@ -42,7 +43,7 @@ plt.rcParams.update({"font.size": 11, "axes.titlesize": 12})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.report", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m gan_tune.report", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--experiment", help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
     which.add_argument("--parent-run", help="report this search's parent run id")
@@ -56,7 +57,9 @@ def find_parent(client: MlflowClient, experiment: str | None, parent_run: str | 
     if parent_run:
         try:
             return client.get_run(parent_run)
-        except MlflowException:
+        except MlflowException as err:
+            if is_outage(err):  # a store that failed is not a missing run; store_errors names it
+                raise
             raise ConfigError("--parent-run", f"{parent_run}: no such run") from None
     name = experiment or DEFAULT_EXPERIMENT
     found = client.get_experiment_by_name(name)
@@ -303,13 +306,18 @@ def build_report(client: MlflowClient, parent: mlflow.entities.Run) -> str:
 
 def write_report(uri: str, experiment: str | None, parent_run: str | None, out: str | Path) -> Path:
     """Build the report, write it to OUT/<parent run name>.html, log it on the parent run; returns the path."""
-    client = open_client(uri)
-    parent = find_parent(client, experiment, parent_run)
-    path = Path(out) / f"{parent.info.run_name}.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with using_tracking_uri(uri):  # mlflow.search_runs reads the global URI
-        path.write_text(build_report(client, parent))
-    client.log_artifact(parent.info.run_id, str(path), "report")
+    with store_errors(uri):
+        client = open_client(uri)
+        parent = find_parent(client, experiment, parent_run)
+        path = Path(out) / f"{parent.info.run_name}.html"
+        with using_tracking_uri(uri):  # mlflow.search_runs reads the global URI
+            text = build_report(client, parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as err:
+            raise ConfigError("--out", f"{out}: cannot write the report ({first_line(err)})") from None
+        client.log_artifact(parent.info.run_id, str(path), "report")
     return path
 
 

@@ -16,17 +16,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from gan_tune import artifacts
-from gan_tune.config import ConfigError
-from gan_tune.tracking import MODEL_NAME, first_line, open_client, resolve_tracking_uri, using_tracking_uri
+from gan_tune.config import CliParser, ConfigError, seed_arg
+from gan_tune.tracking import (MODEL_NAME, first_line, is_outage, open_client, resolve_tracking_uri, store_errors,
+                               using_tracking_uri)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.sample", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m gan_tune.sample", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="a search's parent run id (the run the generator was logged on)")
     which.add_argument("--model-uri", help="any MLflow model URI, e.g. models:/m-... or runs:/ID/generator")
     parser.add_argument("-n", type=int, default=64, help="number of samples (default 64: one 8x8 grid)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the latent noise")
     parser.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser.parse_args(argv)
@@ -36,7 +37,9 @@ def model_uri_of_run(client: MlflowClient, run_id: str) -> str:
     """`models:/<id>` of the generator logged on the run; a ConfigError naming --run-id when it has none."""
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as err:
+        if is_outage(err):  # a store that failed is not a missing run; store_errors names it
+            raise
         raise ConfigError("--run-id", f"{run_id}: no such run") from None
     models = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
@@ -62,6 +65,13 @@ def latent_size(model_uri: str) -> int:
     return int(shape[1])
 
 
+def save(images: torch.Tensor, out: str) -> str:
+    try:
+        return artifacts.save_grid(images, out)
+    except (OSError, ValueError) as err:  # PIL's ValueError: an extension it cannot write
+        raise ConfigError("--out", f"{out}: cannot write the grid ({first_line(err)}; use a .png path)") from None
+
+
 @torch.no_grad()
 def sample(g: torch.nn.Module, latent_dim: int, n: int, seed: int) -> torch.Tensor:
     """n images in [-1, 1] from seeded noise."""
@@ -75,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise ConfigError("-n", f"{args.n}: must be >= 1")
         uri = resolve_tracking_uri(args.tracking_uri)
-        client = open_client(uri)
-        model_uri = args.model_uri or model_uri_of_run(client, args.run_id)
-        with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
-            images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)
+        with store_errors(uri):
+            client = open_client(uri)
+            model_uri = args.model_uri or model_uri_of_run(client, args.run_id)
+            with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
+                images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)
+        path = save(images, args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = artifacts.save_grid(images, args.out)
     print(f"{len(images)} samples from {model_uri}: {path}")
     return 0
 

@@ -54,7 +54,7 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, TIME_THIS_ITER_S, T
 from ray.tune.utils import flatten_dict
 
 import gan_tune
-from gan_tune.config import ConfigError
+from gan_tune.config import CliParser, ConfigError
 from gan_tune.train import CHECKPOINT, generate, generator_from_state, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "gan_tune"
 SERVER_CHECK_TIMEOUT_S = 3.0  # a search should not wait on a dead tracking server before its first trial
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "databricks", "http", "https", "file", "")
+SQL_SERVERS = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores whose Python driver is a separate package
+DRIVER_EXTRAS = {"postgresql": "gan_tune[postgres]"}  # pyproject.toml's extra for the driver
 # The files a trial writes (artifacts.py) that its child run gets; checkpoints stay in Ray's storage.
 TRIAL_FILES = ("samples/epoch_*.png", "final_grid.png", "progress.gif", "history.png", "history.csv")
 # Ray's bookkeeping keys are not metrics; its timings are.
@@ -80,6 +82,8 @@ RETRY_FIRST_S = 5.0  # a refused write is first retried after this; each failed 
 RETRY_MAX_S = 60.0  # ... up to a minute, as a black-holed server costs a full request timeout per retry
 FINAL_PATIENCE_S = 30.0  # how long a search's end waits for the store: a server restarts in ~15-30 s
 UNDELIVERED = "mlflow_undelivered.jsonl"  # in the study folder: the writes the store never took
+UNDELIVERED_KEYS = {"trial_id", "run_id", "kind", "payload"}  # one PendingWrites entry per line
+FAILURE_TAG = "failure_reason"  # on a search's parent run that ended FAILED
 # MLflow's HTTP client retries a request 7 times over ~4 minutes by default, reading these variables on every
 # request (mlflow/environment_variables.py). In the driver that would stall Tune's event loop, and with it
 # every trial waiting in tune.report, for each write to a dead server; the driver fails fast instead and
@@ -139,10 +143,37 @@ def resolve_tracking_uri(flag: str | None) -> str:
 
 
 def open_client(uri: str) -> MlflowClient:
-    """A client on an existing store, for readers (report, sample): never creates an empty sqlite file."""
+    """A client on an existing store, for readers (report, sample): never creates an empty sqlite file, and a
+    server that does not answer fails within seconds (check_server) instead of after MLflow's retries."""
+    scheme = check_scheme(uri)
     if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():
         raise ConfigError("--tracking-uri", f"{uri}: no such sqlite store")
+    if scheme in ("http", "https"):
+        check_server(uri)
+    elif scheme in SQL_SERVERS:
+        check_driver(uri, scheme)
     return MlflowClient(uri)
+
+
+def check_scheme(uri: str) -> str:
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in DB_SCHEMES or (scheme == "" and "://" in uri):
+        raise ConfigError("--tracking-uri", f"{uri}: unknown scheme {scheme!r} (use sqlite:///mlflow.db, "
+                                            "http(s)://host:port, postgresql://, mysql:// or mssql://)")
+    return scheme
+
+
+def check_driver(uri: str, scheme: str) -> None:
+    """A database store needs its Python driver (SQLAlchemy's choice for the URI), which MLflow imports only
+    when it first connects, failing there with a ModuleNotFoundError traceback."""
+    try:
+        sqlalchemy.engine.make_url(uri).get_dialect().import_dbapi()
+    except ImportError as err:
+        package = DRIVER_EXTRAS.get(scheme, err.name)
+        raise ConfigError("--tracking-uri", f"{uri}: its driver {err.name} is not installed: "
+                                            f"pip install '{package}'") from None
+    except sqlalchemy.exc.ArgumentError as err:  # an unparsable URL or an unknown +driver
+        raise ConfigError("--tracking-uri", f"{uri}: {first_line(err)}") from None
 
 
 def check_tracking(uri: str) -> None:
@@ -151,12 +182,11 @@ def check_tracking(uri: str) -> None:
     An http(s) server must answer GET /health within 3 s; a sqlite file must be writable, and its
     store is created here, in the driver, so trials never race on the schema migration.
     """
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in DB_SCHEMES or (scheme == "" and "://" in uri):
-        raise ConfigError("--tracking-uri", f"{uri}: unknown scheme {scheme!r} (use sqlite:///mlflow.db, "
-                                            "http(s)://host:port, postgresql://, mysql:// or mssql://)")
+    scheme = check_scheme(uri)
     if scheme in ("http", "https"):
         check_server(uri)
+    elif scheme in SQL_SERVERS:
+        check_driver(uri, scheme)
     elif scheme == "sqlite":
         check_sqlite(uri)
     elif scheme in ("file", "") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
@@ -294,6 +324,29 @@ def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, m
                 client.set_tag(run_id, "tracking_error", truncate(f"{type(err).__name__}: {err}"))
         finally:
             end_search_run(client, run_id, status)
+
+
+def fail_search_run(tracking_uri: str, run_id: str, reason: str) -> None:
+    """End a search's parent run as FAILED with why (tag FAILURE_TAG): no search leaves its run RUNNING."""
+    client = MlflowClient(tracking_uri)
+    with fail_fast_http():
+        try:
+            client.set_tag(run_id, FAILURE_TAG, truncate(reason))
+        except Exception as err:
+            if not is_outage(err):
+                raise
+        end_search_run(client, run_id, "FAILED")
+
+
+@contextlib.contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """For commands that read the store: MLflow gives up within seconds, and a store that fails mid-command
+    (a server that went away, a database that refuses) is one ConfigError naming --tracking-uri."""
+    with fail_fast_http():
+        try:
+            yield
+        except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as err:
+            raise ConfigError("--tracking-uri", f"{uri}: the store failed ({first_line(err)})") from None
 
 
 def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
@@ -788,7 +841,7 @@ def replay(path: Path, tracking_uri: str) -> int:
     def warn(message: str) -> None:
         print(f"mlflow: {message}", file=sys.stderr)
 
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = read_undelivered(path)
     writes = PendingWrites(MlflowClient(tracking_uri), {}, warn)
     writes.queue.extend(entries)
     with fail_fast_http():
@@ -803,8 +856,34 @@ def replay(path: Path, tracking_uri: str) -> int:
     return 0
 
 
+def read_undelivered(path: Path) -> list[dict[str, Any]]:
+    """The entries of an UNDELIVERED file; a damaged one (not JSON lines, cut short, another file) names the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"byte {err.start}", f"not UTF-8 text; expected a study's {UNDELIVERED}",
+                          where=str(path)) from None
+    except OSError as err:
+        raise ConfigError("file", f"unreadable ({err.strerror or type(err).__name__})", where=str(path)) from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise ConfigError(f"line {number}", f"not a JSON line ({first_line(err)}); expected a study's "
+                                                f"{UNDELIVERED}", where=str(path)) from None
+        if not (isinstance(entry, dict) and entry.keys() == UNDELIVERED_KEYS and isinstance(entry["payload"], dict)
+                and entry["kind"] in (*WRITES, "create_run")):
+            raise ConfigError(f"line {number}", f"not a saved MLflow write (keys {', '.join(sorted(UNDELIVERED_KEYS))}"
+                                                f"; kind one of create_run, {', '.join(WRITES)})", where=str(path))
+        entries.append(entry)
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.tracking",
+    parser = CliParser(prog="python -m gan_tune.tracking",
                                      description="Deliver MLflow writes a search saved while its store was away")
     parser.add_argument("command", choices=["replay"])
     parser.add_argument("file", type=Path, help=f"a study folder's {UNDELIVERED}")
@@ -815,11 +894,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.file.is_file():
             raise ConfigError("file", f"{args.file}: no such file")
+        read_undelivered(args.file)  # a damaged file fails before the store is touched
         check_tracking(uri)
+        return replay(args.file, uri)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return replay(args.file, uri)
 
 
 if __name__ == "__main__":
