@@ -24,9 +24,11 @@ worst finite values, so NaN never reaches a scheduler's comparison or sort.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +60,11 @@ REPORTED_METRICS = (
 )
 # Metrics a study may optimise, with the direction that is better.
 OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max", "mean_confidence": "max"}
+# Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
+# (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
+# fast the machine trains. Unset, it costs one dict lookup per epoch.
+FAULT_GATE_ENV = "GAN_TUNE_FAULT_GATE"
+FAULT_GATE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,23 @@ def last_scores(history: list[dict]) -> dict:
     return {key: history[-1][key] for key in (*SCORE_KEYS, "score_epoch")}
 
 
+def fault_gate(epoch: int) -> None:
+    """Wait at FAULT_GATE_ENV's epoch, once per study: a restarted trial that trains that epoch again runs on."""
+    spec = os.environ.get(FAULT_GATE_ENV)
+    if not spec or int(spec.split(":", 1)[0]) != epoch:
+        return
+    gate = Path(spec.split(":", 1)[1])
+    try:  # O_EXCL: of several trials, and of one trial's restarts, only the first claims the gate
+        os.close(os.open(f"{gate}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    gate.with_name(f"{gate.name}.tmp").write_text(str(os.getpid()))
+    gate.with_name(f"{gate.name}.tmp").rename(gate)  # the test reads a whole pid or nothing
+    release, deadline = Path(f"{gate}.release"), time.monotonic() + FAULT_GATE_TIMEOUT_S
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def train_gan(config: dict[str, Any], data: Mnist) -> None:
     """Ray Tune function trainable: `tune.with_parameters(train_gan, data=data)`."""
     cfg = trial_config(config)
@@ -210,4 +234,5 @@ def train_gan(config: dict[str, Any], data: Mnist) -> None:
         final = record["epoch"] == cfg.max_epochs or record["balance"] == "diverged"
         write_trial_files(trial_dir, gan, noise, history, final)
         report(metrics, gan, noise, generator, history)
+        fault_gate(record["epoch"])
 

@@ -11,8 +11,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from gan_tune import config, train, trainable
-from test_reliability import (TINY, epochs_reported, one_trial_search, process_tree, wait_for_epoch,
-                              wait_for_workers)
+from test_reliability import GATE_EPOCH, TINY, epochs_reported, one_trial_search, wait_for_epoch, wait_for_gate
 
 CPU = torch.device("cpu")
 
@@ -74,28 +73,24 @@ def test_a_readable_latest_checkpoint_is_restored_without_a_note(tmp_path):
 
 
 EPOCHS = 4  # as in test_reliability's worker-kill test: with its rates the GAN stopper leaves the trial alone
-STEPS = 20  # D steps per epoch: a few seconds, so the trial is still running when the test stops it
+STEPS = 10  # D steps per epoch; the fault gate holds the trial while the test breaks its checkpoint
 
 
-def truncate_latest_and_kill(search: subprocess.Popen, exp_dir: Path) -> Path:
-    """Freeze the trial's worker, truncate its latest checkpoint, kill it: Tune retries from that checkpoint."""
-    wait_for_epoch(search, exp_dir, 2, timeout_s=240)
-    workers = wait_for_workers(search.pid)
-    assert len(workers) == 1, process_tree(search.pid)
-    os.kill(workers[0], signal.SIGSTOP)  # frozen, the trial saves nothing while the test picks its latest checkpoint
-    last = epochs_reported(exp_dir)["epoch"].max()
-    assert last < EPOCHS, "the trial finished before the test could stop it"
+def truncate_latest_and_kill(search: subprocess.Popen, exp_dir: Path, gate: Path) -> Path:
+    """With the trial waiting at the fault gate, truncate its latest checkpoint and kill it: Tune retries from it."""
+    worker = wait_for_gate(search, gate)
+    wait_for_epoch(search, exp_dir, GATE_EPOCH, timeout_s=60)  # the driver has recorded the checkpoint
     # checkpoint_every 1 and fewer than CHECKPOINTS_KEPT epochs: epoch e is in checkpoint_{e-1}, none deleted
-    latest, = exp_dir.glob(f"*/checkpoint_{last - 1:06d}/{trainable.CHECKPOINT_FILE}")
+    latest, = exp_dir.glob(f"*/checkpoint_{GATE_EPOCH - 1:06d}/{trainable.CHECKPOINT_FILE}")
     truncate(latest)
-    os.kill(workers[0], signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)
     return latest
 
 
 def test_a_trial_restarted_on_a_truncated_checkpoint_falls_back_and_finishes(tmp_path):
     search, exp_dir, log, uri = one_trial_search(tmp_path, "truncate", STEPS, EPOCHS)
     try:
-        latest = truncate_latest_and_kill(search, exp_dir)
+        latest = truncate_latest_and_kill(search, exp_dir, tmp_path / "gate")
         code = search.wait(timeout=240)
     finally:
         if search.poll() is None:

@@ -85,22 +85,23 @@ def process_tree(root: int) -> dict[int, str]:
     return below
 
 
-def trial_workers(root: int) -> list[int]:
-    """The search's Tune trial actors: `ray::ImplicitFunc...` processes in the search's own process tree."""
-    return [pid for pid, title in process_tree(root).items()
-            if "ray::" in title and ("ImplicitFunc" in title or "train_gan" in title)]
-
-
 EPOCHS_KILL = 4  # the GAN stopper ends a smoke trial (coverage <= 2) after epoch 3 anyway
-STEPS_KILL = 20  # seconds per epoch, so the trial is still training when the test looks for its worker
+STEPS_KILL = 10  # D steps per epoch; the fault gate, not the epoch's length, keeps the trial alive for the kill
+GATE_EPOCH = 2  # the trial waits after reporting (and checkpointing) this epoch until the test has injected its fault
 
 
-def wait_for_workers(root: int, timeout_s: float = 20) -> list[int]:
-    """The trial's worker pids, waiting for Ray to name the process (its title changes as it starts)."""
+def wait_for_gate(search: subprocess.Popen, gate: Path, timeout_s: float = 240) -> int:
+    """The pid of the trial worker waiting at the fault gate (trainable.fault_gate) once it is there."""
     deadline = time.monotonic() + timeout_s
-    while not (workers := trial_workers(root)) and time.monotonic() < deadline:
+    while not gate.exists():
+        if search.poll() is not None:
+            pytest.fail(f"the search ended (exit {search.returncode}) before a trial reached the fault gate")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no trial reached the fault gate in {timeout_s} s")
         time.sleep(0.2)
-    return workers
+    pid = int(gate.read_text())
+    assert pid in process_tree(search.pid), (pid, process_tree(search.pid))  # a worker of this search
+    return pid
 
 
 def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_s: float) -> None:
@@ -129,13 +130,14 @@ def slow_d_space(tmp_path: Path, name: str, steps: int, epochs: int, trials: int
 
 
 def one_trial_search(tmp_path: Path, name: str, steps: int, epochs: int) -> tuple[subprocess.Popen, Path, Path, str]:
-    """The CLI on one slow_d_space trial, in the background.
+    """The CLI on one slow_d_space trial, in the background, its trial held at the fault gate after GATE_EPOCH.
 
-    Returns (process, study folder, its output file, tracking URI)."""
+    Returns (process, study folder, its output file, tracking URI); the gate file is tmp_path/gate."""
     space = slow_d_space(tmp_path, name, steps, epochs)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = tmp_path / "search.log"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri,
+           trainable.FAULT_GATE_ENV: f"{GATE_EPOCH}:{tmp_path / 'gate'}"}
     with open(log, "w") as out:
         search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
                                    str(tmp_path / "rr"), "--name", name, "--tracking-uri", uri],
@@ -146,10 +148,9 @@ def one_trial_search(tmp_path: Path, name: str, steps: int, epochs: int) -> tupl
 def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_once(tmp_path):
     search, exp_dir, log, uri = one_trial_search(tmp_path, "kill", STEPS_KILL, EPOCHS_KILL)
     try:
-        wait_for_epoch(search, exp_dir, 2, timeout_s=240)
-        workers = wait_for_workers(search.pid)
-        assert len(workers) == 1, process_tree(search.pid)
-        os.kill(workers[0], signal.SIGKILL)
+        worker = wait_for_gate(search, tmp_path / "gate")
+        wait_for_epoch(search, exp_dir, GATE_EPOCH, timeout_s=60)  # the driver has recorded the checkpoint
+        os.kill(worker, signal.SIGKILL)
         code = search.wait(timeout=240)
     finally:
         if search.poll() is None:
@@ -174,19 +175,20 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_and_logs_each_epoch_o
 def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_path):
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / "smoke_int.yaml"
-    # 4000 images: epochs long enough (~10 s) that Ctrl-C after epoch 1 lands before the trials finish;
-    # at smoke's 1000 both trials could end during Tune's graceful stop, leaving nothing to resume
-    base = {**smoke["base"], "checkpoint_every": 1, "subset": 4000}
+    base = {**smoke["base"], "checkpoint_every": 1}
     space.write_text(yaml.safe_dump({**smoke, "base": base, "num_samples": 2, "max_epochs": 4,
                                      "scheduler": {"type": "fifo"}}, sort_keys=False))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = tmp_path / "rr" / "int"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # one trial waits after epoch 1 until Ctrl-C has landed, so the study is unfinished however fast trials train
+    gated = {**env, trainable.FAULT_GATE_ENV: f"1:{tmp_path / 'gate'}"}
     search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
                                str(tmp_path / "rr"), "--name", "int", "--tracking-uri", uri],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=gated)
     try:
-        wait_for_epoch(search, exp_dir, 1, timeout_s=240)
+        wait_for_gate(search, tmp_path / "gate")
+        wait_for_epoch(search, exp_dir, 1, timeout_s=60)
         search.send_signal(signal.SIGINT)  # what Ctrl-C sends
         out, _ = search.communicate(timeout=240)
     finally:
@@ -248,8 +250,10 @@ def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
     exp_dir = tmp_path / "rr" / "killed"
+    # the first trial to report epoch 2 waits there, so the study cannot finish before the test kills it
+    gated = {**env, trainable.FAULT_GATE_ENV: f"2:{tmp_path / 'gate'}"}
     driver = subprocess.Popen([*command, "--name", "killed", "--tracking-uri", killed_uri],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=gated)
     try:
         deadline = time.monotonic() + 300
         while not unfinished_mid_study(killed_uri) and driver.poll() is None and time.monotonic() < deadline:
