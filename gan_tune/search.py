@@ -11,11 +11,13 @@ folder or a URI such as s3://BUCKET/PATH; the study's location is kept as a stri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import socket
 import sys
+import tempfile
 import textwrap
 import time
 from importlib import resources
@@ -30,10 +32,10 @@ import yaml
 from ray import tune
 
 from gan_tune import spaces, tracking
-from gan_tune.config import ConfigError, from_dict
+from gan_tune.config import CliParser, ConfigError, from_dict, seed_arg
 from gan_tune.data import DataError, Mnist, load_mnist
 from gan_tune.spaces import Space
-from gan_tune.stopping import GanStopper
+from gan_tune.stopping import FailingTrials, GanStopper
 from gan_tune.tracking import first_line
 from gan_tune.trainable import resolve_derived, train_gan
 
@@ -49,7 +51,7 @@ SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balanc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.search", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m gan_tune.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", help="search-space name (see --list-spaces) or path to a YAML file")
     parser.add_argument("--list-spaces", action="store_true", help="list the known spaces and exit")
     parser.add_argument("--num-samples", type=int, help="trials (default: the space's)")
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the --storage-path folder is on a filesystem every node mounts (NFS); "
                              "needed for a local path on a multi-node cluster")
     parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the search algorithm and the per-trial seeds")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seeds the search algorithm and the per-trial seeds")
     parser.add_argument("--resume", nargs="?", const="", metavar="PATH_OR_NAME",
                         help="continue an interrupted study: its folder, or its name under --storage-path "
                              "(default: --name); flags not given now are those the study started with")
@@ -180,6 +182,17 @@ def check_local_gpus(args: argparse.Namespace) -> None:
         raise ConfigError("--gpus-per-trial", f"{args.gpus_per_trial:g} GPU per trial, but this machine has no GPU")
 
 
+def check_local_cpus(plans: dict[bool, Space], args: argparse.Namespace) -> None:
+    """Without --address Ray gets this machine's CPUs (start_ray): a trial wanting more fails before Ray starts."""
+    if args.address:
+        return
+    space = plans[torch.cuda.device_count() > 0]
+    cpu, cpus = args.cpus_per_trial or space.resources["cpu"], os.cpu_count()
+    if cpu > cpus:
+        flag = "--cpus-per-trial" if args.cpus_per_trial else f"{space.where}: resources.cpu"
+        raise ConfigError(flag, f"{cpu:g} CPUs per trial, but this machine has {cpus}")
+
+
 def known_spaces() -> dict[str, Path]:
     """Space name -> file: ./search_spaces/ shadows the packaged copies."""
     found = {path.stem: path for path in packaged_spaces().glob("*.yaml")}
@@ -223,13 +236,23 @@ def load_plans(args: argparse.Namespace) -> dict[bool, Space]:
 
 
 def check_storage_path(storage_path: str) -> None:
-    """A local results folder, or its nearest existing parent, must be a writable folder (else Tune fails mid-study)."""
+    """A local results folder must be one this process can make and write (else Tune fails mid-study): the missing
+    folders and a file in them are made, then removed. os.access answers yes to root under /proc or on a
+    read-only mount, where only trying tells."""
     if "://" in storage_path:
         return
-    path = Path(storage_path).expanduser()
-    existing = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError("--storage-path", f"{path}: {existing} is not a writable folder")
+    path = Path(storage_path).expanduser().absolute()
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError("--storage-path", f"{path}: cannot make or write a folder there "
+                                            f"({err.strerror or type(err).__name__})") from None
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def check_address(address: str | None) -> None:
@@ -264,6 +287,9 @@ def trial_resources(plans: dict[bool, Space], args: argparse.Namespace) -> tuple
     if not gpus and args.gpus_per_trial:
         raise ConfigError("--gpus-per-trial", f"{args.gpus_per_trial} GPU per trial, but the Ray cluster has no GPU")
     space = plans[gpus > 0]
+    device = from_dict(space.train_fields).device
+    if not gpus and device.startswith("cuda"):
+        raise ConfigError(f"{space.where}: base.device", f"{device}, but the Ray cluster has no GPU")
     cpu = args.cpus_per_trial or space.resources["cpu"]
     gpu = args.gpus_per_trial if args.gpus_per_trial is not None else space.resources["gpu"] or DEFAULT_GPU_SHARE
     gpu = gpu if gpus else 0
@@ -334,7 +360,7 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
 
-def restore_tuner(location: str, trainable: tune.Trainable, stopper: GanStopper, callbacks: list[tune.Callback],
+def restore_tuner(location: str, trainable: tune.Trainable, stopper: tune.Stopper, callbacks: list[tune.Callback],
                   restart_errored: bool) -> tune.Tuner:
     """Tuner.restore, unfinished trials from their checkpoints; errored ones too, or from scratch.
 
@@ -349,7 +375,7 @@ def restore_tuner(location: str, trainable: tune.Trainable, stopper: GanStopper,
 
 
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
-                stopper: GanStopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
+                stopper: tune.Stopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(train_gan, data=data), trial)
     if args.resume is not None:
         return restore_tuner(location, trainable, stopper, callbacks, args.restart_errored)
@@ -438,20 +464,32 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     print(f"data: {data.source} ({len(data)} images)", flush=True)
     random.seed(args.seed)  # the driver-side draws of Tune's schedulers (PBT explore, ASHA brackets)
     np.random.seed(args.seed)
-    stopper = GanStopper()
-    parent, callbacks = start_tracking(space, args, data, trial, stopper, location)
-    if args.resume is None:
-        save_args(args, location)
+    stopper, failing = GanStopper(), FailingTrials(space.num_samples)
+    parent, callbacks = start_tracking(space, args, data, trial, stopper, location)  # after every check
     started = time.time()
     try:
-        results = build_tuner(space, args, data, trial, stopper, location, callbacks).fit()
-    except BaseException:
-        tracking.finish_search_run(args.tracking_uri, parent, None, space.metric, space.mode, status="FAILED")
+        if args.resume is None:
+            save_args(args, location)
+        stop = tune.stopper.CombinedStopper(stopper, failing)
+        results = build_tuner(space, args, data, trial, stop, location, [*callbacks, failing]).fit()
+    except BaseException as err:
+        tracking.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
         raise
+    if failing.space_fails:
+        return report_failing_space(failing, args, parent)
     best_config = summarise(results, space, stopper, location, started)
     finish_tracking(results, space, args, parent)
     print_resume_hint(results, callbacks[0].outcomes, args, location)
     return 0 if best_config else 1
+
+
+def report_failing_space(failing: FailingTrials, args: argparse.Namespace, parent: str) -> int:
+    """Trials that all raised before any report: one line per distinct error, the parent run FAILED, exit 1."""
+    lines = failing.summary()
+    for line in lines:
+        print(f"error: search stopped, {line}", file=sys.stderr)
+    tracking.fail_search_run(args.tracking_uri, parent, "; ".join(lines))
+    return 1
 
 
 def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: argparse.Namespace,
@@ -477,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = load_plans(args)
         location = study_dir(args, plans[False].name)
         check_local_gpus(args)
+        check_local_cpus(plans, args)
         args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
     except ConfigError as err:
