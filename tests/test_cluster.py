@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import jsonschema
+import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -37,9 +39,9 @@ def test_gpu_workers_autoscale_and_head_runs_mlflow():
 
 
 def test_a_schema_violation_is_caught():
-    import pytest
-
     broken = load()
     broken["available_node_types"]["gpu_worker"]["min_workers"] = "many"
-    with pytest.raises(Exception):
+    # the schema's own error naming the field, not any exception (a KeyError in prepare_config would pass that)
+    with pytest.raises(jsonschema.ValidationError, match="'many' is not of type 'integer'") as err:
         validate_config(prepare_config(broken))
+    assert list(err.value.path) == ["available_node_types", "gpu_worker", "min_workers"]
