@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gan_tune import train
-from gan_tune.config import ConfigError, TrainConfig
+from gan_tune.config import CliParser, ConfigError, TrainConfig
 from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
 from gan_tune.models import MODELS, build_models
 
@@ -263,7 +263,7 @@ def counts(flag: str, text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.bench", description=__doc__.split("\n")[0])
+    parser = CliParser(prog="python -m gan_tune.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="balanced model at batch 128 only, fewer steps")
     parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
@@ -290,7 +290,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, value in (("--parity-epochs", args.parity_epochs), ("--fid-samples", args.fid_samples)):
         if value < 0:
             raise ConfigError(flag, f"{value} is negative")
+    if args.fid_samples == 1:
+        raise ConfigError("--fid-samples", "1: use 0 (skip) or >= 2 (one sample has no covariance)")
+    if args.json:
+        check_writable(args.json)
     return args
+
+
+def check_writable(path: str) -> None:
+    """--json is written after minutes of measuring: a path that cannot take it fails now (an empty file stays)."""
+    try:
+        open(path, "a").close()
+    except OSError as err:
+        raise ConfigError("--json", f"{path}: cannot write ({err.strerror})") from None
 
 
 def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:

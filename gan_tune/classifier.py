@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gan_tune.config import CliParser, device_arg, seed_arg
 from gan_tune.data import BUNDLED, FULL, DataError, Mnist, load_mnist, to_float
 
 FEATURE_DIM = 128  # penultimate width: the space the Fréchet distance is measured in
@@ -262,14 +263,14 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.classifier", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m gan_tune.classifier", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the classifier and write weights + sidecar")
     train.add_argument("--data-source", default="auto", choices=("auto", FULL, BUNDLED))
     train.add_argument("--data-dir", default="~/.cache/gan_tune")
     train.add_argument("--epochs", type=positive_int, default=10)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--seed", type=seed_arg, default=0)
+    train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--out", default=str(asset_path(WEIGHTS_FILE)))
     return parser.parse_args(argv)
 

@@ -50,6 +50,27 @@ class CliParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def device_arg(text: str) -> str:
+    """argparse type of a --device flag: cpu, cuda[:N] or mps, present on this machine."""
+    if re.fullmatch(r"cpu|mps|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda[:N] or mps")
+    if not device_available(text):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no such device")
+    return text
+
+
+def device_available(name: str) -> bool:
+    """Whether a device name (TrainConfig.device's form) exists on this machine; auto always does."""
+    import torch  # late: reading a config needs no torch
+
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        return torch.cuda.device_count() > int(index or 0)
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
 def seed_arg(text: str) -> int:
     """argparse type of a --seed flag: an integer numpy accepts as a seed."""
     value = int(text)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from gan_tune.classifier import NUM_CLASSES, ClassifierError, MnistClassifier, classifier_checksum, load_classifier
-from gan_tune.config import ConfigError
+from gan_tune.config import CliParser, ConfigError, device_arg
 from gan_tune.data import BUNDLED, DataError, Mnist, load_mnist, to_float
 from gan_tune.models import fuse_upsample_conv
 from gan_tune.train import generator_from_state, read_checkpoint  # train imports this module only inside a function
@@ -407,8 +407,8 @@ def baseline_count(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.metrics", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = CliParser(prog="python -m gan_tune.metrics", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     sub = parser.add_subparsers(dest="command", required=True)
     score = sub.add_parser("score", help="metrics of a trained generator")
     score.add_argument("path", help="a run directory (holding checkpoint.pt) or a checkpoint file")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gan_tune import artifacts, config
-from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, ConfigError, TrainConfig
+from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, CliParser, ConfigError, TrainConfig, device_available
 from gan_tune.data import DataError, Mnist, epoch_batches, load_mnist, to_float
 from gan_tune.models import build_models
 
@@ -330,7 +330,7 @@ def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int =
 # ---- single-run CLI: python -m gan_tune.train --config FILE.yaml [--set key=value ...] [--resume RUN_DIR]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_tune.train", description="Train one GAN and write a run folder.")
+    parser = CliParser(prog="python -m gan_tune.train", description="Train one GAN and write a run folder.")
     parser.add_argument("--config", help="YAML file of TrainConfig fields (defaults: the balanced recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set lr_d=1.0e-4 (repeatable)")
@@ -346,8 +346,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
             raise ConfigError("--resume", f"{run_dir / CHECKPOINT} not found: not a run folder with a checkpoint")
         if args.config:
             raise ConfigError("--config", "cannot be combined with --resume (the run folder holds its config)")
-        return config.load(run_dir / "config.yaml", args.overrides), run_dir
-    return config.load(args.config, args.overrides), None
+        cfg = config.load(run_dir / "config.yaml", args.overrides)
+    else:
+        cfg, run_dir = config.load(args.config, args.overrides), None
+    if not device_available(cfg.device):  # a single run trains here; a search's trials may run elsewhere
+        raise ConfigError("device", f"{cfg.device}: this machine has no such device (use auto or cpu)")
+    return cfg, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run_dir = train_run(cfg, run_dir)
-    except DataError as err:
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
@@ -374,7 +378,10 @@ CHECKPOINT = "checkpoint.pt"
 
 def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out_dir) / f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-    (run_dir / artifacts.SAMPLES).mkdir(parents=True)
+    try:
+        (run_dir / artifacts.SAMPLES).mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError("out_dir", f"{cfg.out_dir}: cannot make a run folder there ({err.strerror})") from None
     config.save(cfg, run_dir / "config.yaml")
     return run_dir
 
