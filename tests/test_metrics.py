@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,17 @@ from gan_tune.models import NearestUpConv, build_models
 from gan_tune.train import fixed_noise, make_gan, make_generator, state
 
 CPU = torch.device("cpu")
-N = 1000  # images per baseline set: enough to order the baselines, cheap on a CPU
+N = 2000  # images per baseline set, as in the README's table (FID depends on the count)
+README = Path(__file__).resolve().parents[1] / "README.md"
+# README row -> metrics.BASELINES name
+README_ROWS = {
+    "real held-out images": "real held-out",
+    "real + blur (σ 1 px)": "real + blur (sigma 1 px)",
+    "real + noise (std 0.5)": "real + noise (std 0.5)",
+    "real digits 0–4 only": "real, digits 0-4 only",
+    "mode collapse (copies of a 3 and a 7)": "mode collapse (2 images: 3, 7)",
+    "uniform noise": "uniform noise",
+}
 SCORE_KEYS = {"fid", "is", "coverage", "coverage_entropy", "mean_confidence", "fid_samples"}
 
 
@@ -30,6 +41,32 @@ def cache_env(module_cache, monkeypatch):
 @pytest.fixture(scope="module")
 def table(module_cache):
     return metrics.baseline_table(N, CPU, cache_dir=module_cache / "fid_stats")
+
+
+def readme_baselines() -> tuple[list[str], dict[str, list[str]]]:
+    """(columns, README row -> its cells as printed) of the table under 'What good looks like'."""
+    section = README.read_text().split("What good looks like", 1)[1]
+    lines = [line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    header, rows = cells[0], cells[2:]  # cells[1] is the |---| line
+    return header[1:], {row[0]: row[1:] for row in rows}
+
+
+def printed_tolerance(printed: str, value: float) -> float:
+    """Half a unit of the last printed digit (the README's rounding) plus 0.1 % for BLAS differences between CPUs."""
+    decimals = len(printed.split(".", 1)[1]) if "." in printed else 0
+    return 0.5 * 10 ** -decimals + 1e-3 * abs(value)
+
+
+def test_the_readme_baseline_table_is_what_baselines_computes(table):
+    columns, rows = readme_baselines()
+    assert columns == ["fid", "is", "coverage", "coverage_entropy", "mean_confidence"]
+    assert set(rows) == set(README_ROWS) and set(README_ROWS.values()) == set(metrics.BASELINES)
+    for readme_name, printed_row in rows.items():
+        measured = table[README_ROWS[readme_name]]
+        for column, printed in zip(columns, printed_row):
+            documented, value = float(printed.replace(",", "")), measured[column]
+            assert abs(value - documented) <= printed_tolerance(printed, documented), (readme_name, column, value)
 
 
 def test_real_held_out_images_score_well(table):
