@@ -62,8 +62,10 @@ REPORTED_METRICS = (
 OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max", "mean_confidence": "max"}
 # Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
-# fast the machine trains. Unset, it costs one dict lookup per epoch.
+# fast the machine trains; FAULT_GATE_TRIAL_ENV, if set, limits it to trial ids ending so (e.g. "_00000").
+# Unset, it costs one dict lookup per epoch.
 FAULT_GATE_ENV = "GAN_TUNE_FAULT_GATE"
+FAULT_GATE_TRIAL_ENV = "GAN_TUNE_FAULT_GATE_TRIAL"
 FAULT_GATE_TIMEOUT_S = 300.0
 
 
@@ -197,6 +199,8 @@ def fault_gate(epoch: int) -> None:
     """Wait at FAULT_GATE_ENV's epoch, once per study: a restarted trial that trains that epoch again runs on."""
     spec = os.environ.get(FAULT_GATE_ENV)
     if not spec or int(spec.split(":", 1)[0]) != epoch:
+        return
+    if not tune.get_context().get_trial_id().endswith(os.environ.get(FAULT_GATE_TRIAL_ENV, "")):
         return
     gate = Path(spec.split(":", 1)[1])
     try:  # O_EXCL: of several trials, and of one trial's restarts, only the first claims the gate

@@ -277,3 +277,41 @@ def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_p
     for trial_id, trial in killed["trials"].items():
         assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
         assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
+
+
+def test_a_trial_killed_more_often_than_max_failures_ends_errored_and_the_search_goes_on(tmp_path):
+    """README: a crashed trial restarts twice (FailureConfig(max_failures=2)); killed a third time it is errored."""
+    kills = 3  # the documented max_failures (2) + 1
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "smoke_fail.yaml"
+    # no checkpoint before the end, so every restart trains epoch 1 again and meets the re-armed gate
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "checkpoint_every": 10, "steps_per_epoch": 4},
+                                     "search": {"lr_d": {"grid": [1.0e-4]}, "lr_g": {"grid": [5.0e-4]}},
+                                     "search_alg": "grid", "num_samples": 2, "max_epochs": 2,
+                                     "scheduler": {"type": "fifo"}}, sort_keys=False))
+    uri, gate, exp_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "gate", tmp_path / "rr" / "fail"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", trainable.FAULT_GATE_ENV: f"1:{gate}",
+           trainable.FAULT_GATE_TRIAL_ENV: "_00000"}  # only the first trial is killed; the second trains on
+    search = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                               str(tmp_path / "rr"), "--name", "fail", "--tracking-uri", uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for kill in range(kills):
+            worker = wait_for_gate(search, gate)
+            if kill < kills - 1:  # re-arm the gate for the restarted trial; after the last kill the next trial runs free
+                gate.unlink()
+                Path(f"{gate}.claim").unlink()
+            os.kill(worker, signal.SIGKILL)
+        out, _ = search.communicate(timeout=300)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.wait()
+    assert search.returncode == 0, out[-3000:]  # one trial still finished: the search goes on and has a best
+    assert "2 trials, 1 errored" in out, out[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    outcome = sorted((run.info.status, run.data.tags["stop_reason"]) for run in runs)
+    assert outcome == [("FAILED", "error"), ("FINISHED", "completed")], outcome
+    frames = [pd.read_csv(path) for path in exp_dir.glob("*/progress.csv")]
+    assert sorted(frame["epoch"].max() for frame in frames) == [1, 2]  # the errored trial never passed epoch 1
