@@ -1,5 +1,6 @@
 import gzip
 
+import pandas as pd
 import pytest
 import torch
 
@@ -52,3 +53,21 @@ def test_to_float_range():
     x = data.to_float(torch.tensor([[[0, 255]]], dtype=torch.uint8))
     assert x.shape == (1, 1, 1, 2)
     assert x.flatten().tolist() == [-1.0, 1.0]
+
+
+def test_auto_falls_back_offline_to_the_bundled_split_and_the_run_records_it(tmp_path, monkeypatch):
+    """No cached MNIST in data_dir, and no network (a proxy nobody answers: torchvision's download fails as
+    it does offline): `data_source: auto` trains on the bundled 10k and says so in the history."""
+    from gan_tune import train
+
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # the discard port: the connection is refused
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    mnist = data.load_mnist("auto", data_dir=tmp_path / "mnist")
+    assert mnist.source == "mnist-test-10k-bundled" and len(mnist) == 10_000
+    assert train.main(["--set", f"data_dir={tmp_path / 'mnist'}", "--set", "data_source=auto", "--set", "subset=256",
+                       "--set", f"out_dir={tmp_path / 'runs'}", "--set", "width=0.25", "--set", "batch_size=32",
+                       "--set", "steps_per_epoch=2", "--set", "max_epochs=1", "--set", "eval_every=0"]) == 0
+    (history,) = (tmp_path / "runs").glob("*/history.csv")
+    assert pd.read_csv(history)["data_source"].tolist() == ["mnist-test-10k-bundled[:256]"]
