@@ -141,14 +141,24 @@ def test_pbt_exploits_another_trials_checkpoint(ray_local, tmp_path):
         assert (row["lr_d"], row["lr_g"]) != (donor_row["lr_d"], donor_row["lr_g"])
 
 
-def test_hyperband_smoke_search_finishes_every_trial(ray_local, tmp_path):
+def test_hyperband_stops_the_worse_trial_of_a_halving_bracket(ray_local, tmp_path):
+    # Ray's HyperBand with max_t 2 and reduction_factor 2 fills two brackets of two trials: the first runs both
+    # for 2 epochs, the second keeps the better one after epoch 1 and stops the other. It waits for a bracket's
+    # reports (they decide, not time); in 2 epochs the GAN stopper cannot stop anything (it needs 3 or more).
     space = smoke_variant(tmp_path, "smoke_hb", scheduler={"type": "hyperband", "reduction_factor": 2},
-                          base={**yaml.safe_load(SMOKE.read_text())["base"], "checkpoint_every": 1})
-    code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "hb")
+                          base={**yaml.safe_load(SMOKE.read_text())["base"], "checkpoint_every": 1, "fid_samples": 200},
+                          num_samples=4, time_budget="30m")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out = run_search("--space", space, "--storage-path", tmp_path / "rr", "--name", "hb", "--tracking-uri", uri)
     assert code == 0, out
     assert "0 errored" in out
-    frames = trial_frames(tmp_path / "rr" / "hb")
-    assert len(frames) == 3 and all(frame["epoch"].max() >= 1 for frame in frames.values())
+    epochs = {trial_id: frame["epoch"].max() for trial_id, frame in trial_frames(tmp_path / "rr" / "hb").items()}
+    assert sorted(epochs.values()) == [1, 2, 2, 2], epochs
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    reasons = {run.data.tags["trial_id"]: run.data.tags["stop_reason"] for run in runs}
+    assert reasons == {trial_id: "completed" if last == 2 else "hyperband early stop"
+                       for trial_id, last in epochs.items()}, (reasons, epochs)
 
 
 def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local, tmp_path, mlflow_store):
