@@ -2,6 +2,8 @@ import contextlib
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -94,6 +96,15 @@ def test_list_spaces_names_the_shipped_spaces(capsys):
     assert search.main(["--list-spaces"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("balanced", "ttur", "pbt", "wide", "smoke"))
+
+
+def test_the_installed_console_script_lists_the_shipped_spaces(tmp_path):
+    """pyproject's [project.scripts]: gan-tune-search sits beside the venv's python and, run outside the checkout,
+    finds the spaces inside the installed package."""
+    done = subprocess.run([str(Path(sys.executable).parent / "gan-tune-search"), "--list-spaces"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in ("balanced", "ttur", "pbt", "wide", "smoke"))
 
 
 def test_gpus_requested_on_a_cpu_cluster_exit_2_without_hanging(ray_local, tmp_path, capsys):
