@@ -4,22 +4,33 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
+from PIL import Image
 from ray import cloudpickle, tune
 
-from gan_tune import tracking
+from gan_tune import artifacts, tracking
 from gan_tune.config import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 EPOCHS = 5
-FAKE_PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)  # the tracker uploads files; it never decodes them
+
+
+def grid_png() -> bytes:
+    """A real sample grid's PNG bytes, made here once: the trainable below writes them without importing torch."""
+    with tempfile.TemporaryDirectory() as folder:
+        return artifacts.save_grid(torch.rand(8, 1, 28, 28) * 2 - 1, Path(folder, "grid.png")).read_bytes()
+
+
+GRID_PNG = grid_png()
 
 
 def free_port() -> int:
@@ -89,11 +100,11 @@ def counting_trainable(config):
         if config["a"] == "crash" and epoch == 2:
             raise RuntimeError("crashed on purpose")
         Path("samples").mkdir(exist_ok=True)
-        Path("samples", f"epoch_{epoch:03d}.png").write_bytes(FAKE_PNG)
+        Path("samples", f"epoch_{epoch:03d}.png").write_bytes(GRID_PNG)
         Path("history.csv").write_text(f"epoch,loss_d\n{epoch},1.0\n")
         tune.report({"epoch": epoch, "fid": 100.0 / epoch, "loss_d": 1.0 + epoch, "balance": "balanced",
                      "restored_from": ""})
-    Path("final_grid.png").write_bytes(FAKE_PNG)
+    Path("final_grid.png").write_bytes(GRID_PNG)
 
 
 class ScriptedStopper(tune.Stopper):
@@ -206,7 +217,7 @@ def test_search_tracked_on_a_real_server(ray_local, tmp_path, mlflow_server):
     top = {a.path for a in client.list_artifacts(runs["ok"].info.run_id)}
     assert {"final_grid.png", "history.csv", "samples"} <= top
     local = Path(client.download_artifacts(runs["ok"].info.run_id, "final_grid.png", str(tmp_path)))
-    assert local.read_bytes()[:4] == b"\x89PNG"
+    assert local.read_bytes() == GRID_PNG and Image.open(local).size == (8 * 30 + 2, 30 + 2)  # 8 per row
     assert json.loads(parent_run.data.tags["trial_outcomes"]) == {
         "completed": 1, "mode collapse": 1, "asha early stop": 1, "error": 1}
 
