@@ -13,9 +13,11 @@ import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import yaml
+
+from gan_tune.models import MODELS  # models imports this module for type hints only
 
 # Balanced-DCGAN recipe (TF DCGAN tutorial lineage): D learns twice as fast as G, Adam beta1 0.5.
 DEFAULT_LR_D = 2.0e-4
@@ -111,8 +113,6 @@ class TrainConfig:
     out_dir: str = "runs"
 
     def __post_init__(self) -> None:
-        from gan_tune.models import MODELS  # late import: models imports this module
-
         checks: list[tuple[str, bool, str]] = [
             ("model", self.model in MODELS, f"unknown model family {self.model!r} (known: {', '.join(sorted(MODELS))})"),
             ("seed", 0 <= self.seed <= SEED_MAX, f"must be in [0, {SEED_MAX}]"),
@@ -230,3 +230,27 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConf
 def save(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A search key that is not a TrainConfig field: a trial's config turns it into `target`."""
+
+    target: str  # the field it sets
+    inputs: tuple[str, ...]  # the fields it reads, besides itself
+    compute: Callable[[dict[str, Any]], Any]
+
+
+DERIVED_PARAMS: dict[str, Derived] = {
+    # TTUR (Heusel et al. 2017) searches G's rate and how much faster D learns: lr_d = lr_g * lr_ratio
+    "lr_ratio": Derived("lr_d", ("lr_g",), lambda c: c["lr_g"] * c["lr_ratio"]),
+}
+
+
+def resolve_derived(values: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields only: each derived param is replaced by the field it sets."""
+    fields_only = {key: value for key, value in values.items() if key not in DERIVED_PARAMS}
+    for name, derived in DERIVED_PARAMS.items():
+        if name in values:
+            fields_only[derived.target] = derived.compute(values)
+    return fields_only

@@ -1,7 +1,9 @@
 """Quality scores of a generator, read off the bundled MNIST classifier (gan_tune.classifier).
 
-A metric is one function in METRICS (stylegan2's metric_main pattern) that reads the classifier's
-outputs on N images (`Outputs`) and the Gaussian fit of the real data's features (`GaussianFit`):
+A metric is one decorated function in METRICS (stylegan2's metric_main pattern) that reads the classifier's
+outputs on N images (`Outputs`) and the Gaussian fit of the real data's features (`GaussianFit`). Its spec
+also says which direction is better, the worst value (what a diverged epoch reports) and whether a study
+may optimise it; OBJECTIVES, SCORE_KEYS and DIVERGED_SCORES are derived from the specs, nowhere else:
 - fid: Fréchet distance between Gaussian fits of classifier features, generated vs real (lower is better);
 - is: inception score with the classifier's softmax (10 is the most a 10-class classifier allows);
 - coverage: digit classes that get at least 2 % of the samples (10 for a healthy generator);
@@ -40,7 +42,7 @@ from gan_tune.classifier import NUM_CLASSES, ClassifierError, MnistClassifier, c
 from gan_tune.config import CliParser, ConfigError, device_arg
 from gan_tune.data import BUNDLED, DataError, Mnist, load_mnist, to_float
 from gan_tune.models import fuse_upsample_conv
-from gan_tune.train import generator_from_state, read_checkpoint  # train imports this module only inside a function
+from gan_tune import checkpoint
 
 CACHE_ENV = "GAN_TUNE_CACHE"  # cache root; the real statistics go in its fid_stats/ folder
 DEFAULT_CACHE_ROOT = "~/.cache/gan_tune"
@@ -51,7 +53,9 @@ CPU_BATCH_SIZE = 100  # activations stay in cache: on the 2-core CPU the balance
 GPU_BATCH_SIZE = 1000
 COVERAGE_MIN_SHARE = 0.02  # a class is covered from 2 % of the samples (a balanced generator gives 10 %)
 SCORE_SEED = 0  # the scorer's latent draws: the same generator weights always get the same score
-CHECKPOINT_FILE = "checkpoint.pt"  # inside a run directory
+# Finite on purpose: ASHA takes percentiles of the recorded scores, and an inf among them turns the
+# cutoff into NaN (inf - inf); 1e6 is far above any FID in the classifier's 128-d feature space.
+DIVERGED_FID = 1.0e6
 
 
 @dataclass(frozen=True)
@@ -69,15 +73,26 @@ class GaussianFit:
 
 
 Metric = Callable[[Outputs, GaussianFit], float]
-METRICS: dict[str, Metric] = {}
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
-    def add(metric: Metric) -> Metric:
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # the key in reports, space files, MLflow and the report
+    compute: Metric
+    mode: str  # "min" or "max": which direction is better
+    worst: float  # reported by a diverged epoch: the worst finite value, so no NaN reaches a scheduler
+    objective: bool = True  # a study may optimise it (the space's `metric:`)
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(name: str, mode: str, worst: float, objective: bool = True) -> Callable[[Metric], Metric]:
+    def add(compute: Metric) -> Metric:
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
-        METRICS[name] = metric
-        return metric
+        METRICS[name] = MetricSpec(name, compute, mode, worst, objective)
+        return compute
 
     return add
 
@@ -103,14 +118,14 @@ def frechet_distance(a: GaussianFit, b: GaussianFit) -> float:
     return float((a.mean - b.mean).square().sum() + a.cov.trace() + b.cov.trace() - 2 * tr_sqrt)
 
 
-@register_metric("fid")
+@register_metric("fid", mode="min", worst=DIVERGED_FID)
 def fid(out: Outputs, real: GaussianFit) -> float:
     if not torch.isfinite(out.features).all():
         return math.inf  # a diverged generator (NaN images) ranks last instead of crashing the trial
     return frechet_distance(gaussian_fit(out.features), real)
 
 
-@register_metric("is")
+@register_metric("is", mode="max", worst=0.0)
 def inception_score(out: Outputs, real: GaussianFit) -> float:
     """exp E_x KL(p(y|x) || p(y)) over all N samples as one split (Salimans et al. 2016 average 10 splits)."""
     log_p = out.logits.log_softmax(1)
@@ -125,20 +140,27 @@ def class_shares(out: Outputs) -> Tensor:
     return counts.double() / counts.sum()
 
 
-@register_metric("coverage")
+@register_metric("coverage", mode="max", worst=0)
 def coverage(out: Outputs, real: GaussianFit) -> int:
     return int((class_shares(out) >= COVERAGE_MIN_SHARE).sum())
 
 
-@register_metric("coverage_entropy")
+@register_metric("coverage_entropy", mode="max", worst=0.0)
 def coverage_entropy(out: Outputs, real: GaussianFit) -> float:
     shares = class_shares(out)
     return float(torch.special.entr(shares).sum())  # entr(p) = -p log p, 0 for empty classes
 
 
-@register_metric("mean_confidence")
+@register_metric("mean_confidence", mode="max", worst=0.0)
 def mean_confidence(out: Outputs, real: GaussianFit) -> float:
     return float(out.logits.softmax(1).amax(1).mean())
+
+
+# Tables derived from the specs: what a study may optimise (and which way), every key of a score, and
+# what a diverged epoch reports instead (fid_samples 0: nothing was generated).
+OBJECTIVES = {spec.name: spec.mode for spec in METRICS.values() if spec.objective}
+SCORE_KEYS = (*METRICS, "fid_samples")
+DIVERGED_SCORES = {**{spec.name: spec.worst for spec in METRICS.values()}, "fid_samples": 0}
 
 
 def calc_metrics(out: Outputs, real: GaussianFit, names: Iterable[str] | None = None) -> dict[str, float]:
@@ -146,7 +168,7 @@ def calc_metrics(out: Outputs, real: GaussianFit, names: Iterable[str] | None = 
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise KeyError(f"unknown metric(s) {', '.join(unknown)} (known: {', '.join(METRICS)})")
-    return {name: METRICS[name](out, real) for name in names}
+    return {name: METRICS[name].compute(out, real) for name in names}
 
 
 @torch.no_grad()
@@ -356,29 +378,16 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def load_checkpoint(path: Path) -> tuple[Path, dict]:
-    """(checkpoint file, its dict) from a checkpoint file or a run directory holding checkpoint.pt."""
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint file")
-    saved = read_checkpoint(path, torch.device("cpu"))  # DataError naming an unreadable file
-    missing = [key for key in ("config", "g") if not isinstance(saved, dict) or key not in saved]
-    if missing:
-        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected a gan_tune.train.state() dict")
-    return path, saved
-
-
 def score_command(args: argparse.Namespace) -> int:
-    path, saved = load_checkpoint(Path(args.path))
-    g, cfg = generator_from_state(saved, where=str(path))
+    g, cfg, saved = checkpoint.load_generator(args.path)  # DataError naming a missing or unreadable file
+    path = checkpoint.path_of(args.path)
     device = torch.device(args.device)
     try:
         data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset)
     except RuntimeError as err:  # torchvision's download failure for mnist-train-60k
         raise DataError(f"{cfg.data_dir}: cannot load {cfg.data_source} for {path} ({err})") from None
     scores = make_scorer(data, device, args.n)(g.to(device), cfg.latent_dim)
-    print(f"{path}: epoch {saved.get('epoch', '?')}, real statistics from {data.source}")
+    print(f"{path}: epoch {saved['epoch']}, real statistics from {data.source}")
     print(format_table({cfg.name: scores}))
     return 0
 

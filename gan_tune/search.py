@@ -32,12 +32,12 @@ import yaml
 from ray import tune
 
 from gan_tune import spaces, tracking
-from gan_tune.config import CliParser, ConfigError, from_dict, seed_arg
+from gan_tune.config import CliParser, ConfigError, device_available, from_dict, resolve_derived, seed_arg
 from gan_tune.data import DataError, Mnist, load_mnist
 from gan_tune.spaces import Space
 from gan_tune.stopping import FailingTrials, GanStopper
 from gan_tune.tracking import first_line
-from gan_tune.trainable import resolve_derived, train_gan
+from gan_tune.trainable import train_gan
 
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_GPU_SHARE = 0.25  # four trials share a GPU: one small GAN leaves most of it idle
@@ -183,10 +183,14 @@ def check_local_gpus(args: argparse.Namespace) -> None:
 
 
 def check_local_cpus(plans: dict[bool, Space], args: argparse.Namespace) -> None:
-    """Without --address Ray gets this machine's CPUs (start_ray): a trial wanting more fails before Ray starts."""
+    """Without --address Ray gets this machine's CPUs (start_ray): a trial wanting more fails before Ray starts;
+    so does a base.device this machine lacks."""
     if args.address:
         return
     space = plans[torch.cuda.device_count() > 0]
+    device = from_dict(space.train_fields).device
+    if not device_available(device):
+        raise ConfigError(f"{space.where}: base.device", f"{device}: this machine has no such device")
     cpu, cpus = args.cpus_per_trial or space.resources["cpu"], os.cpu_count()
     if cpu > cpus:
         flag = "--cpus-per-trial" if args.cpus_per_trial else f"{space.where}: resources.cpu"

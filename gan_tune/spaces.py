@@ -20,8 +20,8 @@ from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandSchedule
                                  TrialScheduler)
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from gan_tune.config import FIELD_TYPES, ConfigError, TrainConfig, coerce, from_dict, read_yaml
-from gan_tune.trainable import DERIVED_PARAMS, OBJECTIVES, REPORTED_METRICS
+from gan_tune.config import DERIVED_PARAMS, FIELD_TYPES, ConfigError, TrainConfig, coerce, from_dict, read_yaml
+from gan_tune.metrics import OBJECTIVES
 
 TOP_LEVEL = ("description", "base", "search", "metric", "mode", "num_samples", "max_epochs", "search_alg",
              "scheduler", "resources", "time_budget", "cpu")
@@ -263,8 +263,8 @@ def check_derived(search: dict[str, tuple[str, list]], base: dict[str, Any], whe
 
 def check_metric(metric: Any, mode: Any, fixed: TrainConfig, where: str) -> tuple[str, str]:
     if not isinstance(metric, str) or metric not in OBJECTIVES:
-        what = "a diagnostic, not a quality score" if metric in REPORTED_METRICS else "not reported by the trainable"
-        raise ConfigError("metric", f"{metric!r} is {what} (objectives: {', '.join(OBJECTIVES)})", where=where)
+        raise ConfigError("metric", f"{metric!r} is not a quality score a study can optimise "
+                                    f"(objectives: {', '.join(OBJECTIVES)})", where=where)
     if mode != OBJECTIVES[metric]:
         better = "lower" if OBJECTIVES[metric] == "min" else "higher"
         raise ConfigError("mode", f"{mode!r}: {metric} is better {better}, use mode: {OBJECTIVES[metric]}", where=where)

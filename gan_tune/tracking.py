@@ -55,7 +55,8 @@ from ray.tune.utils import flatten_dict
 
 import gan_tune
 from gan_tune.config import CliParser, ConfigError
-from gan_tune.train import CHECKPOINT, generate, generator_from_state, read_checkpoint
+from gan_tune import checkpoint
+from gan_tune.train import generate
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
 
 def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any, metric: str,
                    mode: str) -> None:
-    checkpoint, metrics = best_checkpoint(best_result, metric, mode)
+    best, metrics = best_checkpoint(best_result, metric, mode)
     trial_id = str(best_result.metrics.get("trial_id", ""))
     tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
             RunTag("best.epoch", str(metrics.get("epoch", "")))]
@@ -372,8 +373,8 @@ def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_re
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()], tags=tags)
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
-    if checkpoint is not None:
-        log_generator(tracking_uri, run_id, checkpoint)
+    if best is not None:
+        log_generator(tracking_uri, run_id, best)
 
 
 def best_checkpoint(result: Any, metric: str, mode: str) -> tuple[tune.Checkpoint | None, dict]:
@@ -393,18 +394,11 @@ def child_run_id(client: MlflowClient, parent_run_id: str, trial_id: str) -> str
     return runs[0].info.run_id if runs else None
 
 
-def load_generator(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, int]:
-    """The generator (eval mode, CPU) and latent size from a trial checkpoint written with train.state()."""
-    path = Path(checkpoint_dir) / CHECKPOINT
-    g, cfg = generator_from_state(read_checkpoint(path, torch.device("cpu")), where=str(path))
-    return g.eval(), cfg.latent_dim
-
-
-def log_generator(tracking_uri: str, run_id: str, checkpoint: tune.Checkpoint) -> None:
+def log_generator(tracking_uri: str, run_id: str, best: tune.Checkpoint) -> None:
     """Log the checkpoint's generator as an MLflow model named `generator` (pt2: torch.export, no pickle)."""
-    with checkpoint.as_directory() as directory:
-        g, latent_dim = load_generator(directory)
-    noise = torch.randn(MODEL_EXAMPLE_BATCH, latent_dim, generator=torch.Generator().manual_seed(0))
+    with best.as_directory() as directory:
+        g, cfg, _ = checkpoint.load_generator(directory)
+    noise = torch.randn(MODEL_EXAMPLE_BATCH, cfg.latent_dim, generator=torch.Generator().manual_seed(0))
     signature = infer_signature(noise.numpy(), generate(g, noise).numpy())
     with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):  # the run's experiment gets the model
         mlflow.pytorch.log_model(g, name=MODEL_NAME, input_example=noise.numpy(), signature=signature,

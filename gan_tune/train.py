@@ -1,4 +1,4 @@
-"""The adversarial loop (pure D and G steps, one epoch with one host sync, checkpoint state)
+"""The adversarial loop (pure D and G steps, one epoch with one host sync, the end-of-epoch schedule)
 and the single-run CLI `python -m gan_tune.train`.
 
 The step and epoch functions open no files and print nothing; only `main` and the run-folder
@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import math
-import pickle
 import sys
 import time
 import uuid
@@ -27,14 +26,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gan_tune import artifacts, config
+from gan_tune import artifacts, checkpoint, config
 from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, CliParser, ConfigError, TrainConfig, device_available
 from gan_tune.data import DataError, Mnist, epoch_batches, load_mnist, to_float
+from gan_tune.metrics import make_scorer  # the classifier itself loads only in runs that score
 from gan_tune.models import build_models
 
 # Order of the per-epoch sums kept on the device; each entry is summed over the steps that produce it.
 D_STATS = ("loss_d", "d_acc_real", "d_acc_fake", "d_fake_prob")
 G_STATS = ("loss_g",)
+# Every key of an epoch record (fit adds the quality scores when they are due).
+RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode")
 FIXED_NOISE_COUNT = 64  # one 8x8 grid
 log = logging.getLogger(__name__)
 # A BCE loss this large means logits of about +-1000: the weights have exploded even if still finite
@@ -90,14 +92,6 @@ def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, **adam)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, **adam)
     return Gan(g, d, opt_g, opt_d, cfg, device)
-
-
-def set_learning_rates(gan: Gan, lr_d: float, lr_g: float) -> None:
-    """Write rates into the param groups: a restored optimiser state carries the donor's rates (PBT)."""
-    for group in gan.opt_d.param_groups:
-        group["lr"] = lr_d
-    for group in gan.opt_g.param_groups:
-        group["lr"] = lr_g
 
 
 def autocast(gan: Gan) -> contextlib.AbstractContextManager:
@@ -268,46 +262,24 @@ def generate(g: nn.Module, z: Tensor) -> Tensor:
         g.train(was_training)
 
 
-def generator_from_state(saved: dict, where: str) -> tuple[nn.Module, TrainConfig]:
-    """The generator (CPU, train mode) and config of a state() dict; weights that do not fit name `where`."""
-    cfg = config.from_dict(saved["config"], where=where)
-    g, _ = build_models(cfg)
-    try:
-        g.load_state_dict(saved["g"])
-    except RuntimeError as err:
-        raise DataError(f"{where}: generator weights do not fit the config ({str(err).splitlines()[0]})") from None
-    return g, cfg
-
-
-def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, history: list[dict]) -> dict:
-    """Everything a resumed run needs to continue exactly: weights, optimisers, epoch, RNG, noise."""
-    return {
-        "config": gan.cfg.to_dict(),
-        "epoch": epoch,
-        "g": gan.g.state_dict(),
-        "d": gan.d.state_dict(),
-        "opt_g": gan.opt_g.state_dict(),
-        "opt_d": gan.opt_d.state_dict(),
-        "fixed_noise": noise.cpu(),
-        "generator_state": generator.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "history": history,
-    }
-
-
-def load_state(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Tensor, list[dict]]:
-    """Restore `saved` into `gan` and `generator`; returns (epochs done, fixed noise, history)."""
-    gan.g.load_state_dict(saved["g"])
-    gan.d.load_state_dict(saved["d"])
-    gan.opt_g.load_state_dict(saved["opt_g"])
-    gan.opt_d.load_state_dict(saved["opt_d"])
-    generator.set_state(saved["generator_state"])
-    torch.set_rng_state(saved["torch_rng_state"])
-    set_learning_rates(gan, gan.cfg.lr_d, gan.cfg.lr_g)
-    return saved["epoch"], saved["fixed_noise"].to(gan.device), list(saved["history"])
-
-
 Scorer = Callable[[nn.Module, int], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the end of an epoch does; one schedule for the single-run CLI and the Tune trainable."""
+
+    score: bool  # quality scores (fid, is, coverage, ...)
+    sample: bool  # the fixed-noise grid; the last epoch, or a diverged one, always gets one
+    checkpoint: bool  # never of a diverged state: a restore would only diverge again
+
+
+def due(cfg: TrainConfig, epoch: int, diverged: bool = False) -> Due:
+    last = epoch == cfg.max_epochs
+    return Due(score=bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or last) and not diverged,
+               sample=epoch % cfg.sample_every == 0 or last or diverged,
+               checkpoint=(epoch % cfg.checkpoint_every == 0 or last) and not diverged)
+
 
 
 def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int = 0, scorer: Scorer | None = None,
@@ -319,8 +291,7 @@ def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int =
     cfg = gan.cfg
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         record = {"epoch": epoch, **train_epoch(gan, images, generator, wrap)}
-        due = cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs)
-        if scorer is not None and due and record["balance"] != "diverged":
+        if scorer is not None and due(cfg, epoch, record["balance"] == "diverged").score:
             record.update(scorer(gan.g, cfg.latent_dim))
         yield record
         if record["balance"] == "diverged":
@@ -342,8 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / CHECKPOINT).is_file():
-            raise ConfigError("--resume", f"{run_dir / CHECKPOINT} not found: not a run folder with a checkpoint")
+        if not (run_dir / checkpoint.FILE).is_file():
+            raise ConfigError("--resume", f"{run_dir / checkpoint.FILE} not found: not a run folder with a checkpoint")
         if args.config:
             raise ConfigError("--config", "cannot be combined with --resume (the run folder holds its config)")
         cfg = config.load(run_dir / "config.yaml", args.overrides)
@@ -373,9 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out_dir) / f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -401,7 +369,7 @@ def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
     """Train with cfg, writing grids, history, plot, GIF and checkpoints into a (new or resumed) run folder."""
     device = resolve_device(cfg.device)
     # read before anything is logged: a corrupt checkpoint fails with one line on stderr
-    saved = resume_state(run_dir, device) if run_dir and (run_dir / CHECKPOINT).is_file() else None
+    saved = resume_state(run_dir, device) if run_dir and (run_dir / checkpoint.FILE).is_file() else None
     run_dir = run_dir or new_run_dir(cfg)
     log = run_logger(run_dir)
     data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset).to(device)
@@ -409,7 +377,7 @@ def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
     gan, generator = make_gan(cfg, device), make_generator(cfg, device)
     start_epoch, noise, history = 0, fixed_noise(cfg, device), []
     if saved is not None:
-        start_epoch, noise, history = load_state(gan, saved, generator)
+        start_epoch, noise, history = checkpoint.restore(gan, saved, generator)
         log.info("resumed %s at epoch %d", run_dir, start_epoch)
     scorer = build_scorer(cfg, data, device)
     bar = functools.partial(tqdm, leave=False, unit="it", dynamic_ncols=True)
@@ -421,19 +389,10 @@ def train_run(cfg: TrainConfig, run_dir: Path | None = None) -> Path:
     return run_dir
 
 
-def read_checkpoint(path: Path, device: torch.device) -> dict:
-    """A saved training state; a truncated or foreign file is a DataError naming it."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch.load raises on bad bytes
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: unreadable checkpoint ({reason})") from None
-
-
 def resume_state(run_dir: Path, device: torch.device) -> dict:
     """The run folder's checkpoint for --resume; unreadable, the one line says how to go on."""
     try:
-        return read_checkpoint(run_dir / CHECKPOINT, device)
+        return checkpoint.read(run_dir, device)
     except DataError as err:
         raise DataError(f"{err}; delete it to start over") from None
 
@@ -441,8 +400,6 @@ def resume_state(run_dir: Path, device: torch.device) -> dict:
 def build_scorer(cfg: TrainConfig, data: Mnist, device: torch.device) -> Scorer | None:
     if not cfg.eval_every:
         return None
-    from gan_tune.metrics import make_scorer  # late: the classifier loads only for runs that score
-
     return make_scorer(data, device, cfg.fid_samples)
 
 
@@ -452,12 +409,11 @@ def write_epoch(run_dir: Path, gan: Gan, record: dict, noise: Tensor, generator:
     log.info("epoch %d/%d %s", epoch, cfg.max_epochs, format_record(record))
     if record["balance"] in ("D too weak", "D too strong", "diverged"):
         log.warning("epoch %d: %s (d_acc %.2f)", epoch, record["balance"], record["d_acc"])
-    if epoch % cfg.sample_every == 0 or epoch == cfg.max_epochs:
+    todo = due(cfg, epoch, record["balance"] == "diverged")
+    if todo.sample:
         artifacts.save_grid(generate(gan.g, noise), run_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
-    if record["balance"] != "diverged" and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.max_epochs):
-        tmp = run_dir / (CHECKPOINT + ".tmp")
-        torch.save(state(gan, epoch, noise, generator, history), tmp)
-        tmp.replace(run_dir / CHECKPOINT)  # atomic: a crash never leaves half a checkpoint
+    if todo.checkpoint:
+        checkpoint.write(checkpoint.state(gan, epoch, noise, generator, history), run_dir)
 
 
 def write_final(run_dir: Path, gan: Gan, noise: Tensor, history: list[dict]) -> None:

@@ -17,8 +17,8 @@ each step is logged as a warning and reported in `restore_note`, next to `restor
 
 Scores: `fit` scores every `eval_every` epochs. Between scores the trainable reports the last known
 score (`score_epoch` says when it was measured), because schedulers compare the metric on every report.
-The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports DIVERGED_SCORES, the
-worst finite values, so NaN never reaches a scheduler's comparison or sort.
+The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports metrics.DIVERGED_SCORES,
+each metric's worst finite value, so NaN never reaches a scheduler's comparison or sort.
 """
 
 from __future__ import annotations
@@ -29,37 +29,24 @@ import posixpath
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 
-from gan_tune import artifacts, train
-from gan_tune.config import TrainConfig, from_dict
+from gan_tune import artifacts, checkpoint, metrics, train
+from gan_tune.config import TrainConfig, from_dict, resolve_derived
 from gan_tune.data import DataError, Mnist
 
 log = logging.getLogger(__name__)  # a worker's warnings reach the driver's console through Ray's log forwarding
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{6}")  # Ray's name for the N-th checkpoint of a trial
-SCORE_KEYS = ("fid", "is", "coverage", "coverage_entropy", "mean_confidence", "fid_samples")
-# Finite on purpose: ASHA takes percentiles of the recorded scores, and an inf among them turns the
-# cutoff into NaN (inf - inf); 1e6 is far above any FID in the classifier's 128-d feature space.
-DIVERGED_FID = 1.0e6
-DIVERGED_SCORES = {"fid": DIVERGED_FID, "is": 0.0, "coverage": 0.0, "coverage_entropy": 0.0,
-                   "mean_confidence": 0.0, "fid_samples": 0}
-# Every key of a report; spaces.py checks a study's metric against it. Tune adds time_total_s.
-REPORTED_METRICS = (
-    "epoch", "loss_d", "loss_g", "d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob", "balance",
-    *SCORE_KEYS, "score_epoch", "img_per_s", "epoch_time_s", "lr_d", "lr_g",
-    "node_id", "data_source", "restored_from", "restored_epoch", "restore_note",
-)
-# Metrics a study may optimise, with the direction that is better.
-OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max", "mean_confidence": "max"}
+# Every key of a report (Tune adds time_total_s): the epoch record, the scores, and where they came from.
+REPORTED_METRICS = (*train.RECORD_KEYS, *metrics.SCORE_KEYS, "score_epoch", "lr_d", "lr_g",
+                    "node_id", "data_source", "restored_from", "restored_epoch", "restore_note")
 # Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
 # fast the machine trains; FAULT_GATE_TRIAL_ENV, if set, limits it to trial ids ending so (e.g. "_00000").
@@ -67,30 +54,6 @@ OBJECTIVES = {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": 
 FAULT_GATE_ENV = "GAN_TUNE_FAULT_GATE"
 FAULT_GATE_TRIAL_ENV = "GAN_TUNE_FAULT_GATE_TRIAL"
 FAULT_GATE_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class Derived:
-    """A search key that is not a TrainConfig field: the trainable turns it into `target`."""
-
-    target: str  # the field it sets
-    inputs: tuple[str, ...]  # the fields it reads, besides itself
-    compute: Callable[[dict[str, Any]], Any]
-
-
-DERIVED_PARAMS: dict[str, Derived] = {
-    # TTUR (Heusel et al. 2017) searches G's rate and how much faster D learns: lr_d = lr_g * lr_ratio
-    "lr_ratio": Derived("lr_d", ("lr_g",), lambda c: c["lr_g"] * c["lr_ratio"]),
-}
-
-
-def resolve_derived(config: dict[str, Any]) -> dict[str, Any]:
-    """TrainConfig fields only: each derived param is replaced by the field it sets."""
-    values = {key: value for key, value in config.items() if key not in DERIVED_PARAMS}
-    for name, derived in DERIVED_PARAMS.items():
-        if name in config:
-            values[derived.target] = derived.compute(config)
-    return values
 
 
 def trial_config(config: dict[str, Any]) -> TrainConfig:
@@ -105,37 +68,37 @@ def trial_cpus() -> int:
 
 
 def restore(gan: train.Gan, generator: torch.Generator,
-            checkpoint: tune.Checkpoint) -> tuple[int, torch.Tensor, list, dict]:
+            tune_checkpoint: tune.Checkpoint) -> tuple[int, torch.Tensor, list, dict]:
     """Load a checkpoint (own, or another trial's after a PBT exploit); lr_d/lr_g come from this trial."""
-    with checkpoint.as_directory() as folder:
-        saved = train.read_checkpoint(Path(folder) / CHECKPOINT_FILE, gan.device)  # DataError naming a bad file
-    epoch, noise, history = train.load_state(gan, saved, generator)
+    with tune_checkpoint.as_directory() as folder:
+        saved = checkpoint.read(folder, gan.device)  # DataError naming a bad file
+    epoch, noise, history = checkpoint.restore(gan, saved, generator)
     return epoch, noise, history, {"restored_from": saved["trial_id"], "restored_epoch": epoch}
 
 
-def earlier_checkpoints(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
-    """The checkpoints saved before `checkpoint` in its trial's folder, newest first.
+def earlier_checkpoints(latest: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The checkpoints saved before `latest` in its trial's folder, newest first.
 
     Listed through the checkpoint's own pyarrow filesystem, so local, NFS and s3:// storage all work.
     Tune keeps several per trial (search.CHECKPOINTS_KEPT); after a PBT exploit these are the donor's.
     """
-    folder, name = posixpath.split(checkpoint.path.rstrip("/"))
-    found = checkpoint.filesystem.get_file_info(pafs.FileSelector(folder))
+    folder, name = posixpath.split(latest.path.rstrip("/"))
+    found = latest.filesystem.get_file_info(pafs.FileSelector(folder))
     names = sorted((info.base_name for info in found if info.type == pafs.FileType.Directory
                     and CHECKPOINT_FOLDER.fullmatch(info.base_name) and info.base_name < name), reverse=True)
-    return [tune.Checkpoint(posixpath.join(folder, older), filesystem=checkpoint.filesystem) for older in names]
+    return [tune.Checkpoint(posixpath.join(folder, older), filesystem=latest.filesystem) for older in names]
 
 
-def restore_readable(gan: train.Gan, generator: torch.Generator, checkpoint: tune.Checkpoint,
+def restore_readable(gan: train.Gan, generator: torch.Generator, latest: tune.Checkpoint,
                      noise: torch.Tensor) -> tuple[int, torch.Tensor, list, dict]:
-    """`restore` the newest readable of `checkpoint` and the ones saved before it; none readable: epoch 0.
+    """`restore` the newest readable of `latest` and the ones saved before it; none readable: epoch 0.
 
     A truncated file (a disk that filled during the upload) fails inside torch.load, before any state
     reaches `gan`, so the next candidate or a fresh start needs no rebuilt model. `restore_note` tells
     the results what happened; each step is also logged.
     """
     unreadable: list[str] = []  # folder names, oldest last
-    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+    for candidate in [latest, *earlier_checkpoints(latest)]:
         try:
             epoch, noise, history, restored = restore(gan, generator, candidate)
         except DataError as err:
@@ -152,36 +115,34 @@ def restore_readable(gan: train.Gan, generator: torch.Generator, checkpoint: tun
                           "restore_note": f"unreadable {', '.join(unreadable)}; started fresh"}
 
 
-def report(metrics: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
-    """tune.report, with a checkpoint every `checkpoint_every` epochs and on the last (never a diverged state)."""
-    cfg, epoch = gan.cfg, metrics["epoch"]
-    due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.max_epochs
-    if metrics["balance"] == "diverged" or not due:
-        tune.report(metrics)
+def report(result: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
+    """tune.report, with a checkpoint when train.due says so (every `checkpoint_every` epochs, the last, never diverged)."""
+    if not train.due(gan.cfg, result["epoch"], result["balance"] == "diverged").checkpoint:
+        tune.report(result)
         return
-    saved = {**train.state(gan, epoch, noise, generator, history), "trial_id": tune.get_context().get_trial_id()}
+    saved = checkpoint.state(gan, result["epoch"], noise, generator, history, tune.get_context().get_trial_id())
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(saved, Path(folder) / CHECKPOINT_FILE)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
+        checkpoint.write(saved, folder)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
 
 
 def epoch_metrics(record: dict, scores: dict, context: dict) -> dict:
     """One report: the epoch record, the latest scores (carried between evaluations) and the context."""
     if record["balance"] == "diverged":
-        scores.update(DIVERGED_SCORES, score_epoch=record["epoch"])
+        scores.update(metrics.DIVERGED_SCORES, score_epoch=record["epoch"])
     elif "fid" in record:
-        scores.update({key: record[key] for key in SCORE_KEYS}, score_epoch=record["epoch"])
+        scores.update({key: record[key] for key in metrics.SCORE_KEYS}, score_epoch=record["epoch"])
     return {**record, **scores, **context}
 
 
-def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, history: list, final: bool) -> None:
-    """On sampling epochs and the last one: the sample grid and the files a finished run leaves.
+def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, history: list) -> None:
+    """On sampling epochs (train.due; always the last and a diverged one): the grid and a finished run's files.
 
     Written before the epoch's report: a trial that Tune stops (ASHA, the GAN stopper, the time budget)
     runs no code after its last report, so its folder must be complete by then.
     """
     epoch = history[-1]["epoch"]
-    if epoch % gan.cfg.sample_every and not final:
+    if not train.due(gan.cfg, epoch, history[-1]["balance"] == "diverged").sample:
         return
     images = train.generate(gan.g, noise)
     artifacts.save_grid(images, trial_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
@@ -192,7 +153,7 @@ def last_scores(history: list[dict]) -> dict:
     """The scores to carry forward after a restore: those of the checkpoint's last epoch, if any."""
     if not history or "score_epoch" not in history[-1]:
         return {}
-    return {key: history[-1][key] for key in (*SCORE_KEYS, "score_epoch")}
+    return {key: history[-1][key] for key in (*metrics.SCORE_KEYS, "score_epoch")}
 
 
 def fault_gate(epoch: int) -> None:
@@ -224,19 +185,18 @@ def train_gan(config: dict[str, Any], data: Mnist) -> None:
     start_epoch, noise, history = 0, train.fixed_noise(cfg, device), []
     context = {"node_id": ray.get_runtime_context().get_node_id(), "data_source": data.source,
                "restored_from": "", "restored_epoch": 0, "restore_note": ""}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        start_epoch, noise, history, restored = restore_readable(gan, generator, checkpoint, noise)
+    latest = tune.get_checkpoint()
+    if latest:
+        start_epoch, noise, history, restored = restore_readable(gan, generator, latest, noise)
         context.update(restored)
     # the rates the optimisers really use: after a PBT exploit, this trial's explored ones, not the donor's
     context.update(lr_d=gan.opt_d.param_groups[0]["lr"], lr_g=gan.opt_g.param_groups[0]["lr"])
     scores = last_scores(history)
     trial_dir = Path.cwd()  # the trial's working directory (see the module docstring)
     for record in train.fit(gan, data.images, generator, start_epoch, train.build_scorer(cfg, data, device)):
-        metrics = epoch_metrics(record, scores, context)
-        history.append(metrics)
-        final = record["epoch"] == cfg.max_epochs or record["balance"] == "diverged"
-        write_trial_files(trial_dir, gan, noise, history, final)
-        report(metrics, gan, noise, generator, history)
+        result = epoch_metrics(record, scores, context)
+        history.append(result)
+        write_trial_files(trial_dir, gan, noise, history)
+        report(result, gan, noise, generator, history)
         fault_gate(record["epoch"])
 

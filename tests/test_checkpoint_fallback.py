@@ -10,20 +10,18 @@ import torch
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import config, train, trainable
+from gan_tune import checkpoint, config, train, trainable
 from test_reliability import GATE_EPOCH, TINY, epochs_reported, one_trial_search, wait_for_epoch, wait_for_gate
 
 CPU = torch.device("cpu")
 
 
 def save_checkpoint(folder: Path, cfg: config.TrainConfig, epoch: int) -> Path:
-    """A real trial checkpoint, as trainable.report writes it: train.state plus the trial id."""
+    """A real trial checkpoint, as trainable.report writes it: checkpoint.state with the trial id."""
     gan, generator = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
     folder.mkdir(parents=True)
-    path = folder / trainable.CHECKPOINT_FILE
     history = [{"epoch": e} for e in range(1, epoch + 1)]
-    torch.save({**train.state(gan, epoch, train.fixed_noise(cfg, CPU), generator, history), "trial_id": "t1"}, path)
-    return path
+    return checkpoint.write(checkpoint.state(gan, epoch, train.fixed_noise(cfg, CPU), generator, history, "t1"), folder)
 
 
 def truncate(path: Path) -> None:
@@ -81,7 +79,7 @@ def truncate_latest_and_kill(search: subprocess.Popen, exp_dir: Path, gate: Path
     worker = wait_for_gate(search, gate)
     wait_for_epoch(search, exp_dir, GATE_EPOCH, timeout_s=60)  # the driver has recorded the checkpoint
     # checkpoint_every 1 and fewer than CHECKPOINTS_KEPT epochs: epoch e is in checkpoint_{e-1}, none deleted
-    latest, = exp_dir.glob(f"*/checkpoint_{GATE_EPOCH - 1:06d}/{trainable.CHECKPOINT_FILE}")
+    latest, = exp_dir.glob(f"*/checkpoint_{GATE_EPOCH - 1:06d}/{checkpoint.FILE}")
     truncate(latest)
     os.kill(worker, signal.SIGKILL)
     return latest

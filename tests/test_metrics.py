@@ -7,11 +7,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from gan_tune import metrics
+from gan_tune.checkpoint import state
 from gan_tune.classifier import FEATURE_DIM, classifier_checksum, load_classifier
 from gan_tune.config import TrainConfig
 from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
 from gan_tune.models import NearestUpConv, build_models
-from gan_tune.train import fixed_noise, make_gan, make_generator, state
+from gan_tune.train import fixed_noise, make_gan, make_generator
 
 CPU = torch.device("cpu")
 N = 2000  # images per baseline set, as in the README's table (FID depends on the count)
@@ -205,7 +206,17 @@ def test_registry_lists_the_known_metrics():
     with pytest.raises(KeyError, match="known: fid"):
         metrics.calc_metrics(None, None, ["fdi"])
     with pytest.raises(ValueError, match="twice"):
-        metrics.register_metric("fid")(metrics.fid)
+        metrics.register_metric("fid", mode="min", worst=1.0)(metrics.fid)
+
+
+def test_the_tables_come_from_the_metric_specs():
+    """README: FID is the default objective (lower is better); the others are better higher; a diverged epoch
+    reports each metric's worst finite value, so no NaN or inf reaches a scheduler."""
+    assert metrics.OBJECTIVES == {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max",
+                                  "mean_confidence": "max"}
+    assert set(metrics.SCORE_KEYS) == SCORE_KEYS
+    assert metrics.DIVERGED_SCORES == {"fid": 1.0e6, "is": 0.0, "coverage": 0, "coverage_entropy": 0.0,
+                                       "mean_confidence": 0.0, "fid_samples": 0}
 
 
 @pytest.fixture

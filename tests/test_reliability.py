@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import config, train, trainable
+from gan_tune import checkpoint, config, train, trainable
 from gan_tune.data import DataError
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
@@ -24,11 +24,10 @@ TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128,
 
 
 def truncated_checkpoint(folder: Path, cfg: config.TrainConfig) -> Path:
-    """A real training state saved by train.state, cut to half its bytes (a disk filled mid-write)."""
+    """A real training state (checkpoint.state), cut to half its bytes (a disk filled mid-write)."""
     device = torch.device("cpu")
     gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
-    path = folder / train.CHECKPOINT
-    torch.save(train.state(gan, 1, train.fixed_noise(cfg, device), generator, []), path)
+    path = checkpoint.write(checkpoint.state(gan, 1, train.fixed_noise(cfg, device), generator, []), folder)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return path
 

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from gan_tune import artifacts, report, tracking
-from gan_tune.trainable import DIVERGED_FID
+from gan_tune.metrics import DIVERGED_FID
 
 WIDE = Path(__file__).parents[1] / "search_spaces" / "wide.yaml"
 FAMILIES = ("mlp", "dcgan", "balanced")

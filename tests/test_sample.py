@@ -7,18 +7,18 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray import tune
 
-from gan_tune import sample, tracking, train
+from gan_tune import checkpoint, sample, tracking, train
 from gan_tune.config import TrainConfig
 
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 
 
 def checkpoint_of(cfg: TrainConfig, folder: Path, epoch: int) -> tune.Checkpoint:
-    """A trial checkpoint as the trainable writes it: train.state() in checkpoint.pt."""
+    """A trial checkpoint as the trainable writes it: checkpoint.state() in checkpoint.pt."""
     gan = train.make_gan(cfg, torch.device("cpu"))
     noise, generator = train.fixed_noise(cfg, gan.device), train.make_generator(cfg, gan.device)
     folder.mkdir(parents=True)
-    torch.save(train.state(gan, epoch, noise, generator, []), folder / train.CHECKPOINT)
+    checkpoint.write(checkpoint.state(gan, epoch, noise, generator, []), folder)
     return tune.Checkpoint.from_directory(str(folder))
 
 
@@ -90,7 +90,7 @@ def test_an_unreadable_checkpoint_still_ends_the_parent_run(logged_search, tmp_p
     uri, _ = logged_search
     parent = tracking.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / train.CHECKPOINT).write_bytes(b"not a checkpoint")
+    (tmp_path / "ckpt" / checkpoint.FILE).write_bytes(b"not a checkpoint")
     result = tune.Result(metrics={"trial_id": "t1", "fid": 50.0, "config": {}}, error=None, path=str(tmp_path),
                          checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "ckpt")))
     tracking.finish_search_run(uri, parent, result, "fid", "min")

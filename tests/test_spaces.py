@@ -8,7 +8,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from gan_tune import spaces
 from gan_tune.config import FIELD_TYPES, ConfigError, from_dict
-from gan_tune.trainable import DERIVED_PARAMS, resolve_derived
+from gan_tune.config import DERIVED_PARAMS, resolve_derived
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from gan_tune import train
+from gan_tune import checkpoint, train
 from gan_tune.config import TrainConfig
 from gan_tune.data import BUNDLED, load_mnist
 
@@ -94,10 +94,10 @@ def test_state_round_trip_continues_identically(images):
     straight = list(train.fit(gan, images, gen))
     gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
     first = next(train.fit(gan, images, gen))
-    saved = train.state(gan, 1, train.fixed_noise(cfg, CPU), gen, [first])
+    saved = checkpoint.state(gan, 1, train.fixed_noise(cfg, CPU), gen, [first])
     gan2, gen2 = train.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 99}), CPU), torch.Generator()
     gan2.cfg = cfg
-    start, _, history = train.load_state(gan2, saved, gen2)
+    start, _, history = checkpoint.restore(gan2, saved, gen2)
     resumed = list(train.fit(gan2, images, gen2, start_epoch=start))
     assert start == 1 and len(history) == 1
     assert resumed[0]["loss_d"] == straight[1]["loss_d"] and resumed[0]["loss_g"] == straight[1]["loss_g"]
