@@ -87,8 +87,28 @@ def load_trials(client: MlflowClient, parent: mlflow.entities.Run) -> pd.DataFra
     fid = histories(client, list(frame["run_id"]), "fid")
     frame["best_fid"] = [fid[r][fid[r] < DIVERGED_FID].min() if r in fid else np.nan for r in frame["run_id"]]
     frame["diverged"] = (frame["tags.stop_reason"] == "diverged") | (frame["metrics.fid"] >= DIVERGED_FID)
+    for key in ("lr_d", "lr_g"):
+        frame[key] = rates_at_best(client, frame, fid, key)
     frame.attrs["fid_history"] = fid
     return frame.sort_values("best_fid", na_position="last").reset_index(drop=True)
+
+
+def rates_at_best(client: MlflowClient, frame: pd.DataFrame, fid: dict[str, pd.Series], key: str) -> list[float]:
+    """The rate each trial's optimiser used at its best-FID epoch (else its last epoch), from the reported metric.
+
+    Not the run's params: a ttur trial searches lr_ratio (lr_d = lr_g * lr_ratio, no lr_d param), and under PBT
+    a trial's rates change as it explores; the trainable reports the rates in use every epoch."""
+    rates = histories(client, list(frame["run_id"]), key)
+    found = []
+    for run_id in frame["run_id"]:
+        series, scores = rates.get(run_id), fid.get(run_id)
+        if series is None:
+            found.append(np.nan)
+            continue
+        finite = scores[scores < DIVERGED_FID] if scores is not None else pd.Series(dtype=float)
+        epoch = finite.idxmin() if len(finite) else series.index[-1]
+        found.append(float(series.get(epoch, series.iloc[-1])))
+    return found
 
 
 def searched_params(trials: pd.DataFrame) -> list[str]:
@@ -137,10 +157,11 @@ def png_html(data: bytes, alt: str) -> str:
 
 
 def lr_scatter(trials: pd.DataFrame) -> str | None:
-    """lr_d x lr_g on log axes, coloured by best FID; trials never scored below DIVERGED_FID as grey crosses."""
-    if "params.lr_d" not in trials or "params.lr_g" not in trials:
+    """lr_d x lr_g (in use at each trial's best epoch) on log axes, coloured by best FID; trials never scored below
+    DIVERGED_FID as grey crosses."""
+    lr_d, lr_g = trials["lr_d"], trials["lr_g"]
+    if lr_d.isna().all() or lr_g.isna().all():
         return None
-    lr_d, lr_g = trials["params.lr_d"].astype(float), trials["params.lr_g"].astype(float)
     fid = trials["best_fid"]
     scored = fid.notna()
     fig, ax = plt.subplots(figsize=(7, 5.2))
@@ -153,7 +174,8 @@ def lr_scatter(trials: pd.DataFrame) -> str | None:
         best = fid[scored].idxmin()
         ax.scatter(lr_d[best], lr_g[best], marker="o", s=320, facecolor="none", edgecolor="red", linewidth=2,
                    label=f"best: FID {fid[best]:.4g}")
-    ax.set(xscale="log", yscale="log", xlabel="lr_d", ylabel="lr_g", title="Learning rates, coloured by best FID")
+    ax.set(xscale="log", yscale="log", xlabel="lr_d", ylabel="lr_g",
+           title="Learning rates at each trial's best epoch, coloured by best FID")
     for axis, values in ((ax.xaxis, lr_d), (ax.yaxis, lr_g)):
         label_log_axis(axis, values)
     ax.grid(alpha=0.3, which="both")

@@ -13,6 +13,11 @@ from gan_tune.metrics import DIVERGED_FID
 
 WIDE = Path(__file__).parents[1] / "search_spaces" / "wide.yaml"
 FAMILIES = ("mlp", "dcgan", "balanced")
+PBT_TRIAL = 8  # its rates change at its last epoch, as a PBT explore would change them
+
+
+def pbt_factor(index, epoch):
+    return 2.0 if index == PBT_TRIAL and epoch == 3 else 1.0
 
 
 def log_trial(client, experiment, parent, index, family, fid, grid):
@@ -21,14 +26,19 @@ def log_trial(client, experiment, parent, index, family, fid, grid):
     run = client.create_run(experiment, run_name=f"train_gan_{index:05d}", tags={
         "mlflow.parentRunId": parent, "trial_id": f"t{index}", "stop_reason": "completed"})
     run_id = run.info.run_id
-    params = {"model": family, "lr_d": f"{10 ** rng.uniform(-5, -2):.3g}", "lr_g": f"{10 ** rng.uniform(-5, -2):.3g}",
-              "seed": str(index)}
+    lr_d, lr_g = float(f"{10 ** rng.uniform(-5, -2):.3g}"), float(f"{10 ** rng.uniform(-5, -2):.3g}")
+    # trial 0 searches lr_ratio as a ttur space does (no lr_d param); the others lr_d and lr_g
+    params = {"model": family, "lr_g": str(lr_g), "seed": str(index),
+              **({"lr_ratio": str(lr_d / lr_g)} if index == 0 else {"lr_d": str(lr_d)})}
     now = int(time.time() * 1000)
     epochs = 3
     fids = [fid * (1 + 0.5 * (epochs - e)) for e in range(1, epochs + 1)] if fid < DIVERGED_FID else [DIVERGED_FID] * 3
     metrics = [Metric("fid", v, now, e) for e, v in enumerate(fids, start=1)]
     metrics += [Metric("d_acc", float(rng.uniform(0.3, 0.9)), now, e) for e in range(1, epochs + 1)]
     metrics += [Metric("time_total_s", 10.0 * e, now, e) for e in range(1, epochs + 1)]
+    # the rates in use, reported every epoch; a PBT explore doubles them before the last (best) epoch
+    metrics += [Metric(key, rate * pbt_factor(index, e), now, e) for key, rate in (("lr_d", lr_d), ("lr_g", lr_g))
+                for e in range(1, epochs + 1)]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                      tags=[RunTag("stop_reason", "diverged" if fid >= DIVERGED_FID else "completed")])
     client.log_artifact(run_id, str(grid))
@@ -109,3 +119,17 @@ def test_report_of_the_smoke_search(smoke_study, tmp_path):
     images = re.findall(r'<img alt="([^"]+)"', page)
     assert images[0] == "lr_d x lr_g coloured by FID" and images[1].startswith("samples of ")
     assert "FID per model family" not in images  # smoke searches one family
+
+
+def test_the_scatter_plots_the_rates_in_use_at_each_trials_best_epoch(wide_search):
+    """A ttur trial has no lr_d param and a PBT trial's rates change: the report reads the reported rates."""
+    uri, parent, fids = wide_search
+    client = MlflowClient(uri)
+    with tracking.using_tracking_uri(uri):  # load_trials searches with MLflow's fluent API, as report.main does
+        trials = report.load_trials(client, client.get_run(parent)).set_index("tags.trial_id")
+    assert trials.loc["t0", "lr_d"] == pytest.approx(float(trials.loc["t0", "params.lr_ratio"])
+                                                      * float(trials.loc["t0", "params.lr_g"]), rel=1e-6)
+    pbt = trials.loc[f"t{PBT_TRIAL}"]
+    assert pbt["lr_d"] == pytest.approx(2 * float(pbt["params.lr_d"]))  # the best epoch (3) used the explored rate
+    assert pbt["lr_g"] == pytest.approx(2 * float(pbt["params.lr_g"]))
+    assert trials["lr_d"].notna().all() and trials["lr_g"].notna().all()
