@@ -119,6 +119,11 @@ def to_float(images: Tensor) -> Tensor:
     return images.unsqueeze(1).float().div_(127.5).sub_(1.0)
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """float (B, 1, 28, 28) in [-1, 1] -> uint8 (B, 28, 28), the inverse of to_float (MNIST's own format)."""
+    return images.detach().squeeze(1).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
 def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """(steps, batch_size) image indices drawn on `device`: a fresh permutation per pass, no host sync."""
     per_pass = n // batch_size

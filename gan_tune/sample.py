@@ -1,22 +1,27 @@
 """CLI: `python -m gan_tune.sample --run-id ID [-n 64] [--out grid.png] [--tracking-uri URI]` (or `--model-uri URI`).
 
 Loads the generator a search logged on its parent run (`tracking.finish_search_run`) with
-`mlflow.pytorch.load_model` and writes a grid of `n` samples with `artifacts.save_grid`. No gan_tune
-model code is needed to load it: the model is a torch.export program (pt2).
+`mlflow.pytorch.load_model` and writes `n` samples: a grid (`.png`, `artifacts.save_grid`), or the raw
+images for scoring with other tools, as MNIST's own format (uint8, N x 28 x 28): `.npy` holds the array,
+`.npz` the array as `images` beside the `seed` and `model_uri` that made it. No gan_tune model code is
+needed to load the generator: the model is a torch.export program (pt2).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from gan_tune import artifacts
 from gan_tune.config import CliParser, ConfigError, seed_arg
+from gan_tune.data import to_uint8
 from gan_tune.tracking import (MODEL_NAME, first_line, is_outage, open_client, resolve_tracking_uri, store_errors,
                                using_tracking_uri)
 
@@ -28,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--model-uri", help="any MLflow model URI, e.g. models:/m-... or runs:/ID/generator")
     parser.add_argument("-n", type=int, default=64, help="number of samples (default 64: one 8x8 grid)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the latent noise")
-    parser.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    parser.add_argument("--out", default="grid.png",
+                        help="a .png grid (default grid.png), or the raw uint8 images as .npy, or .npz with the seed")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser.parse_args(argv)
 
@@ -65,11 +71,31 @@ def latent_size(model_uri: str) -> int:
     return int(shape[1])
 
 
-def save(images: torch.Tensor, out: str) -> str:
+OUT_FORMATS = (".png", ".npy", ".npz")
+
+
+def check_out(out: str) -> None:
+    """Before any model loads: the format must be known and the folder must exist."""
+    path = Path(out)
+    if path.suffix.lower() not in OUT_FORMATS:
+        raise ConfigError("--out", f"{out}: unknown format {path.suffix or '(none)'} (use {', '.join(OUT_FORMATS)})")
+    if not path.parent.is_dir():
+        raise ConfigError("--out", f"{out}: {path.parent} is not a folder")
+
+
+def save(images: torch.Tensor, out: str, seed: int, model_uri: str) -> str:
+    """A grid for .png; uint8 (N, 28, 28) arrays for .npy / .npz (with the seed and model URI)."""
+    suffix = Path(out).suffix.lower()
     try:
-        return artifacts.save_grid(images, out)
+        if suffix == ".npy":
+            np.save(out, to_uint8(images).numpy())
+        elif suffix == ".npz":
+            np.savez_compressed(out, images=to_uint8(images).numpy(), seed=np.int64(seed), model_uri=np.str_(model_uri))
+        else:
+            artifacts.save_grid(images, out)
     except (OSError, ValueError) as err:  # PIL's ValueError: an extension it cannot write
-        raise ConfigError("--out", f"{out}: cannot write the grid ({first_line(err)}; use a .png path)") from None
+        raise ConfigError("--out", f"{out}: cannot write it ({first_line(err)})") from None
+    return out
 
 
 @torch.no_grad()
@@ -84,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.n < 1:
             raise ConfigError("-n", f"{args.n}: must be >= 1")
+        check_out(args.out)
         uri = resolve_tracking_uri(args.tracking_uri)
         with store_errors(uri):
             client = open_client(uri)
             model_uri = args.model_uri or model_uri_of_run(client, args.run_id)
             with using_tracking_uri(uri):  # load_model resolves models:/ through the global URI
                 images = sample(load_generator(model_uri), latent_size(model_uri), args.n, args.seed)
-        path = save(images, args.out)
+        path = save(images, args.out, args.seed, model_uri)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

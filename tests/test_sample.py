@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -58,10 +59,29 @@ def test_sample_writes_a_grid_from_the_logged_generator(logged_search, tmp_path,
     assert sample.main(["--model-uri", ":".join(model_uri), "-n", "8", "--out", str(out), "--tracking-uri", uri]) == 0
 
 
+def test_sample_writes_the_raw_images_as_arrays(logged_search, tmp_path):
+    """.npy: uint8 (N, 28, 28) as MNIST stores digits; .npz: the same array with the seed and model URI; the same
+    seed gives the same images as the grid's."""
+    uri, parent = logged_search
+    npy, npz = tmp_path / "samples.npy", tmp_path / "samples.npz"
+    assert sample.main(["--run-id", parent, "-n", "12", "--seed", "3", "--out", str(npy), "--tracking-uri", uri]) == 0
+    assert sample.main(["--run-id", parent, "-n", "12", "--seed", "3", "--out", str(npz), "--tracking-uri", uri]) == 0
+    images = np.load(npy)
+    assert images.shape == (12, 28, 28) and images.dtype == np.uint8 and images.max() > images.min()
+    with np.load(npz) as saved:
+        assert (saved["images"] == images).all() and int(saved["seed"]) == 3
+        assert str(saved["model_uri"]).startswith("models:/")
+    other = tmp_path / "other.npy"
+    assert sample.main(["--run-id", parent, "-n", "12", "--seed", "4", "--out", str(other), "--tracking-uri", uri]) == 0
+    assert (np.load(other) != images).any()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--run-id", "0123456789abcdef"], "--run-id: 0123456789abcdef: no such run"),
     (["-n", "0", "--run-id", "x"], "-n: 0: must be >= 1"),
     (["--model-uri", "models:/m-doesnotexist"], "--model-uri: models:/m-doesnotexist: cannot load a model"),
+    (["--run-id", "x", "--out", "grid.jpg"], "--out: grid.jpg: unknown format .jpg (use .png, .npy, .npz)"),
+    (["--run-id", "x", "--out", "/no/such/folder/s.npz"], "--out: /no/such/folder/s.npz: /no/such/folder is not a folder"),
 ])
 def test_sample_bad_input_exits_2_with_one_line(logged_search, capsys, args, message):
     uri, _ = logged_search
