@@ -1,49 +1,83 @@
-"""Issue 9, the complete table of bad inputs: each goes through a real CLI in-process and must exit 2 with
-one line on stderr naming the file or flag and the key, no traceback, no MLflow run and no Ray left running.
+"""Issues 9 and 14, the complete table of bad inputs: each row runs a real CLI (`python -m gan_tune.X`) in a fresh
+process, which must exit 2 with exactly one `error:` line on stderr naming the file or flag and the key, no
+traceback, no MLflow run left RUNNING (or made at all) and no Ray process left behind.
 
-Some rows repeat a case of test_search.py on purpose (that file checks them with Ray forbidden); here each
-row also checks the MLflow store and Ray's state, and the table is the one place listing every bad input.
+Some rows repeat a case of test_search.py or test_train.py on purpose (those check them in-process); here the
+table is the one place listing every bad input. The rows run two at a time (a module fixture), as each child
+spends ~3-5 s importing torch, Ray and MLflow.
 """
 
+import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from mlflow import MlflowClient
 
-from gan_tune import sample, search, train
+from gan_tune import search
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
-SMOKE_BASE = yaml.safe_load(SMOKE.read_text())["base"]
+SMOKE_RAW = yaml.safe_load(SMOKE.read_text())
+SMOKE_BASE = SMOKE_RAW["base"]
+DEAD_SERVER = "http://127.0.0.1:1"  # nothing listens on port 1
+NO_GPU = torch.cuda.device_count() == 0
+try:
+    import psycopg  # noqa: F401
+    HAS_PSYCOPG = True
+except ImportError:
+    HAS_PSYCOPG = False
 
 
 def space_file(tmp_path, change):
-    """The smoke space with top-level keys replaced (a dict) or text appended (a str), as tmp_path/bad.yaml."""
+    """The smoke space with top-level keys replaced (a dict), text appended (a str) or raw bytes, as bad.yaml."""
     path = tmp_path / "bad.yaml"
-    if isinstance(change, str):
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    elif isinstance(change, str):
         path.write_text(SMOKE.read_text() + change)
     else:
-        path.write_text(yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), **change}, sort_keys=False))
+        path.write_text(yaml.safe_dump({**SMOKE_RAW, **change}, sort_keys=False))
     return path
 
 
 def search_case(change=None, *flags):
-    """argv builder: search.main on a broken smoke variant (change) or the shipped smoke space, plus flags."""
+    """A search of a broken smoke variant (change) or the shipped smoke space, plus flags."""
     def argv(tmp_path):
         space = space_file(tmp_path, change) if change is not None else "smoke"
-        return search.main, ["--space", str(space), "--storage-path", str(tmp_path / "rr"),
-                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *flags]
+        return "search", ["--space", str(space), "--storage-path", str(tmp_path / "rr"),
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *flags]
     return argv
 
 
+def search_base(**values):
+    return search_case({"base": {**SMOKE_BASE, **values}})
+
+
+def search_search(**searched):
+    return search_case({"search": searched})
+
+
+def command(module, *args):
+    """Any CLI with fixed arguments ("{tmp}" becomes the row's folder)."""
+    return lambda tmp_path: (module, [arg.format(tmp=tmp_path) for arg in args])
+
+
 def train_case(*flags):
+    return command("train", "--set", "out_dir={tmp}/runs", *flags)
+
+
+def train_config(text):
+    """train --config of a file holding `text` (bytes: written as they are)."""
     def argv(tmp_path):
-        return train.main, ["--set", f"out_dir={tmp_path / 'runs'}", *flags]
+        path = tmp_path / "run.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return "train", ["--config", str(path), "--dry-run"]
     return argv
 
 
@@ -53,13 +87,13 @@ def sample_empty_run(tmp_path):
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("empty"))
     client.set_terminated(run.info.run_id)
-    return sample.main, ["--run-id", run.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "g.png")]
+    return "sample", ["--run-id", run.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "g.png")]
 
 
-def sample_missing_run(tmp_path):
-    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # an existing, empty store
-    return sample.main, ["--run-id", "0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                         "--out", str(tmp_path / "g.png")]
+def existing_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # an existing, empty store
+    return uri
 
 
 def file_under_a_file(tmp_path):
@@ -67,90 +101,246 @@ def file_under_a_file(tmp_path):
     return tmp_path / "plain" / "rr"
 
 
-# id -> (argv builder, strings stderr must contain; "{tmp}" is tmp_path, "{space}" the broken space file)
+def replay_case(text, uri="sqlite:///{tmp}/mlflow.db"):
+    """tracking replay of a file holding `text` (bytes as they are)."""
+    def argv(tmp_path):
+        path = tmp_path / "mlflow_undelivered.jsonl"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return "tracking", ["replay", str(path), "--tracking-uri", uri.format(tmp=tmp_path)]
+    return argv
+
+
+WRITE = {"trial_id": None, "run_id": "abc", "kind": "set_terminated", "payload": {"status": "FINISHED", "end_time": 1}}
+NOT_UTF8 = b"base:\n  model: \xff\xfe balanced\n"
+
+# id -> (argv builder, strings stderr must contain; "{tmp}" is the row's folder, "{space}" its broken space file)
 CASES = {
+    # search: the space file
     "malformed yaml": (search_case("metric: [fid\n"), ["{space}", "line 2"]),
+    "space not utf-8": (search_case(NOT_UTF8), ["{space}", "UTF-8"]),
     "unknown key": (search_case({"colour": "red"}), ["{space}", "colour"]),
-    "wrong type": (search_case({"base": {**SMOKE_BASE, "batch_size": "big"}}), ["{space}", "base.batch_size"]),
-    "lr <= 0 in a space": (search_case({"search": {"lr_d": {"loguniform": [0.0, 1.0e-3]}}}),
-                           ["{space}", "search.lr_d"]),
-    "lr <= 0 in train": (train_case("--set", "lr_d=-1.0e-4"), ["--set", "lr_d"]),
-    "lr bounds reversed": (search_case({"search": {"lr_d": {"loguniform": [1.0e-3, 1.0e-5]}}}),
+    "wrong type": (search_base(batch_size="big"), ["{space}", "base.batch_size"]),
+    "metric is a list": (search_case({"metric": ["fid"]}), ["{space}", "metric"]),
+    "scheduler type is a list": (search_case({"scheduler": {"type": ["asha"]}}), ["{space}", "scheduler.type"]),
+    "search_alg is a list": (search_case({"search_alg": ["random"]}), ["{space}", "search_alg"]),
+    "model is a list": (search_base(model=["mlp"]), ["{space}", "base.model"]),
+    "lr <= 0 in a space": (search_search(lr_d={"loguniform": [0.0, 1.0e-3]}), ["{space}", "search.lr_d"]),
+    "lr bounds reversed": (search_search(lr_d={"loguniform": [1.0e-3, 1.0e-5]}),
                            ["{space}", "search.lr_d", "low 0.001 > high 1e-05"]),
-    "latent_dim 0": (train_case("--set", "latent_dim=0"), ["--set", "latent_dim"]),
-    "latent_dim not an integer": (search_case({"base": {**SMOKE_BASE, "latent_dim": 1.5}}),
-                                  ["{space}", "base.latent_dim"]),
-    "unknown model": (search_case({"base": {**SMOKE_BASE, "model": "stylegan"}}), ["{space}", "base.model"]),
+    "beta1 uniform past 1": (search_search(beta1={"uniform": [0.0, 1.5]}), ["{space}", "search.beta1", "[0, 1)"]),
+    "beta2 choice of 1": (search_search(beta2={"choice": [0.9, 1.0]}), ["{space}", "search.beta2", "[0, 1)"]),
+    "label smoothing past 0.5": (search_search(label_smoothing={"uniform": [0.0, 0.7]}),
+                                 ["{space}", "search.label_smoothing"]),
+    "searched seed past numpy": (search_search(seed={"randint": [0, 2**40]}), ["{space}", "search.seed"]),
+    "searched batch above subset": (search_case({"base": {k: v for k, v in SMOKE_BASE.items() if k != "batch_size"},
+                                                 "search": {"batch_size": {"choice": [64, 4096]}}}),
+                                    ["{space}", "search.batch_size", "subset"]),
+    "lr_ratio negative": (search_search(lr_g={"loguniform": [1.0e-4, 1.0e-3]}, lr_ratio={"uniform": [-1.0, 2.0]}),
+                          ["{space}", "search.lr_ratio", "> 0"]),
+    "latent_dim not an integer": (search_base(latent_dim=1.5), ["{space}", "base.latent_dim"]),
+    "unknown model": (search_base(model="stylegan"), ["{space}", "base.model"]),
+    "device missing here": (search_base(device="cuda:7"), ["{space}", "base.device", "cuda:7"]),
     "unknown scheduler": (search_case({"scheduler": {"type": "bohb"}}), ["{space}", "scheduler.type"]),
     "pbt without mutations": (search_case({"scheduler": {"type": "pbt", "perturbation_interval": 1}}),
                               ["{space}", "scheduler.hyperparam_mutations"]),
+    "pbt mutates beta1 uniformly": (search_case({"scheduler": {
+        "type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": {"beta1": {"uniform": [0.1, 0.9]}}}}),
+        ["{space}", "scheduler.hyperparam_mutations.beta1", "choice"]),
+    "pbt burn-in negative": (search_case({"scheduler": {
+        "type": "pbt", "perturbation_interval": 1, "burn_in_period": -1,
+        "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]}}}}), ["{space}", "scheduler.burn_in_period"]),
     "metric not reported": (search_case({"metric": "fid_score"}), ["{space}", "metric"]),
     "num_samples 0 in a space": (search_case({"num_samples": 0}), ["{space}", "num_samples"]),
-    "num_samples 0 flag": (search_case(None, "--num-samples", "0"), ["num_samples"]),
-    "unknown space": (lambda tmp_path: (search.main, ["--space", "no-such-space",
-                                                      "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]),
+    "resources gpu nan": (search_case({"resources": {"cpu": 1, "gpu": float("nan")}}), ["{space}", "resources.gpu"]),
+    "resources cpu above the machine": (search_case({"resources": {"cpu": 1000, "gpu": 0}}),
+                                        ["{space}", "resources.cpu", "1000"]),
+    "unknown space": (command("search", "--space", "no-such-space", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"),
                       ["--space", "no-such-space", "smoke", "balanced", "pbt"]),
-    "space path missing": (lambda tmp_path: (search.main, ["--space", str(tmp_path / "gone" / "space.yaml"),
-                                                           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]),
-                           ["--space", "{tmp}/gone/space.yaml"]),
+    "space path missing": (command("search", "--space", "{tmp}/gone/space.yaml"), ["--space", "{tmp}/gone/space.yaml"]),
+    # search: flags
+    "num_samples 0 flag": (search_case(None, "--num-samples", "0"), ["num_samples"]),
+    "num_samples not a number": (search_case(None, "--num-samples", "many"), ["--num-samples", "many"]),
+    "unknown flag": (search_case(None, "--colour", "red"), ["unrecognized", "--colour"]),
     "time budget soon": (search_case(None, "--time-budget", "soon"), ["command line", "time_budget", "soon"]),
+    "seed negative": (search_case(None, "--seed", "-1"), ["--seed", "-1", "4294967295"]),
+    "seed past numpy": (search_case(None, "--seed", str(2**40)), ["--seed", str(2**40)]),
+    "cpus per trial above the machine": (search_case(None, "--cpus-per-trial", "1000"), ["--cpus-per-trial", "1000"]),
     "storage path under a file": (lambda tmp_path: search_case(None, "--storage-path",
                                                                str(file_under_a_file(tmp_path)))(tmp_path),
                                   ["--storage-path", "{tmp}/plain"]),
+    "storage path under /proc": (search_case(None, "--storage-path", "/proc/gan_tune_rr"),
+                                 ["--storage-path", "/proc/gan_tune_rr"]),
+    "storage path read-only": (search_case(None, "--storage-path", "/sys/gan_tune_rr"),
+                               ["--storage-path", "/sys/gan_tune_rr"]),
     "tracking uri ftp": (search_case(None, "--tracking-uri", "ftp://x"), ["--tracking-uri", "ftp://x"]),
-    "tracking uri dead server": (search_case(None, "--tracking-uri", "http://127.0.0.1:1"),
-                                 ["--tracking-uri", "http://127.0.0.1:1"]),
+    "tracking uri dead server": (search_case(None, "--tracking-uri", DEAD_SERVER), ["--tracking-uri", DEAD_SERVER]),
+    "tracking uri without its driver": (search_case(None, "--tracking-uri", "postgresql://u@127.0.0.1:1/db"),
+                                        ["--tracking-uri", "psycopg", "pip install 'gan_tune[postgres]'"]),
     "address dead": (search_case(None, "--address", "127.0.0.1:1"), ["--address", "127.0.0.1:1"]),
     "address not host:port": (search_case(None, "--address", "nowhere"), ["--address", "nowhere"]),
     "gpus on a cpu cluster": (search_case(None, "--gpus-per-trial", "0.5"), ["--gpus-per-trial", "no GPU"]),
     "resume of no search": (search_case(None, "--resume", "--name", "never-ran"),
                             ["--resume", "{tmp}/rr/never-ran", "no study"]),
-    "sample run without a model": (sample_empty_run, ["--run-id", "no logged generator"]),
-    "sample unknown run": (sample_missing_run, ["--run-id", "0123456789abcdef", "no such run"]),
-    "sample store missing": (lambda tmp_path: (sample.main, ["--run-id", "0123456789abcdef", "--tracking-uri",
-                                                             f"sqlite:///{tmp_path}/none.db"]),
-                             ["--tracking-uri", "{tmp}/none.db", "no such sqlite store"]),
+    # train
+    "lr <= 0 in train": (train_case("--set", "lr_d=-1.0e-4"), ["--set", "lr_d"]),
+    "latent_dim 0": (train_case("--set", "latent_dim=0"), ["--set", "latent_dim"]),
+    "set value broken yaml": (train_case("--set", "lr_d=[1.0e-4"), ["--set", "lr_d", "malformed YAML"]),
+    "set without =": (train_case("--set", "lr_d"), ["--set", "key=value"]),
+    "set beta1 1": (train_case("--set", "beta1=1.0"), ["--set", "beta1", "[0, 1)"]),
+    "set seed negative": (train_case("--set", "seed=-1"), ["--set", "seed"]),
+    "set subset below a batch": (train_case("--set", "subset=10"), ["--set", "subset", "batch"]),
+    "set device missing here": (train_case("--set", "device=cuda:7"), ["device", "cuda:7"]),
+    "out_dir not makeable": (command("train", "--set", "out_dir=/proc/gan_tune_runs", "--set", "max_epochs=1"),
+                             ["out_dir", "/proc/gan_tune_runs"]),
     "train config missing": (train_case("--config", "/nonexistent/run.yaml"), ["/nonexistent/run.yaml", "not found"]),
-    "train resume without checkpoint": (lambda tmp_path: train_case("--resume", str(tmp_path))(tmp_path),
-                                        ["--resume", "checkpoint.pt", "not found"]),
+    "train config not utf-8": (train_config(NOT_UTF8), ["{tmp}/run.yaml", "UTF-8"]),
+    "train config list for a name": (train_config("model: [mlp]\n"), ["{tmp}/run.yaml", "model"]),
+    "train config not a mapping": (train_config("- lr_d\n- lr_g\n"), ["{tmp}/run.yaml", "mapping"]),
+    "train resume without checkpoint": (train_case("--resume", "{tmp}"), ["--resume", "checkpoint.pt", "not found"]),
+    # report
+    "report dead server": (command("report", "--tracking-uri", DEAD_SERVER), ["--tracking-uri", DEAD_SERVER]),
+    "report without a driver": (command("report", "--tracking-uri", "postgresql://u@127.0.0.1:1/db"),
+                                ["--tracking-uri", "gan_tune[postgres]"]),
+    "report store missing": (command("report", "--tracking-uri", "sqlite:///{tmp}/none.db"),
+                             ["--tracking-uri", "{tmp}/none.db", "no such sqlite store"]),
+    "report unknown run": (lambda tmp_path: ("report", ["--parent-run", "0123456789abcdef", "--tracking-uri",
+                                                        existing_store(tmp_path)]), ["--parent-run", "no such run"]),
+    "report unknown experiment": (lambda tmp_path: ("report", ["--experiment", "nope", "--tracking-uri",
+                                                               existing_store(tmp_path)]), ["--experiment", "nope"]),
+    # sample
+    "sample run without a model": (sample_empty_run, ["--run-id", "no logged generator"]),
+    "sample unknown run": (lambda tmp_path: ("sample", ["--run-id", "0123456789abcdef", "--tracking-uri",
+                                                        existing_store(tmp_path), "--out", str(tmp_path / "g.png")]),
+                           ["--run-id", "0123456789abcdef", "no such run"]),
+    "sample store missing": (command("sample", "--run-id", "0123456789abcdef", "--tracking-uri",
+                                     "sqlite:///{tmp}/none.db"), ["--tracking-uri", "{tmp}/none.db", "no such sqlite"]),
+    "sample dead server": (command("sample", "--run-id", "0123456789abcdef", "--tracking-uri", DEAD_SERVER),
+                           ["--tracking-uri", DEAD_SERVER]),
+    "sample seed negative": (command("sample", "--run-id", "x", "--seed", "-1"), ["--seed"]),
+    "sample n 0": (command("sample", "--run-id", "x", "-n", "0"), ["-n", ">= 1"]),
+    "sample without a run": (command("sample"), ["--run-id", "required"]),
+    # tracking replay
+    "replay not json": (replay_case("this is not json\n"), ["{tmp}/mlflow_undelivered.jsonl", "line 1", "JSON"]),
+    "replay truncated": (replay_case(json.dumps(WRITE) + "\n" + json.dumps(WRITE)[:30]),
+                         ["{tmp}/mlflow_undelivered.jsonl", "line 2"]),
+    "replay not utf-8": (replay_case(b"\xff\xfe{}\n"), ["{tmp}/mlflow_undelivered.jsonl", "UTF-8"]),
+    "replay foreign json": (replay_case('{"hello": 1}\n'), ["{tmp}/mlflow_undelivered.jsonl", "line 1", "kind"]),
+    "replay missing file": (command("tracking", "replay", "{tmp}/none.jsonl"), ["{tmp}/none.jsonl", "no such file"]),
+    "replay dead server": (replay_case(json.dumps(WRITE) + "\n", DEAD_SERVER), ["--tracking-uri", DEAD_SERVER]),
+    "tracking unknown command": (command("tracking", "deliver", "x"), ["command", "replay"]),
+    # metrics, bench, classifier
+    "metrics unknown device": (command("metrics", "--device", "gpu0", "baselines"), ["--device", "gpu0"]),
+    "metrics checkpoint missing": (command("metrics", "--device", "cpu", "score", "{tmp}/none.pt"), ["{tmp}/none.pt"]),
+    "metrics one sample": (command("metrics", "--device", "cpu", "score", "{tmp}", "--n", "1"), ["--n"]),
+    "metrics without a command": (command("metrics"), ["required", "command"]),
+    "bench packed 0": (command("bench", "--device", "cpu", "--packed", "0"), ["--packed"]),
+    "bench one fid sample": (command("bench", "--device", "cpu", "--fid-samples", "1"), ["--fid-samples"]),
+    "bench json unwritable": (command("bench", "--device", "cpu", "--json", "/proc/gan_tune.json"), ["--json"]),
+    "classifier epochs 0": (command("classifier", "train", "--epochs", "0"), ["--epochs"]),
+    "classifier seed past numpy": (command("classifier", "train", "--seed", str(2**40)), ["--seed"]),
+    "classifier device missing here": (command("classifier", "train", "--device", "cuda:7"), ["--device", "cuda:7"]),
+}
+SKIPS = {
+    "gpus on a cpu cluster": (not NO_GPU, "this machine has a GPU"),
+    "tracking uri without its driver": (HAS_PSYCOPG, "psycopg is installed"),
+    "report without a driver": (HAS_PSYCOPG, "psycopg is installed"),
 }
 
 
 def mlflow_runs(tmp_path):
-    """Runs in the tmp store (0 when the file was never created)."""
+    """(runs, runs left RUNNING) in the row's store; (0, 0) when the file was never created."""
     db = tmp_path / "mlflow.db"
     if not db.exists():
-        return 0
+        return 0, 0
     client = MlflowClient(f"sqlite:///{db}")
-    return sum(len(client.search_runs([exp.experiment_id])) for exp in client.search_experiments())
+    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+    return len(runs), sum(run.info.status == "RUNNING" for run in runs)
+
+
+def processes_naming(folder):
+    """Live processes whose command line names `folder`: a Ray left behind has it in its session path."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder) in cmdline.read_bytes().decode(errors="replace"):
+                found.append(cmdline.parent.name)
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
+
+
+def run_case(case, tmp_path):
+    """Run one row's CLI in a fresh process; everything the test asserts, as a dict."""
+    module, argv = CASES[case][0](tmp_path)
+    runs_before = mlflow_runs(tmp_path)[0]  # the sample rows make one empty run first
+    ray_tmp = tmp_path / "tmp"
+    ray_tmp.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(ray_tmp), TMPDIR=str(ray_tmp))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", f"gan_tune.{module}", *argv], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    return {"code": done.returncode, "err": done.stderr, "runs": mlflow_runs(tmp_path), "runs_before": runs_before,
+            "ray": [*ray_tmp.glob("ray*"), *processes_naming(ray_tmp)], "wall_s": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory):
+    """Every selected row, run two at a time (the suite's machine has two cores)."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_leaves_nothing"
+                and not SKIPS.get(item.callspec.params["case"], (False,))[0]]
+    folders = {case: tmp_path_factory.mktemp("row") for case in selected}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda case: run_case(case, folders[case]), selected)
+        return {case: (folders[case], result) for case, result in zip(selected, results)}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, capsys, case):
-    if case == "gpus on a cpu cluster" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    build, expected = CASES[case]
-    main, argv = build(tmp_path)
-    runs_before = mlflow_runs(tmp_path)  # the sample rows create one empty run first
-    capsys.readouterr()  # drop what setting up the row printed (MLflow creating the store)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
+    skip, why = SKIPS.get(case, (False, ""))
+    if skip:
+        pytest.skip(why)
+    tmp_path, row = outcomes[case]
+    err = row["err"]
     lines = err.strip().splitlines()
+    assert row["code"] == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for text in expected:
+    for text in CASES[case][1]:
         assert text.format(tmp=tmp_path, space=tmp_path / "bad.yaml") in lines[0], lines[0]
-    assert mlflow_runs(tmp_path) == runs_before
-    assert not ray.is_initialized()
+    assert row["runs"] == (row["runs_before"], 0), "a run was made or left RUNNING"
+    assert row["ray"] == [], "Ray was started or left behind"
 
 
-@pytest.mark.parametrize("case", ["gpus on a cpu cluster", "resume of no search", "unknown scheduler"])
-def test_bad_search_input_prints_exactly_one_line_from_a_fresh_process(tmp_path, case):
-    """In a real shell nothing else reaches stderr: Ray, which logs its own start-up lines there, never starts."""
-    if case == "gpus on a cpu cluster" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    main, argv = CASES[case][0](tmp_path)
-    assert main is search.main
-    done = subprocess.run([sys.executable, "-m", "gan_tune.search", *argv], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+def test_the_matrix_covers_every_command(tmp_path):
+    commands = {build(tmp_path / f"row{i}")[0] for i, (build, _) in enumerate(CASES.values())
+                if (tmp_path / f"row{i}").mkdir() is None}
+    assert commands == {"search", "train", "report", "sample", "metrics", "tracking", "bench", "classifier"}
+    assert len(CASES) >= 50
+
+
+def failing_space(tmp_path):
+    """A space every trial of which raises in its worker: a device the workers lack (mps on Linux)."""
+    path = tmp_path / "mps.yaml"
+    path.write_text(yaml.safe_dump({**SMOKE_RAW, "base": {**SMOKE_BASE, "device": "mps"}}, sort_keys=False))
+    return path
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has mps")
+def test_a_space_whose_trials_all_raise_stops_within_a_minute_with_one_line_per_error(ray_local, tmp_path, capsys):
+    """Joining a cluster (--address auto: the session's Ray) whose workers lack the space's device: every trial
+    raises before its first report; the search stops after two of them instead of retrying each trial twice."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    start = time.perf_counter()
+    code = search.main(["--space", str(failing_space(tmp_path)), "--address", "auto", "--storage-path",
+                        str(tmp_path / "rr"), "--tracking-uri", uri])
+    elapsed = time.perf_counter() - start
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 1
+    assert len(errors) == 1 and "mps" in errors[0] and "trials raised before any report" in errors[0], errors
+    assert elapsed < 60
+    client = MlflowClient(uri)
+    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+    parent = [run for run in runs if run.data.tags.get("run_kind") == "search"]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED" and "mps" in parent[0].data.tags["failure_reason"]
+    assert all(run.info.status != "RUNNING" for run in runs)
