@@ -278,8 +278,13 @@ def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_p
         assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
 
 
-def test_a_trial_killed_more_often_than_max_failures_ends_errored_and_the_search_goes_on(tmp_path):
-    """README: a crashed trial restarts twice (FailureConfig(max_failures=2)); killed a third time it is errored."""
+def trial_seed(folder: Path) -> int:
+    return json.loads((folder / "params.json").read_text())["seed"]
+
+
+def test_a_trial_killed_more_often_than_max_failures_ends_errored_and_restart_errored_reruns_it(tmp_path):
+    """README: a crashed trial restarts twice (FailureConfig(max_failures=2)); killed a third time it is errored,
+    the search goes on; `--resume --restart-errored` then trains it again from scratch."""
     kills = 3  # the documented max_failures (2) + 1
     smoke = yaml.safe_load(SMOKE.read_text())
     space = tmp_path / "smoke_fail.yaml"
@@ -312,5 +317,17 @@ def test_a_trial_killed_more_often_than_max_failures_ends_errored_and_the_search
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
     outcome = sorted((run.info.status, run.data.tags["stop_reason"]) for run in runs)
     assert outcome == [("FAILED", "error"), ("FINISHED", "completed")], outcome
-    frames = [pd.read_csv(path) for path in exp_dir.glob("*/progress.csv")]
-    assert sorted(frame["epoch"].max() for frame in frames) == [1, 2]  # the errored trial never passed epoch 1
+    first = {path.parent: pd.read_csv(path) for path in exp_dir.glob("*/progress.csv")}
+    assert sorted(frame["epoch"].max() for frame in first.values()) == [1, 2]  # the errored trial never passed epoch 1
+    errored, = [folder for folder, frame in first.items() if frame["epoch"].max() == 1]
+
+    # README: `--resume --restart-errored` runs errored trials again from scratch (the gate stays claimed: no kill);
+    # Ray gives the rerun a new trial id and folder, so MLflow gets a new child run beside the FAILED one
+    resumed = subprocess.run([sys.executable, "-m", "gan_tune.search", "--resume", str(exp_dir), "--restart-errored"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert "2 trials, 0 errored" in resumed.stdout, resumed.stdout[-3000:]
+    (rerun_folder,) = {path.parent for path in exp_dir.glob("*/progress.csv")} - set(first)
+    assert trial_seed(rerun_folder) == trial_seed(errored)  # the same trial config
+    rerun = pd.read_csv(rerun_folder / "progress.csv")
+    assert list(rerun["epoch"]) == [1, 2] and (rerun["restored_epoch"] == 0).all()  # from scratch, not a checkpoint
