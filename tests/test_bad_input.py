@@ -1,10 +1,16 @@
-"""Issues 9 and 14, the complete table of bad inputs: each row runs a real CLI (`python -m gan_tune.X`) in a fresh
-process, which must exit 2 with exactly one `error:` line on stderr naming the file or flag and the key, no
+"""Issues 9 and 14, the complete table of bad inputs: each row runs a real CLI (`python -m gan_tune.X`) in a process
+of its own, which must exit 2 with exactly one `error:` line on stderr naming the file or flag and the key, no
 traceback, no MLflow run left RUNNING (or made at all) and no Ray process left behind.
 
+A fresh interpreter spends 3-5 s (far more on a loaded machine) importing torch, Ray and MLflow, which made the
+table take minutes. So the rows run, two at a time, in children forked from one server process that imported
+gan_tune's CLI modules once (FORK_SERVER, the preloading model of gunicorn or multiprocessing's forkserver): each
+child runs the module as `__main__` with runpy, as `python -m` does, in its own working directory and environment.
+`test_one_row_per_command_in_a_fresh_interpreter` runs a row of every command through a real `python -m`, so
+nothing the preloading hides (an import-time failure, a stray line at start-up) goes unseen.
+
 Some rows repeat a case of test_search.py or test_train.py on purpose (those check them in-process); here the
-table is the one place listing every bad input. The rows run two at a time (a module fixture), as each child
-spends ~3-5 s importing torch, Ray and MLflow.
+table is the one place listing every bad input.
 """
 
 import json
@@ -269,39 +275,106 @@ def processes_naming(folder):
     return found
 
 
-def run_case(case, tmp_path):
-    """Run one row's CLI in a fresh process; everything the test asserts, as a dict."""
-    module, argv = CASES[case][0](tmp_path)
-    runs_before = mlflow_runs(tmp_path)[0]  # the sample rows make one empty run first
+# Reads one JSON request per line ({id, module, argv, cwd, env, err}), runs at most two at once, each in a forked
+# child that behaves like `python -m gan_tune.MODULE ARGV`, and prints {id, code} per finished child.
+FORK_SERVER = r"""
+import json, os, runpy, sys, tempfile, traceback, warnings
+import gan_tune.bench, gan_tune.classifier, gan_tune.metrics, gan_tune.report, gan_tune.sample
+import gan_tune.search, gan_tune.tracking, gan_tune.train
+
+def child(request):
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # read TMPDIR again
+    for fd, path in ((1, os.devnull), (2, request["err"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [request["module"], *request["argv"]]
+    # runpy warns that the preloaded module is already imported: true here, and `python -m` never prints it
+    warnings.filterwarnings("ignore", "'gan_tune.*' found in sys.modules", RuntimeWarning)
+    try:
+        runpy.run_module(f"gan_tune.{request['module']}", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:  # what the interpreter does with it
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if not isinstance(done.code, (int, type(None))):
+            print(done.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+running = {}
+def reap():
+    pid, status = os.wait()
+    print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
+
+for line in sys.stdin:
+    request = json.loads(line)
+    if len(running) == 2:
+        reap()
+    pid = os.fork()
+    if pid == 0:
+        child(request)
+    running[pid] = request["id"]
+while running:
+    reap()
+"""
+
+
+def row_env(tmp_path):
+    """The row's environment: Ray's and Python's temporary files in its own folder, no tracking URI inherited."""
     ray_tmp = tmp_path / "tmp"
-    ray_tmp.mkdir()
+    ray_tmp.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(ray_tmp), TMPDIR=str(ray_tmp))
-    start = time.perf_counter()
+    return env
+
+
+def row_result(tmp_path, code, err, runs_before):
+    ray_tmp = tmp_path / "tmp"
+    return {"code": code, "err": err, "runs": mlflow_runs(tmp_path), "runs_before": runs_before,
+            "ray": [*ray_tmp.glob("ray*"), *processes_naming(ray_tmp)]}
+
+
+def run_forked(rows):
+    """{case: result} for rows {case: tmp_path}, each row in a child of one FORK_SERVER process."""
+    requests, before = [], {}
+    for case, tmp_path in rows.items():
+        module, argv = CASES[case][0](tmp_path)
+        before[case] = mlflow_runs(tmp_path)[0]  # the sample rows make one empty run first
+        requests.append({"id": case, "module": module, "argv": argv, "cwd": str(tmp_path), "env": row_env(tmp_path),
+                         "err": str(tmp_path / "stderr.txt")})
+    server = subprocess.run([sys.executable, "-c", FORK_SERVER], capture_output=True, text=True, timeout=900,
+                            input="".join(json.dumps(request) + "\n" for request in requests),
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert server.returncode == 0, server.stderr
+    codes = {done["id"]: done["code"] for done in map(json.loads, server.stdout.splitlines())}
+    return {case: row_result(tmp_path, codes[case], (tmp_path / "stderr.txt").read_text(), before[case])
+            for case, tmp_path in rows.items()}
+
+
+def run_fresh(case, tmp_path):
+    """One row through a real `python -m gan_tune.X` in a fresh interpreter."""
+    module, argv = CASES[case][0](tmp_path)
+    runs_before = mlflow_runs(tmp_path)[0]
     done = subprocess.run([sys.executable, "-m", f"gan_tune.{module}", *argv], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)
-    return {"code": done.returncode, "err": done.stderr, "runs": mlflow_runs(tmp_path), "runs_before": runs_before,
-            "ray": [*ray_tmp.glob("ray*"), *processes_naming(ray_tmp)], "wall_s": time.perf_counter() - start}
+                          timeout=300, cwd=tmp_path, env=row_env(tmp_path))
+    return row_result(tmp_path, done.returncode, done.stderr, runs_before)
 
 
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory):
-    """Every selected row, run two at a time (the suite's machine has two cores)."""
+    """Every selected row of the table, run in forked children two at a time."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_leaves_nothing"
                 and not SKIPS.get(item.callspec.params["case"], (False,))[0]]
-    folders = {case: tmp_path_factory.mktemp("row") for case in selected}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda case: run_case(case, folders[case]), selected)
-        return {case: (folders[case], result) for case, result in zip(selected, results)}
+    rows = {case: tmp_path_factory.mktemp("row") for case in selected}
+    return {case: (rows[case], result) for case, result in run_forked(rows).items()} if rows else {}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
-    skip, why = SKIPS.get(case, (False, ""))
-    if skip:
-        pytest.skip(why)
-    tmp_path, row = outcomes[case]
+def check_row(case, tmp_path, row):
     err = row["err"]
     lines = err.strip().splitlines()
     assert row["code"] == 2, err
@@ -310,6 +383,30 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
         assert text.format(tmp=tmp_path, space=tmp_path / "bad.yaml") in lines[0], lines[0]
     assert row["runs"] == (row["runs_before"], 0), "a run was made or left RUNNING"
     assert row["ray"] == [], "Ray was started or left behind"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
+    skip, why = SKIPS.get(case, (False, ""))
+    if skip:
+        pytest.skip(why)
+    tmp_path, row = outcomes[case]
+    check_row(case, tmp_path, row)
+
+
+FRESH = ["space not utf-8", "seed past numpy", "set value broken yaml", "report dead server", "sample dead server",
+         "replay truncated", "metrics unknown device", "bench one fid sample", "classifier seed past numpy"]
+
+
+def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
+    """A real `python -m` per command, two at a time: the table's verdicts hold without the preloaded imports."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        folders = [tmp_path / f"row{i}" for i in range(len(FRESH))]
+        for folder in folders:
+            folder.mkdir()
+        results = list(pool.map(run_fresh, FRESH, folders))
+    for case, folder, row in zip(FRESH, folders, results):
+        check_row(case, folder, row)
 
 
 def test_the_matrix_covers_every_command(tmp_path):
