@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gan_tune import train
 from gan_tune.config import CliParser, ConfigError, TrainConfig
 from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
+from gan_tune.metrics import DEFAULT_BATCH_SIZE, GPU_FID_SAMPLES, batch_for, make_scorer
 from gan_tune.models import MODELS, build_models
 
 MODES = {  # name -> TrainConfig overrides; None marks the reference loop
@@ -117,8 +118,6 @@ FID_WIDTHS = (1.0, 0.25)  # the balanced recipe, and the width the CPU default s
 def fid_timing(device: torch.device, data: Mnist, n_samples: int) -> dict:
     """Seconds to generate and score n_samples images with the balanced generator at each FID_WIDTHS
     (real statistics cached; the scorer's copy of G and the classifier run in channels_last)."""
-    from gan_tune.metrics import DEFAULT_BATCH_SIZE, batch_for, make_scorer
-
     score = make_scorer(data, device, n_samples)
     # two full batches warm up every kernel shape the timed call runs (cuDNN autotunes per shape)
     warm_up = make_scorer(data, device, min(n_samples, 2 * batch_for(device, DEFAULT_BATCH_SIZE)))
@@ -145,8 +144,6 @@ def quality_parity(device: torch.device, data: Mnist, base: TrainConfig) -> dict
     CUDA), as relative differences. Quality: FID after base.max_epochs epochs, eager fp32 vs graph bf16
     (the target: within 10 %). Each path's step_mode is reported: on a CPU all run eagerly.
     """
-    from gan_tune.metrics import make_scorer
-
     out, first, images = {}, {}, data.images.to(device)
     for mode in ("b eager fp32", "c graph tf32"):
         cfg = replace(base, **MODES[mode], steps_per_epoch=PARITY_STEPS)
@@ -271,7 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default balanced,dcgan,mlp; balanced with --quick; '' to skip the table)")
     parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
                         "(default 1,2,4,8 on CUDA, 1,2 on CPU; '' to skip)")
-    parser.add_argument("--fid-samples", type=int, default=10_000, help="(f): samples scored (default 10000; 0 skips)")
+    parser.add_argument("--fid-samples", type=int, default=GPU_FID_SAMPLES,
+                        help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
     parser.add_argument("--parity-epochs", type=int, default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
                         "FID comparison (default 20 on CUDA, 0 = skip on CPU)")
     args = parser.parse_args(argv)
@@ -329,7 +327,7 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
         extra["best packing (trials per device)"] = best_packing(aggregates)
     if args.parity_epochs:
         base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
-                           fid_samples=args.fid_samples or 10_000)
+                           fid_samples=args.fid_samples or GPU_FID_SAMPLES)
         extra["quality parity"] = quality_parity(device, data, base)
     return table, extra
 
