@@ -31,7 +31,10 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
           trial_id: str = "") -> dict:
     """Everything a resumed run needs to continue exactly: weights, optimisers, epoch, RNG, noise.
 
-    `trial_id` names the Tune trial that saved it, so a restore can tell its own from a PBT donor's."""
+    With g_ema on it also holds "g_ema", the averaged G with its recomputed BatchNorm statistics: the
+    generator that rebuild_generator exports. `trial_id` names the Tune trial that saved it, so a restore
+    can tell its own from a PBT donor's."""
+    averaged = {} if gan.g_ema is None else {"g_ema": gan.eval_generator().state_dict()}
     return {
         "config": gan.cfg.to_dict(),
         "epoch": epoch,
@@ -44,6 +47,7 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
         "torch_rng_state": torch.get_rng_state(),
         "history": history,
         "trial_id": trial_id,
+        **averaged,
     }
 
 
@@ -86,6 +90,9 @@ def restore(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Ten
     """
     gan.g.load_state_dict(saved["g"])
     gan.d.load_state_dict(saved["d"])
+    if gan.g_ema is not None:  # a checkpoint saved with g_ema off: the average starts from its G, as a fresh run's does
+        gan.g_ema.load_state_dict(saved["g_ema"] if "g_ema" in saved else saved["g"])
+        gan.g_ema_bn_fresh = False
     gan.opt_g.load_state_dict(saved["opt_g"])
     gan.opt_d.load_state_dict(saved["opt_d"])
     generator.set_state(saved["generator_state"])
@@ -97,11 +104,12 @@ def restore(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Ten
 
 
 def rebuild_generator(saved: dict, where: str) -> tuple[nn.Module, TrainConfig]:
-    """The generator (CPU, eval mode) and config of a saved state; weights that do not fit name `where`."""
+    """The generator (CPU, eval mode) and config of a saved state: the averaged G when the state has one
+    (Gan.eval_generator's, what the run scored), else G. Weights that do not fit name `where`."""
     cfg = config.from_dict(saved["config"], where=where)
     g, _ = build_models(cfg)
     try:
-        g.load_state_dict(saved["g"])
+        g.load_state_dict(saved["g_ema"] if "g_ema" in saved else saved["g"])
     except RuntimeError as err:
         raise DataError(f"{where}: generator weights do not fit the config ({str(err).splitlines()[0]})") from None
     return g.eval(), cfg

@@ -17,7 +17,8 @@ from typing import Any, Callable, NoReturn
 
 import yaml
 
-from gan_tune.models import MODELS  # models imports this module for type hints only
+from gan_tune.losses import LOSSES
+from gan_tune.models import D_NORMS, MODELS  # models imports this module for type hints only
 
 # Balanced-DCGAN recipe (TF DCGAN tutorial lineage): D learns twice as fast as G, Adam beta1 0.5.
 DEFAULT_LR_D = 2.0e-4
@@ -94,6 +95,12 @@ class TrainConfig:
     beta2: float = 0.999
     n_disc: int = 1  # D steps per G step
     label_smoothing: float = 0.0  # one-sided (Salimans et al. 2016): real target = 1 - label_smoothing
+    # losses and regularisation (README: Losses and regularisation)
+    loss: str = "ns"  # a key of gan_tune.losses.LOSSES; ns: the non-saturating BCE loss of Goodfellow et al. 2014
+    gp_weight: float = 10.0  # wgan-gp only: lambda of Gulrajani et al. 2017
+    d_norm: str = "batch"  # a key of gan_tune.models.D_NORMS; batch: the family's own D (BatchNorm where it has it)
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(real)||^2 on every D step (Mescheder et al. 2018); 0 = off
+    g_ema: float = 0.0  # decay of the moving average of G's weights that is scored and exported; 0 = off
     max_epochs: int = 20
     steps_per_epoch: int = 0  # 0: one pass over the data (len(data) // batch_size D steps)
     seed: int = 0
@@ -125,6 +132,16 @@ class TrainConfig:
             ("beta2", 0.0 <= self.beta2 < 1.0, "must be in [0, 1)"),
             ("n_disc", self.n_disc >= 1, "must be >= 1"),
             ("label_smoothing", 0.0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
+            ("loss", self.loss in LOSSES, f"unknown loss {self.loss!r} (known: {', '.join(sorted(LOSSES))})"),
+            ("label_smoothing", self.label_smoothing == 0 or self.loss not in LOSSES or LOSSES[self.loss].uses_labels,
+             f"must be 0 with loss {self.loss} (it has no real/fake labels to smooth)"),
+            ("gp_weight", math.isfinite(self.gp_weight) and self.gp_weight >= 0, "must be >= 0"),
+            ("d_norm", self.d_norm in D_NORMS, f"unknown d_norm {self.d_norm!r} (known: {', '.join(sorted(D_NORMS))})"),
+            ("d_norm", not (self.loss == "wgan-gp" and self.d_norm == "batch"),
+             "batch cannot go with loss wgan-gp: its gradient penalty is per image, and BatchNorm mixes the images "
+             "of a batch (use spectral or none)"),
+            ("r1_gamma", math.isfinite(self.r1_gamma) and self.r1_gamma >= 0, "must be >= 0 (0 = off)"),
+            ("g_ema", 0.0 <= self.g_ema < 1.0, "must be in [0, 1) (0 = off)"),
             ("max_epochs", self.max_epochs >= 1, "must be >= 1"),
             ("steps_per_epoch", self.steps_per_epoch >= 0, "must be >= 0"),
             ("subset", self.subset >= 0, "must be >= 0"),

@@ -1,7 +1,8 @@
 """Model families behind a registry: each builder turns a TrainConfig into (generator, discriminator).
 
 Generators map (B, latent_dim) noise to (B, 1, 28, 28) images in [-1, 1]; discriminators return one
-logit per image, shape (B,): the losses use BCE-with-logits, never Sigmoid + BCELoss.
+raw output per image, shape (B,), which the loss family reads (gan_tune.losses; a logit for the default
+BCE-with-logits loss, never Sigmoid + BCELoss). `d_norm` then sets D's normalisation (D_NORMS).
 """
 
 from __future__ import annotations
@@ -35,7 +36,36 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 def build_models(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
     if cfg.model not in MODELS:
         raise KeyError(f"unknown model family {cfg.model!r} (known: {', '.join(sorted(MODELS))})")
-    return MODELS[cfg.model](cfg)
+    g, d = MODELS[cfg.model](cfg)
+    return g, D_NORMS[cfg.d_norm](d)
+
+
+def drop_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm replaced by Identity, in place (a family without any is unchanged)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            drop_batch_norm(child)
+    return module
+
+
+def spectral(d: nn.Module) -> nn.Module:
+    """Miyato et al. 2018: every conv/linear weight divided by its largest singular value (of the weight
+    reshaped to (out, -1), estimated by one power iteration per training forward); BatchNorm dropped."""
+    d = drop_batch_norm(d)
+    for layer in list(d.modules()):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(layer)
+    return d
+
+
+# What D's normalisation layers are: the family's own (BatchNorm where it has it), spectral norm, or none.
+D_NORMS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "batch": lambda d: d,
+    "spectral": spectral,
+    "none": drop_batch_norm,
+}
 
 
 def channels(base: int, width: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -22,11 +23,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.nn import functional as F
+from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gan_tune import artifacts, checkpoint, config
+from gan_tune import artifacts, checkpoint, config, losses
 from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, CliParser, ConfigError, TrainConfig, device_available
 from gan_tune.data import DataError, Mnist, epoch_batches, load_mnist, to_float
 from gan_tune.metrics import make_scorer  # the classifier itself loads only in runs that score
@@ -39,9 +40,10 @@ G_STATS = ("loss_g",)
 RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode")
 FIXED_NOISE_COUNT = 64  # one 8x8 grid
 log = logging.getLogger(__name__)
-# A BCE loss this large means logits of about +-1000: the weights have exploded even if still finite
-# (huge learning rates reach 1e24 before any NaN), so the run is called diverged.
-DIVERGED_LOSS = 1.0e3
+# Noise batches (of batch_size) that the averaged G's BatchNorm statistics are recomputed on, as cumulative
+# averages (swa_utils.update_bn). Measured by the team at decay 0.999: averaged weights with the raw G's
+# statistics scored barely better than no averaging; with statistics recomputed on 40 batches, 26 % better.
+BN_RECOMPUTE_BATCHES = 40
 
 
 GRAPH_WARMUP_ITERS = 3  # PyTorch's CUDA-graph recipe: a few eager iterations on a side stream before capture
@@ -59,6 +61,21 @@ class Gan:
     step: Callable[[Tensor], None] | None = None  # one iteration on (n_disc, batch) indices; built by the first epoch
     sums: Tensor | None = None  # the step's statistics, summed on the device over an epoch
     step_mode: str = "eager"
+    g_ema: nn.Module | None = None  # the moving average of G's weights when cfg.g_ema > 0 (eval mode, no grad)
+    g_ema_bn_fresh: bool = False  # whether g_ema's BatchNorm statistics were recomputed since the last step
+
+    def eval_generator(self) -> nn.Module:
+        """The generator to score, sample, checkpoint for export and log: G itself, or with g_ema on the
+        averaged G with its BatchNorm statistics recomputed for its own weights (once per epoch, when first asked)."""
+        if self.g_ema is None:
+            return self.g
+        if not self.g_ema_bn_fresh:
+            noise = torch.Generator().manual_seed(self.cfg.seed + 2)  # the same batches every time, on every device
+            batches = (torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=noise).to(self.device)
+                       for _ in range(BN_RECOMPUTE_BATCHES))  # drawn only if G has BatchNorm
+            update_bn(batches, self.g_ema)  # momentum None: cumulative averages, then back to eval mode
+            self.g_ema_bn_fresh = True
+        return self.g_ema
 
 
 def graph_unavailable(cfg: TrainConfig, device: torch.device) -> str | None:
@@ -91,7 +108,8 @@ def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
                 capturable=graph_unavailable(cfg, device) is None)  # capturable: step count stays on the device
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, **adam)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, **adam)
-    return Gan(g, d, opt_g, opt_d, cfg, device)
+    g_ema = copy.deepcopy(g).eval().requires_grad_(False) if cfg.g_ema else None  # the average starts at G's init
+    return Gan(g, d, opt_g, opt_d, cfg, device, g_ema=g_ema)
 
 
 def autocast(gan: Gan) -> contextlib.AbstractContextManager:
@@ -101,37 +119,53 @@ def autocast(gan: Gan) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def d_step(gan: Gan, real: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """One D update on a real batch and G(z); returns (stats over D_STATS as a (4,) tensor, fake)."""
-    real_target = 1.0 - gan.cfg.label_smoothing  # one-sided smoothing: only real labels move
+def d_step(gan: Gan, real: Tensor, z: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One D update on a real batch and G(z) with cfg.loss's D loss plus the penalties that are on;
+    returns (stats over D_STATS as a (4,) tensor, fake). `generator` draws the gradient penalty's points."""
+    cfg, family = gan.cfg, losses.LOSSES[gan.cfg.loss]
+    if cfg.r1_gamma:
+        real.requires_grad_(True)  # R1 differentiates D(real) with respect to the pixels
     with autocast(gan):
         fake = gan.g(z)
-        logits_real = gan.d(real).float()
-        logits_fake = gan.d(fake.detach()).float()  # detach: the D update must not reach G's weights
-        # D maximises log D(x) + log(1 - D(G(z)))
-        loss_d = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, real_target)) \
-            + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        out_real = gan.d(real).float()
+        out_fake = gan.d(fake.detach()).float()  # detach: the D update must not reach G's weights
+        loss_d = family.d_loss(out_real, out_fake, 1.0 - cfg.label_smoothing)  # one-sided: only real labels move
+        if cfg.r1_gamma:
+            loss_d = loss_d + cfg.r1_gamma / 2 * losses.r1_penalty(out_real, real)
+        if family.gradient_penalty:
+            loss_d = loss_d + cfg.gp_weight * losses.gradient_penalty(gan.d, real, fake.detach(), generator)
     gan.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     gan.opt_d.step()
     stats = torch.stack([
         loss_d.detach(),
-        (logits_real > 0).float().mean(),
-        (logits_fake < 0).float().mean(),
-        torch.sigmoid(logits_fake).mean(),  # D(G(z)) before this update
+        (out_real > family.real_threshold).float().mean(),  # D's decision: "real"
+        (out_fake < family.real_threshold).float().mean(),
+        family.real_prob(out_fake).mean(),  # D(G(z)) before this update
     ])
     return stats, fake
 
 
 def g_step(gan: Gan, fake: Tensor) -> Tensor:
-    """One G update with the non-saturating loss: G maximises log D(G(z)) on the same fake batch."""
+    """One G update on the same fake batch with cfg.loss's G loss (ns: G maximises log D(G(z))),
+    then the weight average's update when g_ema is on."""
     with autocast(gan):
-        logits = gan.d(fake).float()
-        loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        loss_g = losses.LOSSES[gan.cfg.loss].g_loss(gan.d(fake).float())
     gan.opt_g.zero_grad(set_to_none=True)
     loss_g.backward(inputs=list(gan.g.parameters()))  # D's weight gradients are not needed here
     gan.opt_g.step()
+    if gan.g_ema is not None:
+        update_g_ema(gan)
     return loss_g.detach().reshape(1)
+
+
+def update_g_ema(gan: Gan) -> None:
+    """g_ema <- decay * g_ema + (1 - decay) * G, on the device in one fused call (capturable in the CUDA graph).
+
+    Not swa_utils.AveragedModel: its update branches in Python on its n_averaged tensor, a host sync
+    per step. BatchNorm buffers are not averaged; Gan.eval_generator recomputes them for the averaged weights.
+    """
+    torch._foreach_lerp_(list(gan.g_ema.parameters()), list(gan.g.parameters()), 1.0 - gan.cfg.g_ema)
 
 
 def train_iteration(gan: Gan, images: Tensor, idx: Tensor, generator: torch.Generator, sums: Tensor) -> None:
@@ -141,7 +175,7 @@ def train_iteration(gan: Gan, images: Tensor, idx: Tensor, generator: torch.Gene
     for k in range(gan.cfg.n_disc):
         real = to_float(images[idx[k]])
         z = torch.randn(batch, gan.cfg.latent_dim, device=gan.device, generator=generator)
-        stats, fake = d_step(gan, real, z)
+        stats, fake = d_step(gan, real, z, generator)
         sums[: len(D_STATS)] += stats
     sums[len(D_STATS):] += g_step(gan, fake)
 
@@ -158,6 +192,7 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     iters = iterations_per_epoch(cfg, images.shape[0])
     gan.g.train()
     gan.d.train()
+    gan.g_ema_bn_fresh = False  # this epoch's steps move the averaged weights
     start = time.perf_counter()
     idx = epoch_batches(images.shape[0], cfg.batch_size, iters * cfg.n_disc, generator, gan.device)
     idx = idx.view(iters, cfg.n_disc, cfg.batch_size)
@@ -173,7 +208,7 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     stats["d_acc"] = (stats["d_acc_real"] + stats["d_acc_fake"]) / 2
     stats["img_per_s"] = iters * cfg.n_disc * cfg.batch_size / elapsed
     stats["epoch_time_s"] = elapsed
-    stats["balance"] = diagnose_balance(stats)
+    stats["balance"] = diagnose_balance(stats, cfg.loss)
     stats["step_mode"] = gan.step_mode
     return stats
 
@@ -227,9 +262,12 @@ class GraphStep:
         self.graph = graph
 
 
-def diagnose_balance(stats: dict) -> str:
-    """'diverged', 'D too weak', 'D too strong', 'balanced' or 'borderline' (between the bands)."""
-    if not all(math.isfinite(stats[k]) and stats[k] < DIVERGED_LOSS for k in ("loss_d", "loss_g")):
+def diagnose_balance(stats: dict, loss: str = "ns") -> str:
+    """'diverged', 'D too weak', 'D too strong', 'balanced' or 'borderline' (between the bands).
+
+    Diverged: a loss not finite, or as large as the loss family's `diverged_loss`."""
+    limit = losses.LOSSES[loss].diverged_loss
+    if not all(math.isfinite(stats[k]) and abs(stats[k]) < limit for k in ("loss_d", "loss_g")):
         return "diverged"
     acc = stats["d_acc"]
     if acc < WARN_BELOW:
@@ -292,7 +330,7 @@ def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int =
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         record = {"epoch": epoch, **train_epoch(gan, images, generator, wrap)}
         if scorer is not None and due(cfg, epoch, record["balance"] == "diverged").score:
-            record.update(scorer(gan.g, cfg.latent_dim))
+            record.update(scorer(gan.eval_generator(), cfg.latent_dim))
         yield record
         if record["balance"] == "diverged":
             return
@@ -411,13 +449,13 @@ def write_epoch(run_dir: Path, gan: Gan, record: dict, noise: Tensor, generator:
         log.warning("epoch %d: %s (d_acc %.2f)", epoch, record["balance"], record["d_acc"])
     todo = due(cfg, epoch, record["balance"] == "diverged")
     if todo.sample:
-        artifacts.save_grid(generate(gan.g, noise), run_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
+        artifacts.save_grid(generate(gan.eval_generator(), noise), run_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
     if todo.checkpoint:
         checkpoint.write(checkpoint.state(gan, epoch, noise, generator, history), run_dir)
 
 
 def write_final(run_dir: Path, gan: Gan, noise: Tensor, history: list[dict]) -> None:
-    artifacts.write_summary(run_dir, generate(gan.g, noise), history)
+    artifacts.write_summary(run_dir, generate(gan.eval_generator(), noise), history)
 
 
 def format_record(record: dict) -> str:

@@ -144,7 +144,7 @@ def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, hist
     epoch = history[-1]["epoch"]
     if not train.due(gan.cfg, epoch, history[-1]["balance"] == "diverged").sample:
         return
-    images = train.generate(gan.g, noise)
+    images = train.generate(gan.eval_generator(), noise)
     artifacts.save_grid(images, trial_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
     artifacts.write_summary(trial_dir, images, history)
 
