@@ -234,14 +234,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Config from an optional YAML file, then `--set key=value` overrides on top."""
+    """Config from an optional YAML file, then `--set key=value` overrides on top.
+
+    The overrides are checked together, once all are applied: `--set loss=wgan-gp --set d_norm=none`
+    must not fail on the combination in between."""
     values = read_yaml(path) if path else {}
     cfg = from_dict(values, where=str(path) if path else None)
+    if not overrides:
+        return cfg
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
-        cfg = from_dict(values, where="--set")
-    return cfg
+    return from_dict(values, where="--set")
 
 
 def save(cfg: TrainConfig, path: str | Path) -> None:

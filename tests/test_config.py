@@ -34,6 +34,14 @@ def test_save_round_trip(tmp_path):
     ("beta1: 1.5\n", "beta1"),
     ("batch_size: [1]\n", "batch_size"),
     ("model: mlp\nlr_d: : 1\n", "line 2"),
+    ("g_ema: 1.0\n", "g_ema"),
+    ("g_ema: -0.1\n", "g_ema"),
+    ("loss: wgan\n", "loss"),
+    ("d_norm: layer\n", "d_norm"),
+    ("r1_gamma: -1.0\n", "r1_gamma"),
+    ("gp_weight: -10.0\n", "gp_weight"),
+    ("loss: wgan-gp\n", "d_norm"),  # D's BatchNorm would mix the images the gradient penalty treats one by one
+    ("loss: hinge\nlabel_smoothing: 0.1\n", "label_smoothing"),  # hinge has no labels
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
@@ -51,3 +59,14 @@ def test_missing_file():
 def test_bad_override_names_the_flag():
     with pytest.raises(ConfigError, match="--set: n_disc"):
         config.load(None, ["n_disc=0"])
+
+
+def test_new_options_default_to_todays_training():
+    cfg = TrainConfig()
+    assert (cfg.loss, cfg.d_norm, cfg.r1_gamma, cfg.g_ema) == ("ns", "batch", 0.0, 0.0)
+
+
+def test_every_loss_and_d_norm_is_accepted(tmp_path):
+    for loss in ("ns", "ls", "hinge", "wgan-gp"):
+        for d_norm in ("spectral", "none"):
+            assert config.load(None, [f"loss={loss}", f"d_norm={d_norm}", "g_ema=0.999", "r1_gamma=1.0"]).loss == loss

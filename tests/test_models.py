@@ -69,3 +69,25 @@ def test_fusing_keeps_the_generator_function_and_skips_other_pairs():
     bilinear = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(1, 1, 3, padding=1))
     strided = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(1, 1, 3, stride=2, padding=1))
     assert all(not any(isinstance(m, NearestUpConv) for m in fuse_upsample_conv(s)) for s in (bilinear, strided))
+
+
+def batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_d_norm_none_and_spectral_drop_d_batch_norm_and_keep_g(model):
+    g_batch, d_batch = build_models(TrainConfig(model=model, width=0.25))
+    for d_norm in ("none", "spectral"):
+        torch.manual_seed(0)
+        g, d = build_models(TrainConfig(model=model, width=0.25, d_norm=d_norm))
+        assert not batch_norms(d) and len(batch_norms(g)) == len(batch_norms(g_batch))
+        assert d(g(torch.randn(3, 100))).shape == (3,)
+    assert (len(batch_norms(d_batch)) > 0) == (model == "dcgan")  # only dcgan's D has BatchNorm
+
+
+def test_spectral_norm_parametrizes_every_d_weight():
+    _, d = build_models(TrainConfig(width=0.25, d_norm="spectral"))
+    layers = [m for m in d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 4
+    assert all(nn.utils.parametrize.is_parametrized(layer, "weight") for layer in layers)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from gan_tune import checkpoint, train
+from gan_tune import checkpoint, losses, train
 from gan_tune.config import TrainConfig
 from gan_tune.data import BUNDLED, load_mnist
 
@@ -212,3 +212,122 @@ def test_the_installed_console_script_runs_train_main(tmp_path):
     done = subprocess.run([str(script), "--set", "lr_d=-1.0"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: --set: lr_d"), done.stderr
+
+
+# ---- G weight averaging, loss families, D regularisation (issue 16)
+
+def batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_g_ema_is_the_hand_computed_average_of_g_after_each_step(images):
+    cfg = TrainConfig(**TINY, g_ema=0.5)
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    expected = params(gan.g)  # the average starts at G's initial weights
+    sums = torch.zeros(train.N_STATS)
+    for step in range(3):
+        train.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * step, gen, sums)
+        expected = [0.5 * e + 0.5 * p for e, p in zip(expected, params(gan.g))]
+    averaged = params(gan.g_ema)
+    assert all(torch.allclose(a, e, rtol=0, atol=1e-7) for a, e in zip(averaged, expected))
+    assert not all(torch.equal(a, p) for a, p in zip(averaged, params(gan.g)))  # an average, not a copy of G
+
+
+def test_g_ema_off_keeps_no_average_and_evaluates_g_itself():
+    gan = train.make_gan(TrainConfig(**TINY), CPU)
+    assert gan.g_ema is None and gan.eval_generator() is gan.g
+
+
+def test_averaged_g_gets_batch_norm_statistics_recomputed_for_its_weights(images):
+    cfg = TrainConfig(**TINY, g_ema=0.9)
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    train.train_epoch(gan, images, gen)
+    before = [bn.running_var.clone() for bn in batch_norms(gan.g_ema)]
+    evaluated = gan.eval_generator()
+    assert evaluated is gan.g_ema and not evaluated.training
+    after = [bn.running_var.clone() for bn in batch_norms(evaluated)]
+    assert len(after) == 3 and all(not torch.equal(a, b) for a, b in zip(before, after))
+    assert all(not torch.equal(a, bn.running_var) for a, bn in zip(after, batch_norms(gan.g)))  # not G's statistics
+    assert all(bn.momentum == 0.1 for bn in batch_norms(evaluated))  # update_bn gives the momentum back
+    gan.eval_generator()  # a second ask in the same epoch reuses the statistics (same noise: same values anyway)
+    assert all(torch.equal(a, bn.running_var) for a, bn in zip(after, batch_norms(gan.g_ema)))
+
+
+def test_fit_scores_the_averaged_generator(images):
+    cfg = TrainConfig(**{**TINY, "g_ema": 0.9, "eval_every": 1, "max_epochs": 1})
+    gan = train.make_gan(cfg, CPU)
+    scored = []
+    list(train.fit(gan, images, train.make_generator(cfg, CPU), scorer=lambda g, latent: scored.append(g) or {}))
+    assert scored == [gan.g_ema] and gan.g_ema_bn_fresh
+
+
+@pytest.mark.parametrize("loss", sorted(losses.LOSSES))
+def test_each_loss_family_trains_with_finite_losses_and_accuracies_in_range(images, loss):
+    cfg = TrainConfig(**TINY, loss=loss, d_norm="none" if loss == "wgan-gp" else "batch")
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    for _ in range(2):
+        record = train.train_epoch(gan, images, gen)
+        assert all(math.isfinite(record[k]) for k in ("loss_d", "loss_g")), record
+        for key in ("d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob"):
+            assert 0 <= record[key] <= 1, key
+        assert record["balance"] != "diverged"
+
+
+def test_loss_families_differ_from_the_default(images):
+    values = {}
+    for loss in losses.LOSSES:
+        cfg = TrainConfig(**TINY, loss=loss, d_norm="none")
+        values[loss] = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))["loss_d"]
+    assert len(set(values.values())) == len(values)
+
+
+def test_divergence_threshold_comes_from_the_loss_family():
+    stats = {"loss_d": -40.0, "loss_g": 5.0e3, "d_acc": 0.5}
+    assert train.diagnose_balance(stats, "ns") == "diverged"
+    assert train.diagnose_balance(stats, "wgan-gp") == "balanced"  # a critic's level drifts; its losses may be large
+    assert train.diagnose_balance({**stats, "loss_d": -5.0e6}, "wgan-gp") == "diverged"
+
+
+def test_spectral_norm_holds_each_d_weight_at_singular_value_one(images):
+    cfg = TrainConfig(**TINY, model="dcgan", d_norm="spectral")
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    assert not batch_norms(gan.d)
+    train.train_epoch(gan, images, gen)
+    layers = [m for m in gan.d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 3
+    gan.d.eval()  # eval: read the weight with the power iteration's current estimate, no further iteration
+    with torch.no_grad():
+        sigmas = [torch.linalg.matrix_norm(layer.weight.flatten(1), ord=2).item() for layer in layers]
+        raws = [torch.linalg.matrix_norm(layer.parametrizations.weight.original.flatten(1), ord=2).item()
+                for layer in layers]
+    # one power iteration per training forward: the estimate trails the moving weights by a few percent
+    assert sigmas == pytest.approx([1.0] * 3, abs=0.1)
+    assert raws != pytest.approx([1.0] * 3, abs=0.1)  # the parametrization, not the raw weights, is at 1
+
+
+def test_r1_penalty_changes_the_d_update(images):
+    updated = []
+    for gamma in (0.0, 10.0):
+        cfg = TrainConfig(**TINY, r1_gamma=gamma)
+        gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+        sums = torch.zeros(train.N_STATS)
+        train.train_iteration(gan, images, torch.arange(32).view(1, 32), gen, sums)
+        updated.append((params(gan.d), sums[0].clone()))
+    (d_off, loss_off), (d_on, loss_on) = updated
+    assert all(not torch.equal(a, b) for a, b in zip(d_off, d_on))
+    assert loss_on > loss_off  # the penalty is added to D's loss and is never negative
+
+
+@pytest.mark.parametrize("options", [{"g_ema": 0.9, "r1_gamma": 1.0, "d_norm": "spectral"},
+                                     {"loss": "wgan-gp", "d_norm": "none"}])
+def test_new_options_keep_the_step_free_of_host_syncs(images, monkeypatch, options):
+    """The EMA update, spectral norm and both gradient penalties run on the device: still one sync an epoch."""
+    cfg = TrainConfig(**{**TINY, **options})
+    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    calls = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: calls.append(_n) or _f(self, *a, **k))
+    train.train_epoch(gan, images, gen)
+    monkeypatch.undo()
+    assert calls == ["tolist"]
