@@ -137,6 +137,7 @@ CASES = {
     "beta2 choice of 1": (search_search(beta2={"choice": [0.9, 1.0]}), ["{space}", "search.beta2", "[0, 1)"]),
     "label smoothing past 0.5": (search_search(label_smoothing={"uniform": [0.0, 0.7]}),
                                  ["{space}", "search.label_smoothing"]),
+    "g_ema decay uniform past 1": (search_search(g_ema={"uniform": [0.9, 1.2]}), ["{space}", "search.g_ema", "[0, 1)"]),
     "searched seed past numpy": (search_search(seed={"randint": [0, 2**40]}), ["{space}", "search.seed"]),
     "searched batch above subset": (search_case({"base": {k: v for k, v in SMOKE_BASE.items() if k != "batch_size"},
                                                  "search": {"batch_size": {"choice": [64, 4096]}}}),
@@ -193,6 +194,7 @@ CASES = {
     "set value broken yaml": (train_case("--set", "lr_d=[1.0e-4"), ["--set", "lr_d", "malformed YAML"]),
     "set without =": (train_case("--set", "lr_d"), ["--set", "key=value"]),
     "set beta1 1": (train_case("--set", "beta1=1.0"), ["--set", "beta1", "[0, 1)"]),
+    "set g_ema decay 1": (train_case("--set", "g_ema=1.0"), ["--set", "g_ema", "[0, 1)"]),
     "set seed negative": (train_case("--set", "seed=-1"), ["--set", "seed"]),
     "set subset below a batch": (train_case("--set", "subset=10"), ["--set", "subset", "batch"]),
     "set device missing here": (train_case("--set", "device=cuda:7"), ["device", "cuda:7"]),
@@ -409,9 +411,12 @@ def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
         check_row(case, folder, row)
 
 
+MAKES_A_STORE = ("sample run without a model", "sample unknown run", "report unknown run", "report unknown experiment")
+
+
 def test_the_matrix_covers_every_command(tmp_path):
-    commands = {build(tmp_path / f"row{i}")[0] for i, (build, _) in enumerate(CASES.values())
-                if (tmp_path / f"row{i}").mkdir() is None}
+    builds = [build for case, (build, _) in CASES.items() if case not in MAKES_A_STORE]  # seconds each: left out
+    commands = {build(tmp_path / f"row{i}")[0] for i, build in enumerate(builds) if (tmp_path / f"row{i}").mkdir() is None}
     assert commands == {"search", "train", "report", "sample", "metrics", "tracking", "bench", "classifier"}
     assert len(CASES) >= 50
 
