@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -22,6 +23,7 @@ import textwrap
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,7 @@ import torch
 import yaml
 from ray import tune
 
-from gan_tune import spaces, tracking
+from gan_tune import console, spaces, tracking
 from gan_tune.config import CliParser, ConfigError, device_available, from_dict, resolve_derived, seed_arg
 from gan_tune.data import DataError, Mnist, load_mnist
 from gan_tune.spaces import Space
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m gan_tune.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", help="search-space name (see --list-spaces) or path to a YAML file")
     parser.add_argument("--list-spaces", action="store_true", help="list the known spaces and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Tune's full console (a box per trial start and result) and Ray's info lines; "
+                             "default: Tune's status table and one line per trial start, stop and error")
     parser.add_argument("--num-samples", type=int, help="trials (default: the space's)")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's)")
     parser.add_argument("--time-budget", help="wall-clock budget, e.g. 90s, 15m, 1h (default: the space's)")
@@ -273,14 +278,15 @@ def check_address(address: str | None) -> None:
                                        f"{ADDRESS_CHECK_TIMEOUT_S:g} s ({type(err).__name__})") from None
 
 
-def start_ray(address: str | None) -> bool:
+def start_ray(address: str | None, verbose: bool = False) -> bool:
     """Start a local Ray (or join `address`); False when Ray was already running in this process."""
     if ray.is_initialized():
         return False
+    level = logging.INFO if verbose else logging.WARNING  # Ray's start-up info lines only with --verbose
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
     else:  # address="local": never join a cluster another user started on this machine
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=level)
     return True
 
 
@@ -364,28 +370,39 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
 
-def restore_tuner(location: str, trainable: tune.Trainable, stopper: tune.Stopper, callbacks: list[tune.Callback],
-                  restart_errored: bool) -> tune.Tuner:
+def restore_tuner(location: str, trainable: tune.Trainable, restart_errored: bool, **run_config: Any) -> tune.Tuner:
     """Tuner.restore, unfinished trials from their checkpoints; errored ones too, or from scratch.
 
-    Restore unpickles the first session's stopper and callbacks; this session's own (whose stop reasons and
-    outcomes summarise() prints) take their place. Ray has no public setter for the restored RunConfig.
+    Restore unpickles the first session's stopper, callbacks and console settings; this session's own
+    (whose stop reasons and outcomes summarise() prints) take their place.
     """
     tuner = tune.Tuner.restore(location, trainable=trainable, resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
+    return replace_restored_run_config(tuner, **run_config)
+
+
+def replace_restored_run_config(tuner: tune.Tuner, **changes: Any) -> tune.Tuner:
+    """Set RunConfig fields of a restored Tuner. Ray (2.60) has no public route: Tuner.restore takes no
+    run_config, and the restored one, unpickled from tuner.pkl, is reachable only through the private
+    `_local_tuner`. tests/test_search.py checks this against Ray, so a Ray that moves it fails there first."""
     run_config = tuner._local_tuner.get_run_config()
-    run_config.stop, run_config.callbacks = stopper, callbacks
+    for key, value in changes.items():
+        if not hasattr(run_config, key):
+            raise AttributeError(f"RunConfig has no field {key!r}")
+        setattr(run_config, key, value)
     return tuner
 
 
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
                 stopper: tune.Stopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
-    trainable = tune.with_resources(tune.with_parameters(train_gan, data=data), trial)
+    trainable = tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=not args.verbose), trial)
+    output = {"verbose": None, "progress_reporter": None,  # Tune's defaults, unless the table engine's
+              **console.run_config_output(list(space.search), space.metric, args.verbose)}
     if args.resume is not None:
-        return restore_tuner(location, trainable, stopper, callbacks, args.restart_errored)
+        return restore_tuner(location, trainable, args.restart_errored, stop=stopper, callbacks=callbacks, **output)
     storage_path, name = tune_storage(location)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage_path, stop=stopper, callbacks=callbacks,
+        name=name, storage_path=storage_path, stop=stopper, callbacks=callbacks, **output,
         sync_config=tune.SyncConfig(sync_artifacts=True),  # trial files from every node reach the storage path
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
@@ -418,11 +435,6 @@ def write_best_config(result: tune.Result, row: pd.Series, space: Space, locatio
     return write_study_file(location, BEST_CONFIG, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def format_values(values: dict) -> str:
-    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                     for key, value in values.items())
-
-
 def time_to(timestamp: float, started: float) -> str:
     """How long after `started` (this session's fit) a report with Tune's `timestamp` arrived: time to quality."""
     if timestamp < int(started):  # Tune's timestamp has whole seconds
@@ -450,8 +462,8 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, locat
     print(f"best trial {row['trial_id']}: {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])}, "
           f"{time_to(row['timestamp'], started)}")
     searched = {key: best.config[key] for key in (*space.search, "seed")}
-    print(f"  config:  {format_values({**searched, **resolve_derived(searched)})}")
-    print(f"  metrics: {format_values({key: row[key] for key in SUMMARY_METRICS})}")
+    print(f"  config:  {console.format_values({**searched, **resolve_derived(searched)})}")
+    print(f"  metrics: {console.format_values({key: row[key] for key in SUMMARY_METRICS})}")
     print(f"  folder:  {best.path}")
     path = write_best_config(best, row, space, location)
     print(f"best config: {path}")
@@ -475,7 +487,10 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         if args.resume is None:
             save_args(args, location)
         stop = tune.stopper.CombinedStopper(stopper, failing)
-        results = build_tuner(space, args, data, trial, stop, location, [*callbacks, failing]).fit()
+        lines = console.TrialLines(list(space.search), space.metric, callbacks[0].outcomes)  # after tracking's
+        tuner = build_tuner(space, args, data, trial, stop, location, [*callbacks, lines, failing])
+        with console.table_engine(args.verbose):
+            results = tuner.fit()
     except BaseException as err:
         tracking.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
         raise
@@ -525,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    started = start_ray(args.address)
+    started = start_ray(args.address, args.verbose)
     try:
         return run(plans, args, location)
     except (ConfigError, DataError) as err:

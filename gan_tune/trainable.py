@@ -51,6 +51,9 @@ REPORTED_METRICS = (*train.RECORD_KEYS, *metrics.SCORE_KEYS, "score_epoch", "lr_
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
 # fast the machine trains; FAULT_GATE_TRIAL_ENV, if set, limits it to trial ids ending so (e.g. "_00000").
 # Unset, it costs one dict lookup per epoch.
+# Ray Train logs "Checkpoint successfully created" per checkpoint in every worker: one line per trial and
+# epoch on the driver's console (search --verbose keeps it)
+CHECKPOINT_LOGGER = "ray.train._internal.storage"
 FAULT_GATE_ENV = "GAN_TUNE_FAULT_GATE"
 FAULT_GATE_TRIAL_ENV = "GAN_TUNE_FAULT_GATE_TRIAL"
 FAULT_GATE_TIMEOUT_S = 300.0
@@ -175,8 +178,12 @@ def fault_gate(epoch: int) -> None:
         time.sleep(0.1)
 
 
-def train_gan(config: dict[str, Any], data: Mnist) -> None:
-    """Ray Tune function trainable: `tune.with_parameters(train_gan, data=data)`."""
+def train_gan(config: dict[str, Any], data: Mnist, quiet: bool = False) -> None:
+    """Ray Tune function trainable: `tune.with_parameters(train_gan, data=data, quiet=...)`.
+
+    quiet: no per-checkpoint info line from Ray (warnings, e.g. a checkpoint fallback, still reach the console)."""
+    if quiet:
+        logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     cfg = trial_config(config)
     torch.set_num_threads(trial_cpus())
     device = train.resolve_device(cfg.device)  # cuda only when Ray gave this trial a GPU

@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from ray import tune
 
 from gan_tune import search, train
 from gan_tune.config import load as load_config
@@ -237,3 +239,42 @@ def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_pat
 def test_time_to_quality_counts_from_this_sessions_start():
     assert search.time_to(1_000_125, 1_000_000.4) == "reported 2 min 05 s into the search"
     assert search.time_to(999_000, 1_000_000.4) == "reported before this session resumed the study"
+
+
+def test_a_restored_tuner_takes_this_sessions_stopper_callbacks_and_console(smoke_study):
+    """search.replace_restored_run_config reaches into Ray's private Tuner._local_tuner (no public route in
+    Ray 2.60): this fails first when a Ray upgrade moves it, before a resumed search silently keeps the first
+    session's callbacks (and prints stale stop reasons) or its old console."""
+    code, study, _ = smoke_study
+    assert code == 0
+    stopper, marker = tune.stopper.MaximumIterationStopper(1), tune.Callback()
+    tuner = search.restore_tuner(str(study), search.train_gan, restart_errored=False, stop=stopper,
+                                 callbacks=[marker], verbose=1)
+    run_config = tuner._local_tuner.get_run_config()
+    assert run_config.stop is stopper and run_config.callbacks == [marker] and run_config.verbose == 1
+    with pytest.raises(AttributeError, match="no field 'stopper'"):
+        search.replace_restored_run_config(tuner, stopper=stopper)
+
+
+def test_the_console_shows_the_table_and_one_line_per_trial_event(tmp_path):
+    """Issue 15: by default no per-checkpoint lines and no per-trial boxes; --verbose brings Tune's boxes back."""
+    smoke = yaml.safe_load(SMOKE.read_text())
+    space = tmp_path / "two.yaml"
+    space.write_text(yaml.safe_dump({**smoke, "num_samples": 2, "max_epochs": 2, "scheduler": {"type": "fifo"}}))
+
+    def search_output(name, *flags):
+        done = subprocess.run([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                               str(tmp_path / "rr"), "--name", name, "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                               *flags], capture_output=True, text=True, timeout=400,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    quiet = search_output("quiet")
+    assert len(re.findall(r"^trial \w+ started: lr_d [\d.e-]+, lr_g [\d.e-]+$", quiet, flags=re.M)) == 2, quiet
+    assert len(re.findall(r"^trial \w+ stopped after epoch 2: completed, fid [\d.]+$", quiet, flags=re.M)) == 2, quiet
+    assert "| Trial name" in quiet  # Tune's status table
+    for noise in ("Checkpoint successfully created", "started with configuration", "Started a local Ray instance"):
+        assert noise not in quiet, noise
+    verbose = search_output("verbose", "--verbose")
+    assert "started with configuration" in verbose and "Checkpoint successfully created" in verbose
