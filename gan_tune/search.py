@@ -463,6 +463,8 @@ def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, locat
           f"{time_to(row['timestamp'], started)}")
     searched = {key: best.config[key] for key in (*space.search, "seed")}
     print(f"  config:  {console.format_values({**searched, **resolve_derived(searched)})}")
+    for line in spaces.edge_warnings(space, best.config):
+        print(f"  warning: {line}")
     print(f"  metrics: {console.format_values({key: row[key] for key in SUMMARY_METRICS})}")
     print(f"  folder:  {best.path}")
     path = write_best_config(best, row, space, location)

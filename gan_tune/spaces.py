@@ -482,3 +482,25 @@ def describe_scheduler(space: Space) -> str:
         settings["mutates"] = "+".join(mutated)
     return f"{space.scheduler['type']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
+
+
+EDGE_SHARE = 0.10  # a best value in the outer 10 % of its searched range (on its scale) suggests a wider range
+
+
+def edge_warnings(space: Space, config: dict[str, Any]) -> list[str]:
+    """One line per searched range whose best value sits in its outer EDGE_SHARE (the tuning playbook's check).
+
+    Measured on the range's own scale: log for loguniform, linear for uniform and randint; choices and grids
+    have no inside to widen towards and are left out."""
+    lines = []
+    for key, (kind, args) in space.search.items():
+        if kind not in BOUNDED or key not in config:
+            continue
+        low, high, value = float(args[0]), float(args[1]), float(config[key])
+        scale = math.log if kind == "loguniform" else float
+        share = (scale(value) - scale(low)) / (scale(high) - scale(low))
+        if share <= EDGE_SHARE or share >= 1 - EDGE_SHARE:
+            side = "low" if share <= EDGE_SHARE else "high"
+            lines.append(f"{key} {value:.4g} is at the {side} edge of its range [{low:g}, {high:g}]: "
+                         f"widen search.{key} past it in {space.where}")
+    return lines

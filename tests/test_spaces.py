@@ -7,8 +7,7 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from gan_tune import spaces
-from gan_tune.config import FIELD_TYPES, ConfigError, from_dict
-from gan_tune.config import DERIVED_PARAMS, resolve_derived
+from gan_tune.config import DERIVED_PARAMS, FIELD_TYPES, ConfigError, from_dict, resolve_derived
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")
@@ -125,3 +124,20 @@ def test_seed_is_drawn_per_trial_except_under_optuna():
     smoke = spaces.load_space(SPACES_DIR / "smoke.yaml")
     assert spaces.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
     assert spaces.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7
+
+
+@pytest.mark.parametrize("lr_d, latent, warned", [
+    (1.05e-4, 64, ["lr_d 0.000105 is at the low edge of its range [0.0001, 0.001]"]),  # log scale: 2 % in
+    (9.0e-4, 64, ["lr_d 0.0009 is at the high edge of its range [0.0001, 0.001]"]),  # 95 % in on the log scale
+    (3.0e-4, 64, []),  # the middle (48 % in)
+    (3.0e-4, 128, []),  # a choice has no edge to widen past
+])
+def test_a_best_value_at_the_edge_of_its_range_is_flagged(tmp_path, lr_d, latent, warned):
+    path = tmp_path / "edge.yaml"
+    smoke = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
+    base = {key: value for key, value in smoke["base"].items() if key != "latent_dim"}
+    path.write_text(yaml.safe_dump({**smoke, "base": base, "search": {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]},
+                                                                      "latent_dim": {"choice": [32, 64, 128]}}}))
+    lines = spaces.edge_warnings(spaces.load_space(path), {"lr_d": lr_d, "latent_dim": latent, "seed": 1})
+    assert [line.split(":")[0] for line in lines] == warned
+    assert all(f"widen search.lr_d past it in {path}" in line for line in lines)
