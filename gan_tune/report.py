@@ -33,8 +33,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from gan_tune.artifacts import SAMPLES, grid_name  # noqa: E402
 from gan_tune.config import WARN_ABOVE, WARN_BELOW, CliParser, ConfigError  # noqa: E402
 from gan_tune.metrics import DIVERGED_FID  # noqa: E402
-from gan_tune.tracking import (DEFAULT_EXPERIMENT, first_line, is_outage, open_client, resolve_tracking_uri,  # noqa: E402
-                               store_errors, using_tracking_uri)
+from gan_tune.tracking_store import (DEFAULT_EXPERIMENT, first_line, is_outage, open_client,  # noqa: E402
+                                     resolve_tracking_uri, store_errors, using_tracking_uri)
 
 TOP_TRIALS = 5  # curves per plot: more become unreadable
 TABLE_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g")

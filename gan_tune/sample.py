@@ -1,6 +1,6 @@
 """CLI: `python -m gan_tune.sample --run-id ID [-n 64] [--out grid.png] [--tracking-uri URI]` (or `--model-uri URI`).
 
-Loads the generator a search logged on its parent run (`tracking.finish_search_run`) with
+Loads the generator a search logged on its parent run (`search_run.finish_search_run`) with
 `mlflow.pytorch.load_model` and writes `n` samples: a grid (`.png`, `artifacts.save_grid`), or the raw
 images for scoring with other tools, as MNIST's own format (uint8, N x 28 x 28): `.npy` holds the array,
 `.npz` the array as `images` beside the `seed` and `model_uri` that made it. No gan_tune model code is
@@ -22,8 +22,9 @@ from mlflow.exceptions import MlflowException
 from gan_tune import artifacts
 from gan_tune.config import CliParser, ConfigError, seed_arg
 from gan_tune.data import to_uint8
-from gan_tune.tracking import (MODEL_NAME, first_line, is_outage, open_client, resolve_tracking_uri, store_errors,
-                               using_tracking_uri)
+from gan_tune.search_run import MODEL_NAME
+from gan_tune.tracking_store import (first_line, is_outage, open_client, resolve_tracking_uri, store_errors,
+                                     using_tracking_uri)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

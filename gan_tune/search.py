@@ -33,12 +33,12 @@ import torch
 import yaml
 from ray import tune
 
-from gan_tune import console, spaces, tracking
+from gan_tune import console, search_run, spaces, tracking_store, trial_runs
 from gan_tune.config import CliParser, ConfigError, device_available, from_dict, resolve_derived, seed_arg
 from gan_tune.data import DataError, Mnist, load_mnist
 from gan_tune.spaces import Space
 from gan_tune.stopping import FailingTrials, GanStopper
-from gan_tune.tracking import first_line
+from gan_tune.tracking_store import first_line
 from gan_tune.trainable import train_gan
 
 DEFAULT_STORAGE = "ray_results"
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume: run errored trials again from scratch (default: from their last checkpoint)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///mlflow.db in the working directory)")
-    parser.add_argument("--experiment", help=f"MLflow experiment name (default: {tracking.DEFAULT_EXPERIMENT})")
+    parser.add_argument("--experiment", help=f"MLflow experiment name (default: {tracking_store.DEFAULT_EXPERIMENT})")
     return parser
 
 
@@ -344,18 +344,18 @@ def print_plan(space: Space, location: str, trial: dict[str, float], args: argpa
 def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
                    stopper: GanStopper, location: str) -> tuple[str, list[tune.Callback]]:
     """The study's MLflow parent run (found again on --resume) and the driver-side callback logging each trial."""
-    experiment = args.experiment or tracking.DEFAULT_EXPERIMENT
-    parent = tracking.find_search_run(args.tracking_uri, experiment, location) if args.resume is not None else None
+    experiment = args.experiment or tracking_store.DEFAULT_EXPERIMENT
+    parent = search_run.find_search_run(args.tracking_uri, experiment, location) if args.resume is not None else None
     if parent is None:
         storage_path, name = tune_storage(location)
         resolved = {**vars(args), "name": name, "storage_path": storage_path, "resources": trial,
                     "num_samples": space.num_samples, "max_epochs": space.max_epochs, "metric": space.metric,
                     "mode": space.mode, "time_budget_s": space.time_budget_s, "experiment": experiment}
-        parent = tracking.start_search_run(args.tracking_uri, experiment, space.name, resolve_space(args.space),
-                                           resolved, data.source, space.scheduler["type"], space.search_alg, location)
+        parent = search_run.start_search_run(args.tracking_uri, experiment, space.name, resolve_space(args.space),
+                                             resolved, data.source, space.scheduler["type"], space.search_alg, location)
     print(f"mlflow parent run: {parent} (experiment {experiment} at {args.tracking_uri})", flush=True)
-    callback = tracking.TrackingCallback(args.tracking_uri, parent, space.max_epochs, stopper.reasons,
-                                         scheduler=space.scheduler["type"])
+    callback = trial_runs.TrackingCallback(args.tracking_uri, parent, space.max_epochs, stopper.reasons,
+                                           scheduler=space.scheduler["type"])
     return parent, [callback]
 
 
@@ -365,7 +365,7 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
         best = results.get_best_result(space.metric, space.mode, scope="all")
     except RuntimeError:  # no trial reported the metric; summarise() says so
         best = None
-    tracking.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode)
+    search_run.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode)
     print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
@@ -494,7 +494,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         with console.table_engine(args.verbose):
             results = tuner.fit()
     except BaseException as err:
-        tracking.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
+        search_run.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
         raise
     if failing.space_fails:
         return report_failing_space(failing, args, parent)
@@ -509,7 +509,7 @@ def report_failing_space(failing: FailingTrials, args: argparse.Namespace, paren
     lines = failing.summary()
     for line in lines:
         print(f"error: search stopped, {line}", file=sys.stderr)
-    tracking.fail_search_run(args.tracking_uri, parent, "; ".join(lines))
+    search_run.fail_search_run(args.tracking_uri, parent, "; ".join(lines))
     return 1
 
 
@@ -537,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         location = study_dir(args, plans[False].name)
         check_local_gpus(args)
         check_local_cpus(plans, args)
-        args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
+        args.tracking_uri = tracking_store.resolve_tracking_uri(args.tracking_uri)
+        tracking_store.check_tracking(args.tracking_uri)  # an unusable store fails here, before Ray starts
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray import tune
 
-from gan_tune import checkpoint, sample, tracking, train
+from gan_tune import checkpoint, sample, search_run, tracking_store, train
 from gan_tune.config import TrainConfig
 
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
@@ -28,15 +28,16 @@ def logged_search(tmp_path_factory):
     """A parent run finished with a real Result: the best of two kept checkpoints is logged as the generator."""
     tmp_path = tmp_path_factory.mktemp("sample")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking.check_tracking(uri)
-    parent = tracking.start_search_run(uri, "sample-test", "smoke", SPACE, {"space": "smoke"}, "none", "fifo", "random")
+    tracking_store.check_tracking(uri)
+    parent = search_run.start_search_run(uri, "sample-test", "smoke", SPACE, {"space": "smoke"}, "none", "fifo",
+                                         "random")
     cfg = TrainConfig(model="balanced", width=0.25, latent_dim=16)
     early, late = checkpoint_of(cfg, tmp_path / "ckpt1", 1), checkpoint_of(cfg, tmp_path / "ckpt2", 2)
     config = {"model": "balanced", "width": 0.25, "latent_dim": 16, "lr_d": 2.0e-4}
     metrics = {"epoch": 2, "fid": 90.0, "trial_id": "abc_00001", "balance": "balanced", "config": config}
     result = tune.Result(metrics=metrics, checkpoint=late, error=None, path=str(tmp_path),
                          best_checkpoints=[(early, {**metrics, "epoch": 1, "fid": 80.0}), (late, metrics)])
-    tracking.finish_search_run(uri, parent, result, "fid", "min")
+    search_run.finish_search_run(uri, parent, result, "fid", "min")
     return uri, parent
 
 
@@ -108,12 +109,12 @@ def test_sample_from_the_smoke_search(smoke_study, tmp_path):
 
 def test_an_unreadable_checkpoint_still_ends_the_parent_run(logged_search, tmp_path, capsys):
     uri, _ = logged_search
-    parent = tracking.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
+    parent = search_run.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / checkpoint.FILE).write_bytes(b"not a checkpoint")
     result = tune.Result(metrics={"trial_id": "t1", "fid": 50.0, "config": {}}, error=None, path=str(tmp_path),
                          checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "ckpt")))
-    tracking.finish_search_run(uri, parent, result, "fid", "min")
+    search_run.finish_search_run(uri, parent, result, "fid", "min")
     run = MlflowClient(uri).get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["best.trial_id"] == "t1" and run.data.tags["tracking_error"]
     assert "could not record the best trial" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from gan_tune import tracking
+from gan_tune import tracking, tracking_store, write_queue
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = "outage"
@@ -125,7 +125,7 @@ def finish_search(search: subprocess.Popen, tmp_path: Path) -> str:
 
 
 def trial_runs(uri: str) -> list:
-    with tracking.fail_fast_http():
+    with tracking_store.fail_fast_http():
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         return client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'") if experiment else []
@@ -141,7 +141,7 @@ def kill_after_first_metric(server: Server, search: subprocess.Popen) -> None:
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
-    with tracking.fail_fast_http():
+    with tracking_store.fail_fast_http():
         return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
@@ -165,7 +165,7 @@ def assert_every_epoch_logged(uri: str) -> None:
 def assert_saved_or_logged(study: Path, uri: str) -> None:
     """Each epoch Ray recorded is in MLflow or in the saved file, and the file has some: the trials trained on."""
     runs = {run.data.tags["trial_id"]: run for run in trial_runs(uri)}
-    entries = [json.loads(line) for line in (study / tracking.UNDELIVERED).read_text().splitlines()]
+    entries = [json.loads(line) for line in (study / write_queue.UNDELIVERED).read_text().splitlines()]
     for trial_path in study.glob("train_gan_*"):
         progress = pd.read_csv(trial_path / "progress.csv")
         trial_id, epochs = progress["trial_id"].iloc[0], progress["epoch"].tolist()
@@ -180,25 +180,25 @@ def test_queued_writes_keep_their_order_and_find_their_run(tmp_path, caplog):
     """Writes to a port nobody listens on wait, in order, behind one warning; once a store answers they arrive,
     the metrics under the run that the queued create_run made."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking.check_tracking(uri)
+    tracking_store.check_tracking(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("queue")
     parent = client.create_run(experiment).info.run_id
     warnings = []
-    writes = tracking.PendingWrites(MlflowClient(f"http://127.0.0.1:{free_port()}"), {}, warnings.append)
+    writes = write_queue.PendingWrites(MlflowClient(f"http://127.0.0.1:{free_port()}"), {}, warnings.append)
     create = {"experiment_id": experiment, "run_name": "t1", "start_time": 1,
               "tags": {MLFLOW_PARENT_RUN_ID: parent, "trial_id": "t1"}}
-    with tracking.fail_fast_http():
+    with tracking_store.fail_fast_http():
         writes.add("t1", "create_run", create)
         for step in (1, 2, 3):
-            writes.add("t1", "log_batch", tracking.batch([Metric("loss_d", step / 10, 1000 + step, step)]))
+            writes.add("t1", "log_batch", write_queue.batch([Metric("loss_d", step / 10, 1000 + step, step)]))
     assert [entry["kind"] for entry in writes.queue] == ["create_run"] + ["log_batch"] * 3
     assert len(warnings) == 1 and warnings[0].startswith("store unreachable")
     assert writes.next_try > time.monotonic()  # no retry before it is due
 
     writes.client = client  # the store is back
     writes.add("t1", "create_run", create)  # a create retried after a lost reply finds the run
-    writes.add("t2", "log_batch", tracking.batch())  # a trial whose run was never made: refused, not retried
+    writes.add("t2", "log_batch", write_queue.batch())  # a trial whose run was never made: refused, not retried
     writes.drain(0)
     assert not writes.queue and writes.refused == 1 and len(warnings) == 2
     assert "store back, delivered 5 queued writes" in caplog.text
@@ -217,7 +217,7 @@ def test_writes_wait_for_a_restarted_server(servers, tmp_path):
         err = finish_search(search, tmp_path)
     assert err.count("mlflow tracking: store unreachable") == 1, err
     assert err.count("mlflow tracking: store back, delivered") == 1, err
-    assert "writes never reached" not in err and not (tmp_path / "ray" / "study" / tracking.UNDELIVERED).exists()
+    assert "writes never reached" not in err and not (tmp_path / "ray" / "study" / write_queue.UNDELIVERED).exists()
     assert_every_epoch_logged(server.uri)
 
 
@@ -228,7 +228,7 @@ def test_writes_a_gone_server_never_took_are_saved_and_replayed(servers, tmp_pat
         kill_after_first_metric(server, search)
         back.launch()  # starts while the trials train on
         err = finish_search(search, tmp_path)
-    saved = tmp_path / "ray" / "study" / tracking.UNDELIVERED
+    saved = tmp_path / "ray" / "study" / write_queue.UNDELIVERED
     assert f"writes never reached {server.uri}; they are saved in {saved}" in err, err
     assert err.count("mlflow tracking: store unreachable") == 1, err
     back.wait()
