@@ -11,7 +11,6 @@ gives Tune's default console and Ray's log lines back.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from typing import Any, Iterator, Mapping
 

@@ -18,6 +18,11 @@ from gan_tune.config import CliParser, ConfigError
 from gan_tune.tracking_store import check_tracking, resolve_tracking_uri
 from gan_tune.write_queue import UNDELIVERED, read_undelivered, replay
 
+# Studies started before the tracking split saved their callback in tuner.pkl as
+# gan_tune.tracking.TrackingCallback; `search --resume` of such a study unpickles it from here (and then
+# replaces it with this session's own, search.restore_tuner)
+from gan_tune.trial_runs import TrackingCallback  # noqa: E402,F401
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m gan_tune.tracking",
