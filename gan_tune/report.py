@@ -33,6 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from gan_tune.artifacts import SAMPLES, grid_name  # noqa: E402
 from gan_tune.config import WARN_ABOVE, WARN_BELOW, CliParser, ConfigError  # noqa: E402
 from gan_tune.metrics import DIVERGED_FID  # noqa: E402
+from gan_tune.search_run import EDGE_TAG  # noqa: E402
 from gan_tune.tracking_store import (DEFAULT_EXPERIMENT, first_line, is_outage, open_client,  # noqa: E402
                                      resolve_tracking_uri, store_errors, using_tracking_uri)
 
@@ -296,14 +297,15 @@ def header_html(parent: mlflow.entities.Run, trials: pd.DataFrame) -> str:
     facts["best"] = best_line(parent, trials)
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     note = html.escape(tags.get("mlflow.note.content", ""))
+    edges = "".join(f"<p class=warn>warning: {html.escape(line)}</p>" for line in tags.get(EDGE_TAG, "").splitlines())
     return (f"<h1>Search {html.escape(parent.info.run_name)}</h1><p class=note>{note}</p>"
             f"<p class=small>parent run {parent.info.run_id}, experiment {parent.info.experiment_id}</p>"
-            f"<table class=facts>{rows}</table>")
+            f"<table class=facts>{rows}</table>{edges}")
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1350px}
 h1{font-size:24px;margin-bottom:4px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
-.note{max-width:900px} .small{color:#777;font-size:12px}
+.note{max-width:900px} .small{color:#777;font-size:12px} .warn{color:#a40;font-weight:600}
 table{border-collapse:collapse;font-size:13px} th,td{padding:3px 8px;text-align:right}
 table.facts th{text-align:left;color:#555} table.facts td{text-align:left}
 table.trials tr:nth-child(even){background:#f3f3f3} table.trials th{background:#e4e4e4;position:sticky;top:0}

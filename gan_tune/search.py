@@ -365,7 +365,8 @@ def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Names
         best = results.get_best_result(space.metric, space.mode, scope="all")
     except RuntimeError:  # no trial reported the metric; summarise() says so
         best = None
-    search_run.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode)
+    edges = spaces.edge_warnings(space, best.config) if best is not None else []
+    search_run.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode, edge_warnings=edges)
     print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 

@@ -111,11 +111,15 @@ def find_search_run(tracking_uri: str, experiment: str, experiment_path: str | P
     return runs[0].info.run_id if runs else None
 
 
+EDGE_TAG = "best.edge_warning"  # the best values at the edge of their searched range (spaces.edge_warnings)
+
+
 def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, metric: str, mode: str,
-                      status: str = "FINISHED") -> None:
+                      status: str = "FINISHED", edge_warnings: list[str] = ()) -> None:
     """Record the best trial on the parent run (tags, best.* params, metrics, generator model), then end it.
 
-    `best_result` is a `ray.tune.Result` (`ResultGrid.get_best_result()`), or None when no trial scored.
+    `best_result` is a `ray.tune.Result` (`ResultGrid.get_best_result()`), or None when no trial scored;
+    `edge_warnings` go into the EDGE_TAG tag, one per line, for the report.
     Its best kept checkpoint by `metric` (the playbook: pick the checkpoint in hindsight) supplies the
     generator and the metrics logged on the parent. The parent run is ended even if that logging fails.
     """
@@ -124,6 +128,8 @@ def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, m
         try:
             if best_result is not None:
                 log_best_trial(client, tracking_uri, run_id, best_result, metric, mode)
+            if edge_warnings:
+                client.set_tag(run_id, EDGE_TAG, truncate("\n".join(edge_warnings)))
         except Exception as err:  # the study's results stand; the failure is printed and tagged on the run
             print(f"mlflow: could not record the best trial on run {run_id}: {type(err).__name__}: {err}",
                   file=sys.stderr)

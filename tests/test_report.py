@@ -13,6 +13,7 @@ from gan_tune.metrics import DIVERGED_FID
 
 WIDE = Path(__file__).parents[1] / "search_spaces" / "wide.yaml"
 FAMILIES = ("mlp", "dcgan", "balanced")
+EDGE_WARNING = "lr_d 0.000105 is at the low edge of its range [0.0001, 0.001]: widen search.lr_d past it in wide.yaml"
 PBT_TRIAL = 8  # its rates change at its last epoch, as a PBT explore would change them
 
 
@@ -60,7 +61,7 @@ def wide_search(tmp_path_factory):
     fids = [40.0, 120.0, 75.0, 300.0, DIVERGED_FID, 55.0, 90.0, 210.0, 33.0]
     for index, fid in enumerate(fids):
         log_trial(client, experiment, parent, index, FAMILIES[index % 3], fid, grid)
-    search_run.finish_search_run(uri, parent, None, "fid", "min")
+    search_run.finish_search_run(uri, parent, None, "fid", "min", edge_warnings=[EDGE_WARNING])
     return uri, parent, fids
 
 
@@ -82,6 +83,7 @@ def test_report_of_a_wide_search(wide_search, tmp_path, capsys):
     assert images == ["lr_d x lr_g coloured by FID", "FID per model family", "samples of train_gan_00008",
                       "FID and D accuracy per epoch of the top trials"]
     assert "src=\"http" not in page and "src=\"file" not in page  # one self-contained file
+    assert f"<p class=warn>warning: {EDGE_WARNING}</p>" in page  # the search's boundary warning
     logged = [a.path for a in MlflowClient(uri).list_artifacts(parent, "report")]
     assert logged == [f"report/{path.name}"]
 
