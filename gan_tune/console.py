@@ -44,8 +44,9 @@ def run_config_output(searched: list[str], metric: str, verbose: bool) -> dict[s
     """RunConfig's `verbose` and `progress_reporter`: the status table only, or Tune's defaults."""
     if verbose:
         return {}
+    # not sort_by_metric: Ray's CLIReporter then compares None with None when no trial has the metric yet
     reporter = tune.CLIReporter(parameter_columns=searched, metric_columns=[*TABLE_METRICS, metric],
-                                max_report_frequency=TABLE_EVERY_S, sort_by_metric=True)
+                                max_report_frequency=TABLE_EVERY_S)
     return {"verbose": 1, "progress_reporter": reporter}  # 1: the experiment's table, no per-trial boxes
 
 
