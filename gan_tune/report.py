@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from gan_tune.artifacts import SAMPLES, grid_name  # noqa: E402
 from gan_tune.config import WARN_ABOVE, WARN_BELOW, CliParser, ConfigError  # noqa: E402
 from gan_tune.metrics import DIVERGED_FID  # noqa: E402
-from gan_tune.search_run import EDGE_TAG  # noqa: E402
+from gan_tune.search_run import EDGE_TAG, RESCORED_TAG, rescored_name  # noqa: E402
 from gan_tune.tracking_store import (DEFAULT_EXPERIMENT, first_line, is_outage, open_client,  # noqa: E402
                                      resolve_tracking_uri, store_errors, using_tracking_uri)
 
@@ -284,7 +284,12 @@ def best_line(parent: mlflow.entities.Run, trials: pd.DataFrame) -> str:
     names = trials.loc[trials["tags.trial_id"] == tags["best.trial_id"], "tags.mlflow.runName"]
     name = names.iloc[0] if len(names) else tags["best.trial_id"]
     fid = parent.data.metrics.get("fid", float("nan"))
-    return f"{name}: FID {format_cell(fid)} at epoch {tags.get('best.epoch', '?')} (logged as the generator model)"
+    if RESCORED_TAG in tags:  # the search scored its finalists again on more samples and kept the best by that
+        rescored = parent.data.metrics.get(rescored_name("fid", int(tags[RESCORED_TAG])), float("nan"))
+        fid = f"{format_cell(rescored)} on {tags[RESCORED_TAG]} samples ({format_cell(fid)} when reported)"
+    else:
+        fid = format_cell(fid)
+    return f"{name}: FID {fid} at epoch {tags.get('best.epoch', '?')} (logged as the generator model)"
 
 
 def header_html(parent: mlflow.entities.Run, trials: pd.DataFrame) -> str:

@@ -33,9 +33,10 @@ import torch
 import yaml
 from ray import tune
 
-from gan_tune import console, search_run, spaces, tracking_store, trial_runs
+from gan_tune import console, finalists, search_run, spaces, tracking_store, trial_runs
 from gan_tune.config import CliParser, ConfigError, device_available, from_dict, resolve_derived, seed_arg
 from gan_tune.data import DataError, Mnist, load_mnist
+from gan_tune.finalists import Finalist
 from gan_tune.spaces import Space
 from gan_tune.stopping import FailingTrials, GanStopper
 from gan_tune.tracking_store import first_line
@@ -331,8 +332,7 @@ def print_plan(space: Space, location: str, trial: dict[str, float], args: argpa
     budget = spaces.format_duration(space.time_budget_s) if space.time_budget_s else "none"
     subset = f", first {fixed.subset} images" if fixed.subset else ""
     print(f"study {tune_storage(location)[1]}: space {space.name} ({space.where})")
-    print(f"  trials:    {space.num_samples} x up to {space.max_epochs} epochs, {space.search_alg} search, "
-          f"seed {args.seed}")
+    print(f"  trials:    {spaces.describe_trials(space)}, {space.search_alg} search, seed {args.seed}")
     print(f"  scheduler: {spaces.describe_scheduler(space)} on {space.metric} ({space.mode})")
     print(f"  resources: {trial['cpu']:g} CPU + {device} per trial; {at_once} at a time")
     print(f"  budget:    {budget} (--time-budget overrides)")
@@ -359,14 +359,12 @@ def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: d
     return parent, [callback]
 
 
-def finish_tracking(results: tune.ResultGrid, space: Space, args: argparse.Namespace, parent: str) -> None:
-    """Log the best trial and its generator on the parent run, and end it."""
-    try:
-        best = results.get_best_result(space.metric, space.mode, scope="all")
-    except RuntimeError:  # no trial reported the metric; summarise() says so
-        best = None
-    edges = spaces.edge_warnings(space, best.config) if best is not None else []
-    search_run.finish_search_run(args.tracking_uri, parent, best, space.metric, space.mode, edge_warnings=edges)
+def finish_tracking(best: Finalist | None, space: Space, args: argparse.Namespace, parent: str) -> None:
+    """Log the chosen generator (its trial, checkpoint, scores) on the parent run, and end it."""
+    rescored = best.scores if best is not None and best.scores else None
+    search_run.finish_search_run(args.tracking_uri, parent, best.result if best else None, space.metric, space.mode,
+                                 edge_warnings=spaces.edge_warnings(space, best.searched) if best else [],
+                                 chosen=(best.checkpoint, best.reported) if best else None, rescored=rescored)
     print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
@@ -410,7 +408,7 @@ def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
     tune_config = tune.TuneConfig(
         metric=space.metric, mode=space.mode, scheduler=spaces.make_scheduler(space),
-        search_alg=spaces.make_search_alg(space, args.seed), num_samples=space.num_samples,
+        search_alg=spaces.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
         time_budget_s=space.time_budget_s,
         reuse_actors=True)  # a new trial (or a PBT/HyperBand resume) skips starting a process and importing torch
     return tune.Tuner(trainable, param_space=spaces.param_space(space, args.seed), tune_config=tune_config,
@@ -424,16 +422,43 @@ def best_epoch(result: tune.Result, space: Space) -> pd.Series:
     return frame.loc[scores.idxmin() if space.mode == "min" else scores.idxmax()]
 
 
-def write_best_config(result: tune.Result, row: pd.Series, space: Space, location: str) -> str:
-    """TrainConfig fields only (derived params resolved), trained for as many epochs as the best score took."""
+def choose_best(results: tune.ResultGrid, space: Space, data: Mnist) -> tuple[Finalist | None, list[Finalist]]:
+    """(the generator the search keeps, the finalists it was chosen from, best first).
+
+    With finalists (finalists.rescore) the best by the many-sample score; without (finalists.trials 0, a metric
+    that is no sample score, no kept scored checkpoint) the trial's best report and its best kept checkpoint."""
+    rescored = finalists.rescore(results, space.metric, space.mode, data, space.finalists["trials"],
+                                 space.finalists["samples"], device="cuda" if torch.cuda.is_available() else "cpu")
+    if rescored:
+        return rescored[0], rescored
+    try:
+        result = results.get_best_result(space.metric, space.mode, scope="all")
+    except RuntimeError:  # no trial reported the metric
+        return None, []
+    kept, _ = search_run.best_checkpoint(result, space.metric, space.mode)
+    row = best_epoch(result, space).to_dict()
+    return Finalist(result, kept, row, {}, resolve_derived(result.config)), []
+
+
+def write_best_config(best: Finalist, space: Space, location: str) -> str:
+    """TrainConfig fields only (derived params resolved), trained for as many epochs as the chosen checkpoint."""
     name = tune_storage(location)[1]
-    values = {**resolve_derived(result.config), "max_epochs": int(row["epoch"]), "name": f"{name}-best"}
-    cfg = from_dict(values, where=f"trial {row['trial_id']} config")
+    values = {**best.config, "max_epochs": best.epoch, "name": f"{name}-best"}
+    cfg = from_dict(values, where=f"trial {best.trial_id} config")
     path = f"{location}/{BEST_CONFIG}"
-    header = (f"# Best trial {row['trial_id']} of study {name} (space {space.where}):\n"
-              f"# {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])} of {space.max_epochs}.\n"
+    header = (f"# Best trial {best.trial_id} of study {name} (space {space.where}):\n"
+              f"# {score_text(best, space.metric)} at epoch {best.epoch}.\n"
               f"# Reproduce: python -m gan_tune.train --config {path}\n")
     return write_study_file(location, BEST_CONFIG, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def score_text(best: Finalist, metric: str) -> str:
+    """"fid 9.8 on 10000 samples (12.3 on 1000 when reported)", or the reported score alone."""
+    reported = f"{best.reported[metric]:.4g}"
+    if not best.scores:
+        return f"{metric} {reported}"
+    return (f"{metric} {best.scores[metric]:.4g} on {best.scores['fid_samples']} samples "
+            f"({reported} on {best.reported.get('fid_samples', '?')} when reported)")
 
 
 def time_to(timestamp: float, started: float) -> str:
@@ -445,32 +470,53 @@ def time_to(timestamp: float, started: float) -> str:
 
 
 def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str,
-              started: float) -> str | None:
-    """Print the best trial, its folder and the stopped trials; write best_config.yaml (None: no trial scored)."""
+              started: float, ended: float) -> None:
+    """Print the trials' outcomes, the budget used and the stopped trials."""
     print(f"\n{len(results)} trials, {results.num_errors} errored; results in {location} "
           f"({study_mib(location):.1f} MiB written)")
+    print(f"budget: {budget_line(space, len(results), ended - started)}")
     for trial_id, reason in sorted(stopper.reasons.items()):
         print(f"  stopped {trial_id}: {reason}")
     diverged = sum(reason == "diverged" for reason in stopper.reasons.values())
     if diverged:
         print(f"  {diverged} of {len(results)} trials diverged (many: shrink the space's learning-rate range)")
-    try:
-        best = results.get_best_result(space.metric, space.mode, scope="all")
-    except RuntimeError:
-        print(f"error: no trial reported {space.metric}", file=sys.stderr)
-        return None
-    row = best_epoch(best, space)
-    print(f"best trial {row['trial_id']}: {space.metric} {row[space.metric]:.4g} at epoch {int(row['epoch'])}, "
-          f"{time_to(row['timestamp'], started)}")
-    searched = {key: best.config[key] for key in (*space.search, "seed")}
-    print(f"  config:  {console.format_values({**searched, **resolve_derived(searched)})}")
-    for line in spaces.edge_warnings(space, best.config):
+
+
+def budget_line(space: Space, trials: int, used_s: float) -> str:
+    """How much of the time budget the search used, and why it ended."""
+    used = spaces.format_duration(used_s)
+    if not space.time_budget_s:
+        return f"{used} (no time budget)"
+    share = f"{used} of {spaces.format_duration(space.time_budget_s)} ({used_s / space.time_budget_s:.0%})"
+    if space.num_samples is not None and trials >= space.num_samples and used_s < space.time_budget_s:
+        return f"{share}: all {space.num_samples} trials (num_samples) ended first"
+    return f"{share}, {trials} trials started"
+
+
+def print_finalists(rescored: list[Finalist], space: Space, seconds: float) -> None:
+    """The re-scored checkpoints, best first: the few-sample score they were reported with and the new one."""
+    if not rescored:
+        return
+    metric, samples = space.metric, space.finalists["samples"]
+    trials = len({f.trial_id for f in rescored})
+    print(f"finalists: {len(rescored)} kept checkpoints of the top {trials} trials scored again on {samples} "
+          f"samples ({seconds:.0f} s)")
+    before = rescored[0].reported.get("fid_samples", "?")
+    print(f"  {'trial':<14} {'epoch':>5} {f'{metric} ({before})':>14} {f'{metric} ({samples})':>14} {'coverage':>8}")
+    for f in rescored:
+        print(f"  {f.trial_id:<14} {f.epoch:>5} {f.reported[metric]:>14.4g} {f.scores[metric]:>14.4g} "
+              f"{f.scores['coverage']:>8.0f}")
+
+
+def print_best(best: Finalist, space: Space, started: float) -> None:
+    print(f"best trial {best.trial_id}: {score_text(best, space.metric)} at epoch {best.epoch}, "
+          f"{time_to(best.reported.get('timestamp', 0), started)}")
+    shown = {key: best.searched[key] for key in (*space.search, "seed") if key in best.searched}
+    print(f"  config:  {console.format_values({**shown, **resolve_derived(shown)})}")
+    for line in spaces.edge_warnings(space, best.searched):
         print(f"  warning: {line}")
-    print(f"  metrics: {console.format_values({key: row[key] for key in SUMMARY_METRICS})}")
-    print(f"  folder:  {best.path}")
-    path = write_best_config(best, row, space, location)
-    print(f"best config: {path}")
-    return path
+    print(f"  metrics: {console.format_values({k: best.reported[k] for k in SUMMARY_METRICS if k in best.reported})}")
+    print(f"  folder:  {best.result.path}")
 
 
 def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> int:
@@ -499,10 +545,18 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         raise
     if failing.space_fails:
         return report_failing_space(failing, args, parent)
-    best_config = summarise(results, space, stopper, location, started)
-    finish_tracking(results, space, args, parent)
+    summarise(results, space, stopper, location, started, time.time())
+    scoring = time.time()
+    best, rescored = choose_best(results, space, data)
+    print_finalists(rescored, space, time.time() - scoring)
+    if best is None:
+        print(f"error: no trial reported {space.metric}", file=sys.stderr)
+    else:
+        print_best(best, space, started)
+        print(f"best config: {write_best_config(best, space, location)}")
+    finish_tracking(best, space, args, parent)
     print_resume_hint(results, callbacks[0].outcomes, args, location)
-    return 0 if best_config else 1
+    return 0 if best else 1
 
 
 def report_failing_space(failing: FailingTrials, args: argparse.Namespace, parent: str) -> int:
@@ -557,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
 def list_spaces() -> int:
     for name, path in known_spaces().items():
         space = spaces.load_space(path)
-        shape = f"{space.num_samples} x {space.max_epochs} epochs, {space.scheduler['type']}"
+        shape = f"{space.num_samples or 'budget'} x {'budget' if space.epochs_until_budget else space.max_epochs} " \
+                f"epochs, {space.scheduler['type']}"
         print(f"{name:9} {shape:24} {textwrap.shorten(space.description, 64)}  [{path}]")
     return 0
 

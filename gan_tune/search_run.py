@@ -111,23 +111,29 @@ def find_search_run(tracking_uri: str, experiment: str, experiment_path: str | P
     return runs[0].info.run_id if runs else None
 
 
-EDGE_TAG = "best.edge_warning"  # the best values at the edge of their searched range (spaces.edge_warnings)
+EDGE_TAG = "best.edge_warning"
+RESCORED_TAG = "best.rescored_samples"  # the samples the kept generator was scored again on (finalists.py)  # the best values at the edge of their searched range (spaces.edge_warnings)
 
 
 def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, metric: str, mode: str,
-                      status: str = "FINISHED", edge_warnings: list[str] = ()) -> None:
+                      status: str = "FINISHED", edge_warnings: list[str] = (),
+                      chosen: tuple[tune.Checkpoint | None, dict] | None = None,
+                      rescored: Mapping[str, float] | None = None) -> None:
     """Record the best trial on the parent run (tags, best.* params, metrics, generator model), then end it.
 
     `best_result` is a `ray.tune.Result` (`ResultGrid.get_best_result()`), or None when no trial scored;
     `edge_warnings` go into the EDGE_TAG tag, one per line, for the report.
-    Its best kept checkpoint by `metric` (the playbook: pick the checkpoint in hindsight) supplies the
-    generator and the metrics logged on the parent. The parent run is ended even if that logging fails.
+    `chosen` is (checkpoint, the report it was saved with) of the generator the search keeps; by default the
+    result's best kept checkpoint by `metric` (the playbook: pick the checkpoint in hindsight). It supplies
+    the generator and the metrics logged on the parent. `rescored` (finalists.rescore's scores of that
+    checkpoint) is logged beside them as fid_10k, is_10k, ... The parent run is ended even if logging fails.
     """
     client = MlflowClient(tracking_uri)
     with fail_fast_http():  # a server that went away must not hold up the end of the search for minutes
         try:
             if best_result is not None:
-                log_best_trial(client, tracking_uri, run_id, best_result, metric, mode)
+                log_best_trial(client, tracking_uri, run_id, best_result,
+                               chosen or best_checkpoint(best_result, metric, mode), rescored or {})
             if edge_warnings:
                 client.set_tag(run_id, EDGE_TAG, truncate("\n".join(edge_warnings)))
         except Exception as err:  # the study's results stand; the failure is printed and tagged on the run
@@ -161,21 +167,37 @@ def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
               file=sys.stderr)
 
 
-def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any, metric: str,
-                   mode: str) -> None:
-    best, metrics = best_checkpoint(best_result, metric, mode)
+def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any,
+                   chosen: tuple[tune.Checkpoint | None, dict], rescored: Mapping[str, float]) -> None:
+    best, metrics = chosen
     trial_id = str(best_result.metrics.get("trial_id", ""))
     tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
             RunTag("best.epoch", str(metrics.get("epoch", "")))]
     if child := child_run_id(client, run_id, trial_id):
         tags.append(RunTag("best.run_id", child))
     params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(best_result.config).items())]
+    if rescored:
+        tags.append(RunTag(RESCORED_TAG, str(rescored["fid_samples"])))
+    logged = {**numeric_metrics(metrics), **rescored_metrics(rescored)}
     now = now_ms()
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()], tags=tags)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()], tags=tags)
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
     if best is not None:
         log_generator(tracking_uri, run_id, best)
+
+
+def rescored_metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    """finalists.rescore's scores as metric names carrying the sample count: fid_10k, is_10k, ..."""
+    if not scores:
+        return {}
+    n = int(scores["fid_samples"])
+    return {rescored_name(key, n): float(value) for key, value in scores.items() if key != "fid_samples"}
+
+
+def rescored_name(metric: str, samples: int) -> str:
+    """fid on 10000 samples -> fid_10k; on 2500 -> fid_2500."""
+    return f"{metric}_{samples // 1000}k" if samples % 1000 == 0 else f"{metric}_{samples}"
 
 
 def best_checkpoint(result: Any, metric: str, mode: str) -> tuple[tune.Checkpoint | None, dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,8 +24,11 @@ from gan_tune.config import DERIVED_PARAMS, FIELD_TYPES, ConfigError, TrainConfi
 from gan_tune.metrics import OBJECTIVES
 
 TOP_LEVEL = ("description", "base", "search", "metric", "mode", "num_samples", "max_epochs", "search_alg",
-             "scheduler", "resources", "time_budget", "cpu")
-REQUIRED = ("metric", "mode", "num_samples", "max_epochs", "search_alg", "scheduler")
+             "scheduler", "resources", "time_budget", "finalists", "cpu")
+REQUIRED = ("metric", "mode", "search_alg", "scheduler")
+# A space with a time_budget may leave these out: trials start (num_samples), or a PBT population trains
+# (max_epochs), until the budget ends. The trainable still needs a number, so such trials get this ceiling.
+UNTIL_BUDGET_EPOCHS = 100_000
 # Loaded once by the driver and shared by all trials, or chosen by Ray: a study cannot search these.
 FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "out_dir", "name")
 PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
@@ -34,6 +37,9 @@ PBT_CHOICE_ONLY = ("beta1",)
 TIME_ATTR = "training_iteration"  # one report per epoch, restored with the checkpoint
 MAX_SEED = 2**31 - 1
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
+# After the search, the kept checkpoints of the best `trials` trials are scored again on `samples` samples
+# (finalists.py): FID at 1,000 samples moves by several points between neighbouring epochs. trials 0: off.
+DEFAULT_FINALISTS = {"trials": 3, "samples": 10_000}
 
 DISTRIBUTIONS: dict[str, Callable[[list], Any]] = {
     "loguniform": lambda a: tune.loguniform(a[0], a[1]),  # [low, high)
@@ -64,13 +70,20 @@ class Space:
     search: dict[str, tuple[str, list]]  # key -> (distribution, arguments)
     metric: str
     mode: str
-    num_samples: int
-    max_epochs: int
+    num_samples: int | None  # an upper bound on trials; None: until the time budget ends
+    max_epochs: int  # UNTIL_BUDGET_EPOCHS when epochs_until_budget
     search_alg: str
     scheduler: dict[str, Any]  # "type" plus every setting of that type, defaults filled in
     resources: dict[str, float]
     time_budget_s: float | None
     raw: dict[str, Any]
+    epochs_until_budget: bool = False  # a PBT population without max_epochs: it trains until the budget
+    finalists: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_FINALISTS))
+
+    @property
+    def tune_num_samples(self) -> int:
+        """TuneConfig.num_samples: -1 is Tune's "keep sampling until a stop condition" (here the time budget)."""
+        return -1 if self.num_samples is None else self.num_samples
 
     @property
     def train_fields(self) -> dict[str, Any]:
@@ -110,20 +123,26 @@ def with_values(space: Space, values: dict[str, Any], where: str) -> Space:
 
 def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
     check_top_level(raw, where)
-    num_samples = check_int(raw["num_samples"], "num_samples", where, low=1)
-    max_epochs = check_int(raw["max_epochs"], "max_epochs", where, low=1)
+    budget = raw.get("time_budget")
+    time_budget_s = None if budget is None else parse_duration(budget, "time_budget", where)
+    num_samples = check_open_int(raw, "num_samples", time_budget_s, where)
+    max_epochs = check_open_int(raw, "max_epochs", time_budget_s, where)
+    epochs_until_budget = max_epochs is None
+    max_epochs = UNTIL_BUDGET_EPOCHS if epochs_until_budget else max_epochs
     base = parse_base(raw.get("base") or {}, max_epochs, where)
     fixed = from_dict({**base, "max_epochs": max_epochs})  # what every trial shares, defaults included
     search = parse_search(raw.get("search") or {}, base, where)
     metric, mode = check_metric(raw["metric"], raw["mode"], fixed, where)
     search_alg = check_search_alg(raw["search_alg"], search, where)
     scheduler = parse_scheduler(raw["scheduler"], fixed, search_alg, where)
+    if epochs_until_budget and scheduler["type"] != "pbt":
+        raise ConfigError("max_epochs", f"missing: only a pbt population may train until the time budget "
+                          f"({scheduler['type']} needs an epoch limit)", where=where)
     resources = parse_resources(raw.get("resources") or {}, where)
-    budget = raw.get("time_budget")
-    time_budget_s = None if budget is None else parse_duration(budget, "time_budget", where)
     description = str(raw.get("description") or "").strip()
+    finalists = parse_finalists(raw.get("finalists") or {}, where)
     return Space(name, where, description, base, search, metric, mode, num_samples, max_epochs, search_alg,
-                 scheduler, resources, time_budget_s, raw)
+                 scheduler, resources, time_budget_s, raw, epochs_until_budget, finalists)
 
 
 def check_top_level(raw: dict[str, Any], where: str) -> None:
@@ -139,6 +158,15 @@ def check_int(value: Any, key: str, where: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(key, f"expected an integer >= {low}, got {value!r}", where=where)
     return value
+
+
+def check_open_int(raw: dict[str, Any], key: str, time_budget_s: float | None, where: str) -> int | None:
+    """num_samples or max_epochs: a count >= 1, or absent (null) for "until the time budget ends"."""
+    if raw.get(key) is not None:
+        return check_int(raw[key], key, where, low=1)
+    if time_budget_s is None:
+        raise ConfigError(key, "missing: give a number, or a time_budget to run until", where=where)
+    return None
 
 
 def check_number(value: Any, key: str, where: str) -> float:
@@ -368,6 +396,16 @@ def parse_mutations(mutations: Any, fixed: TrainConfig, where: str) -> dict[str,
     return parsed
 
 
+def parse_finalists(raw: Any, where: str) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise ConfigError("finalists", "expected {trials: N, samples: N}", where=where)
+    for key in raw:
+        if key not in DEFAULT_FINALISTS:
+            raise ConfigError(f"finalists.{key}", f"unknown key (known: {', '.join(DEFAULT_FINALISTS)})", where=where)
+    return {"trials": check_int(raw.get("trials", DEFAULT_FINALISTS["trials"]), "finalists.trials", where, low=0),
+            "samples": check_int(raw.get("samples", DEFAULT_FINALISTS["samples"]), "finalists.samples", where, low=2)}
+
+
 def parse_resources(raw: Any, where: str) -> dict[str, float]:
     if not isinstance(raw, dict):
         raise ConfigError("resources", "expected {cpu: N, gpu: F}", where=where)
@@ -397,6 +435,13 @@ def parse_duration(text: Any, key: str, where: str) -> float:
     if seconds <= 0:
         raise ConfigError(key, f"bad duration {text!r}: must be > 0", where=where)
     return seconds
+
+
+def describe_trials(space: Space) -> str:
+    """The plan's trial count and length, "until the budget" where the space leaves one open."""
+    trials = "new trials until the budget ends" if space.num_samples is None else str(space.num_samples)
+    epochs = "training until the budget ends" if space.epochs_until_budget else f"up to {space.max_epochs} epochs"
+    return f"{trials}, each {epochs}" if space.num_samples is None else f"{trials} x {epochs}"
 
 
 def format_duration(seconds: float) -> str:

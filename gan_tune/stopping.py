@@ -77,8 +77,8 @@ class FailingTrials(Callback, Stopper):
     last checkpoint is the cure there. `errors` keeps each failed trial's exception as one line.
     """
 
-    def __init__(self, num_samples: int):
-        self.needed = min(FAIL_FAST_TRIALS, num_samples)
+    def __init__(self, num_samples: int | None):
+        self.needed = min(FAIL_FAST_TRIALS, num_samples or FAIL_FAST_TRIALS)  # None: trials until the budget
         self.errors: dict[str, str] = {}  # trial_id -> "ValueError: ..."
         self.reported = False
 

@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import search, train
+from gan_tune import search, spaces, train
 from gan_tune.config import load as load_config
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
@@ -130,6 +130,37 @@ def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_p
     assert train.main(["--config", str(best), "--set", "max_epochs=1", "--set", f"out_dir={tmp_path}",
                        "--set", "eval_every=0"]) == 0
     assert list(tmp_path.glob("*/final_grid.png"))
+
+
+def test_smoke_search_rescored_its_finalists_and_kept_the_best_of_them(smoke_study):
+    code, exp_dir, out = smoke_study
+    assert code == 0
+    # smoke.yaml: finalists {trials: 2, samples: 1000}; trials were scored on 500 samples
+    assert re.search(r"finalists: \d+ kept checkpoints of the top 2 trials scored again on 1000 samples", out), out
+    rows = re.findall(r"^  (\w+_\d+)\s+(\d+)\s+([\d.e+]+)\s+([\d.e+]+)\s+\d+$", out, re.MULTILINE)
+    assert rows and [float(r[3]) for r in rows] == sorted(float(r[3]) for r in rows)  # best first by the new score
+    trial, epoch = rows[0][0], rows[0][1]
+    assert re.search(rf"best trial {trial}: fid [\d.]+ on 1000 samples \([\d.]+ on 500 when reported\) "
+                     rf"at epoch {epoch},", out), out
+    assert load_config(exp_dir / search.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
+
+
+def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path):
+    """Trials that end early free their slots: new ones start until the budget ends, not after the first two."""
+    base = {**yaml.safe_load(SMOKE.read_text())["base"], "fid_samples": 200}
+    space = yaml.safe_load(SMOKE.read_text())
+    del space["num_samples"]
+    path = tmp_path / "until_budget.yaml"
+    path.write_text(yaml.safe_dump({**space, "base": base, "max_epochs": 1, "scheduler": {"type": "fifo"},
+                                    "time_budget": "40s", "finalists": {"trials": 0}}))
+    code, out = run_search("--space", path, "--storage-path", tmp_path / "rr", "--name", "budget",
+                           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert code == 0, out
+    assert "new trials until the budget ends, each up to 1 epochs" in out
+    started = len(trial_frames(tmp_path / "rr" / "budget"))
+    assert started > 2, out  # two run at a time on this 2-CPU cluster
+    used, trials = re.search(r"budget: (\S+) of 40s \(\d+%\), (\d+) trials started", out).groups()
+    assert int(trials) >= started and spaces.parse_duration(used, "used", "out") >= 30
 
 
 def test_pbt_exploits_another_trials_checkpoint(ray_local, tmp_path):

@@ -49,7 +49,8 @@ def test_balanced_cpu_block_shrinks_the_study_for_a_laptop():
     space = spaces.load_space(SPACES_DIR / "balanced.yaml")
     cpu = spaces.for_cpu(space)
     assert cpu.base["width"] < space.base.get("width", 1.0)
-    assert cpu.num_samples >= 4 and cpu.time_budget_s <= 15 * 60 < space.time_budget_s
+    assert cpu.num_samples is None and cpu.tune_num_samples == -1  # new trials until the budget ends
+    assert cpu.time_budget_s <= 15 * 60 < space.time_budget_s
     assert cpu.base["model"] == "balanced"  # merged into base, not replacing it
     assert cpu.resources == {"cpu": 1, "gpu": 0.25}
 
@@ -101,6 +102,12 @@ def test_lr_ratio_is_resolved_into_lr_d():
     ({"search_alg": "grid"}, "search.lr_d"),  # grid search takes grid entries only
     ({"cpu": {"base": {"width": -1.0}}}, "base.width"),
     ({"cpu": {"color": "red"}}, "cpu.color"),
+    ({"num_samples": None, "time_budget": None}, "num_samples"),  # until the budget, but no budget
+    ({"max_epochs": None}, "max_epochs"),  # only a pbt population trains until the budget
+    ({"finalists": {"trials": -1}}, "finalists.trials"),
+    ({"finalists": {"samples": 1}}, "finalists.samples"),
+    ({"finalists": {"checkpoints": 2}}, "finalists.checkpoints"),
+    ({"finalists": [3]}, "finalists"),
 ])
 def test_bad_spaces_name_file_and_key(tmp_path, change, key):
     path = write_space(tmp_path, {**smoke_raw(), **change})
@@ -118,6 +125,26 @@ def test_cpu_block_and_flags_override_the_file(tmp_path):
     assert (flagged.max_epochs, flagged.time_budget_s, flagged.num_samples) == (4, 90, 2)
     with pytest.raises(ConfigError, match="command line: num_samples"):
         spaces.with_values(cpu, {"num_samples": 0}, where="command line")
+
+
+def test_left_out_counts_run_until_the_budget(tmp_path):
+    """num_samples left out: Tune samples until the budget (-1); a number caps it. max_epochs left out (pbt
+    only): the trials get a ceiling they never reach, so the budget ends them."""
+    smoke = spaces.load_space(write_space(tmp_path, {k: v for k, v in smoke_raw().items() if k != "num_samples"}))
+    assert (smoke.num_samples, smoke.tune_num_samples, smoke.max_epochs) == (None, -1, 2)
+    assert spaces.with_values(smoke, {"num_samples": 5}, where="command line").tune_num_samples == 5
+    pbt = spaces.load_space(SPACES_DIR / "pbt.yaml")
+    assert pbt.epochs_until_budget and pbt.max_epochs == spaces.UNTIL_BUDGET_EPOCHS and pbt.num_samples == 8
+    assert from_dict(pbt.train_fields).max_epochs == spaces.UNTIL_BUDGET_EPOCHS
+    capped = spaces.with_values(pbt, {"max_epochs": 6}, where="command line")
+    assert not capped.epochs_until_budget and capped.max_epochs == 6
+    assert "until the budget" in spaces.describe_trials(pbt) and "until" not in spaces.describe_trials(capped)
+
+
+def test_finalists_default_and_override(tmp_path):
+    assert spaces.load_space(SPACES_DIR / "balanced.yaml").finalists == {"trials": 3, "samples": 10_000}
+    raw = {**smoke_raw(), "finalists": {"trials": 0}}
+    assert spaces.load_space(write_space(tmp_path, raw)).finalists == {"trials": 0, "samples": 10_000}
 
 
 def test_seed_is_drawn_per_trial_except_under_optuna():
