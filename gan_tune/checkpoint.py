@@ -34,7 +34,8 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
     With g_ema on it also holds "g_ema", the averaged G with its recomputed BatchNorm statistics: the
     generator that rebuild_generator exports. `trial_id` names the Tune trial that saved it, so a restore
     can tell its own from a PBT donor's."""
-    averaged = {} if gan.g_ema is None else {"g_ema": gan.eval_generator().state_dict()}
+    averaged = {} if gan.g_ema is None else {"g_ema": gan.eval_generator().state_dict(),
+                                             "g_ema_updates": int(gan.g_ema_updates.item())}
     return {
         "config": gan.cfg.to_dict(),
         "epoch": epoch,
@@ -92,6 +93,7 @@ def restore(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Ten
     gan.d.load_state_dict(saved["d"])
     if gan.g_ema is not None:  # a checkpoint saved with g_ema off: the average starts from its G, as a fresh run's does
         gan.g_ema.load_state_dict(saved["g_ema"] if "g_ema" in saved else saved["g"])
+        gan.g_ema_updates.fill_(saved.get("g_ema_updates", 0))  # the warm-up goes on where it was
         gan.g_ema_bn_fresh = False
     gan.opt_g.load_state_dict(saved["opt_g"])
     gan.opt_d.load_state_dict(saved["opt_d"])

@@ -36,6 +36,7 @@ def test_restore_brings_back_the_averaged_generator_exactly(images):
     assert tensors_equal(other.g_ema.state_dict(), gan.g_ema.state_dict())
     assert tensors_equal(other.g.state_dict(), gan.g.state_dict())
     assert not tensors_equal(other.g_ema.state_dict(), other.g.state_dict())
+    assert other.g_ema_updates.item() == gan.g_ema_updates.item() == saved["g_ema_updates"] > 0  # warm-up goes on
 
 
 def test_a_resumed_run_averages_as_an_uninterrupted_one(images):

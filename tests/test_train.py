@@ -225,11 +225,13 @@ def test_g_ema_is_the_hand_computed_average_of_g_after_each_step(images):
     gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
     expected = params(gan.g)  # the average starts at G's initial weights
     sums = torch.zeros(train.N_STATS)
-    for step in range(3):
-        train.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * step, gen, sums)
-        expected = [0.5 * e + 0.5 * p for e, p in zip(expected, params(gan.g))]
+    for step in range(12):
+        train.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * (step % 4), gen, sums)
+        decay = min(0.5, (1 + step) / (10 + step))  # the warm-up: 0.1, 0.18, ..., then 0.5 from the 9th update
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, params(gan.g))]
     averaged = params(gan.g_ema)
-    assert all(torch.allclose(a, e, rtol=0, atol=1e-7) for a, e in zip(averaged, expected))
+    assert all(torch.allclose(a, e, rtol=0, atol=1e-6) for a, e in zip(averaged, expected))
+    assert gan.g_ema_updates.item() == 12
     assert not all(torch.equal(a, p) for a, p in zip(averaged, params(gan.g)))  # an average, not a copy of G
 
 
