@@ -9,6 +9,7 @@ at load time too, so a GPU machine still catches its mistakes. search_spaces/REA
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -216,12 +217,28 @@ def parse_search(search: Any, base: dict[str, Any], where: str) -> dict[str, tup
         if key in FIXED_FIELDS or key in base:
             why = "is also set in base" if key in base else "is fixed for a whole study"
             raise ConfigError(f"search.{key}", f"cannot be searched: {key} {why}", where=where)
-        parsed[key] = parse_distribution(spec, key, f"search.{key}", base, where)
+        parsed[key] = parse_distribution(spec, key, f"search.{key}", base, where, searched=set(search))
     check_derived(parsed, base, where)
+    check_pairs(parsed, base, where)
     return parsed
 
 
-def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], where: str) -> tuple[str, list]:
+def check_pairs(search: dict[str, tuple[str, list]], base: dict[str, Any], where: str) -> None:
+    """Every pair of values two searched choices can draw together must make a valid config: loss wgan-gp with
+    d_norm batch would fail in the trial that drew it, not here."""
+    listed = [(key, args) for key, (kind, args) in search.items() if kind in ("choice", "grid") and key in FIELD_TYPES]
+    for i, (key_a, values_a) in enumerate(listed):
+        for key_b, values_b in listed[i + 1:]:
+            for a, b in itertools.product(values_a, values_b):
+                try:
+                    from_dict({**base, key_a: a, key_b: b})
+                except ConfigError as err:
+                    raise ConfigError(f"search.{key_b}", f"{key_a} {a!r} with {key_b} {b!r}: {err.key} {err.msg}",
+                                      where=where) from None
+
+
+def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], where: str,
+                       searched: set[str] = frozenset()) -> tuple[str, list]:
     """{loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}, checked against the field's type."""
     if not isinstance(spec, dict) or len(spec) != 1:
         known = ", ".join(DISTRIBUTIONS)
@@ -237,9 +254,9 @@ def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], wh
         # uniform and loguniform draw from [low, high): the largest value they can draw is the float below high
         top = high if kind == "randint" else math.nextafter(high, low)
         for value, bound in ((low, "low"), (top, "high")):
-            check_value(field, value, base, key, where, f"{kind} {bound} {value if value == low else high}")
+            check_value(field, value, base, key, where, f"{kind} {bound} {value if value == low else high}", searched)
         return kind, [low, high]
-    values = [check_value(field, value, base, key, where) for value in args]
+    values = [check_value(field, value, base, key, where, searched=searched) for value in args]
     return kind, values
 
 
@@ -263,8 +280,10 @@ def check_bounds(kind: str, args: list, field: str, field_type: str, key: str, w
     return low, high
 
 
-def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str, shown: str = "") -> Any:
-    """A value a trial may get: the field's type, and a valid TrainConfig together with base."""
+def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str, shown: str = "",
+                searched: set[str] = frozenset()) -> Any:
+    """A value a trial may get: the field's type, and a valid TrainConfig together with base. A clash with
+    another searched field's default (loss wgan-gp, d_norm searched) is left to check_pairs."""
     if field in DERIVED_PARAMS:  # each scales its target field (lr_d = lr_g * lr_ratio), which must stay > 0
         if check_number(value, key, where) <= 0:
             raise ConfigError(key, f"{value}: must be > 0", where=where)
@@ -273,6 +292,8 @@ def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: s
         value = coerce(field, value)
         from_dict({**base, field: value})
     except ConfigError as err:
+        if err.key != field and err.key in searched:
+            return value
         other = f"{err.key} " if err.key != field else ""  # a clash with base: batch_size 4096 vs subset 1000
         raise ConfigError(key, f"{shown or repr(value)}: {other}{err.msg}", where=where) from None
     return value

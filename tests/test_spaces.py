@@ -108,6 +108,8 @@ def test_lr_ratio_is_resolved_into_lr_d():
     ({"finalists": {"samples": 1}}, "finalists.samples"),
     ({"finalists": {"checkpoints": 2}}, "finalists.checkpoints"),
     ({"finalists": [3]}, "finalists"),
+    ({"search": {"loss": {"choice": ["ns", "wgan-gp"]}, "d_norm": {"choice": ["spectral", "batch"]}}},
+     "search.d_norm"),  # a trial drawing wgan-gp with a BatchNorm D would fail
 ])
 def test_bad_spaces_name_file_and_key(tmp_path, change, key):
     path = write_space(tmp_path, {**smoke_raw(), **change})
@@ -139,6 +141,14 @@ def test_left_out_counts_run_until_the_budget(tmp_path):
     capped = spaces.with_values(pbt, {"max_epochs": 6}, where="command line")
     assert not capped.epochs_until_budget and capped.max_epochs == 6
     assert "until the budget" in spaces.describe_trials(pbt) and "until" not in spaces.describe_trials(capped)
+
+
+def test_searched_choices_are_checked_in_pairs(tmp_path):
+    """wgan-gp needs a D without BatchNorm: with d_norm searched too, only the pairs tell."""
+    search = {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]}, "loss": {"choice": ["ns", "wgan-gp"]},
+              "d_norm": {"choice": ["spectral", "none"]}}
+    space = spaces.load_space(write_space(tmp_path, {**smoke_raw(), "search": search}))
+    assert space.search["loss"] == ("choice", ["ns", "wgan-gp"])
 
 
 def test_finalists_default_and_override(tmp_path):
