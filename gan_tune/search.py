@@ -49,6 +49,7 @@ MAX_FAILURES = 2  # a crashed trial restarts from its last checkpoint twice befo
 CHECKPOINTS_KEPT = 4
 BEST_CONFIG = "best_config.yaml"
 SAVED_ARGS = "gan_tune_search.json"  # the resolved flags of a study, for --resume
+STORAGE_PROBE = ".gan_tune_write_check"  # written and removed under a storage URI before Ray starts
 ADDRESS_CHECK_TIMEOUT_S = 3.0  # a live Ray head accepts at once; ray.init itself retries a dead one for minutes
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 
@@ -89,12 +90,17 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     if not target:
         raise ConfigError("--resume", "needs the study's folder or name (or --name)")
     if "://" in target:
-        location = target.rstrip("/")
+        location = join_uri(target)
+        check_storage_uri(tune_storage(location)[0], "--resume")  # bad credentials fail here, not inside Tune
     else:
         folder = Path(target).expanduser()
         location = str(folder.resolve()) if folder.is_dir() else study_location(args.storage_path, target)
     study_fs(location, "--resume")  # a bad URI fails here with the flag named, not inside Tune
-    if not tune.Tuner.can_restore(location):
+    try:
+        restorable = tune.Tuner.can_restore(location)
+    except OSError as err:  # the storage went away since the check
+        raise ConfigError("--resume", f"{location}: {first_line(err)}") from None
+    if not restorable:
         raise ConfigError("--resume", f"{location} holds no study to continue")
     defaults = vars(build_parser().parse_args([]))
     given = {key: value for key, value in vars(args).items() if value != defaults[key]}
@@ -125,14 +131,22 @@ def study_location(storage_path: str, name: str) -> str:
     """The study's folder: an absolute local path, or the URI kept whole (Path would fold s3://b into the local
     folder s3:/b, and checkpoints would never reach the bucket)."""
     if "://" in storage_path:
-        return f"{storage_path.rstrip('/')}/{name}"
+        return join_uri(storage_path, name)
     return str(Path(storage_path).expanduser().resolve() / name)
 
 
+def join_uri(uri: str, *names: str) -> str:
+    """`names` appended to the URI's path, its query kept last: pyarrow reads an S3 endpoint from the query
+    (s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http), and a name after it would land in the query."""
+    path, mark, query = uri.partition("?")
+    return "/".join([path.rstrip("/"), *names]) + mark + query
+
+
 def tune_storage(location: str) -> tuple[str, str]:
-    """RunConfig's (storage_path, name) for a study location, a URI's scheme intact."""
-    parent, _, name = location.rstrip("/").rpartition("/")
-    return parent or "/", name
+    """RunConfig's (storage_path, name) for a study location, a URI's scheme and query intact."""
+    path, mark, query = location.partition("?")
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return (parent or "/") + mark + query, name
 
 
 def study_fs(location: str, flag: str = "--storage-path") -> tuple[pafs.FileSystem, str]:
@@ -158,7 +172,7 @@ def write_study_file(location: str, filename: str, text: str) -> str:
     fs.create_dir(path)
     with fs.open_output_stream(f"{path}/{filename}") as out:
         out.write(text.encode())
-    return f"{location}/{filename}"
+    return join_uri(location, filename)
 
 
 def study_mib(location: str) -> float:
@@ -250,6 +264,7 @@ def check_storage_path(storage_path: str) -> None:
     folders and a file in them are made, then removed. os.access answers yes to root under /proc or on a
     read-only mount, where only trying tells."""
     if "://" in storage_path:
+        check_storage_uri(storage_path)
         return
     path = Path(storage_path).expanduser().absolute()
     missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
@@ -263,6 +278,21 @@ def check_storage_path(storage_path: str) -> None:
         for folder in missing:
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def check_storage_uri(storage_path: str, flag: str = "--storage-path") -> None:
+    """A storage URI (s3://...) must take a file: wrong credentials, a missing bucket or an endpoint that does not
+    answer fail here, before Ray starts, instead of in every trial's first checkpoint. The file is removed."""
+    fs, path = study_fs(storage_path, flag)
+    probe = f"{path.rstrip('/')}/{STORAGE_PROBE}"
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):  # file:///PATH: object stores need no folders, a disk does
+            fs.create_dir(path)
+        with fs.open_output_stream(probe) as out:
+            out.write(b"gan_tune: a search checks that it can write here")
+        fs.delete_file(probe)
+    except OSError as err:  # pyarrow's S3 errors: AWS Error ACCESS_DENIED, NO_SUCH_BUCKET, NETWORK_CONNECTION ...
+        raise ConfigError(flag, f"{storage_path}: cannot write there ({first_line(err)})") from None
 
 
 def check_address(address: str | None) -> None:

@@ -50,3 +50,52 @@ def smoke_study(ray_local, tmp_path_factory):
         code = search.main(["--space", "smoke", "--storage-path", str(storage), "--name", "smoke-asha",
                             "--tracking-uri", f"sqlite:///{storage}/mlflow.db"])
     return code, storage / "smoke-asha", out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3 API on loopback (moto's ThreadedMotoServer over HTTP), one per test module; see tests/servers.py."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra has it)")
+    pytest.importorskip("boto3", reason="boto3 is not installed (the test extra has it)")
+    from servers import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's endpoint and keys in this process's environment (AWS_ENDPOINT_URL ...), as a user exports them."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL cluster on a free loopback port, one per test module; see tests/servers.py."""
+    import shutil
+
+    if shutil.which("initdb") is None or shutil.which("postgres") is None:
+        pytest.skip("PostgreSQL's initdb/postgres are not on the PATH")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL refuses root, and runuser is missing to run it as the postgres user")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install '.[postgres]')")
+    import pwd
+
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL refuses root, and there is no postgres user to run it as")
+    from servers import Postgres
+
+    server = Postgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()

@@ -1,0 +1,259 @@
+"""Issue 18: studies on `s3://` storage, against a real S3 API on loopback (moto's server over HTTP, tests/servers.py),
+the way a MinIO or Ceph user points gan_tune at their endpoint: AWS_ENDPOINT_URL, or pyarrow's own URI form
+s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http. Each search runs through the CLI in a process of its own."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+from mlflow import MlflowClient
+
+from gan_tune import search, trainable
+from servers import AWS_ENV, free_port
+from test_reliability import slow_d_space, unfinished_mid_study
+
+SEARCH_TIMEOUT_S = 600
+# What a study keeps in its folder, by key suffix under s3://BUCKET/studies/NAME/ (Tune's state, gan_tune's files)
+STUDY_FILES = ("gan_tune_search.json", "best_config.yaml", "tuner.pkl")
+TRIAL_FILES = ("progress.csv", "result.json", "params.json", "final_grid.png", "progress.gif", "history.csv")
+
+
+def test_a_storage_uri_keeps_its_query_when_names_are_joined():
+    """pyarrow reads the endpoint from the query; a study name appended after it made `scheme=http/NAME`."""
+    storage = "s3://bucket/studies/?endpoint_override=127.0.0.1:9000&scheme=http"
+    location = search.study_location(storage, "NAME")
+    assert location == "s3://bucket/studies/NAME?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert search.tune_storage(location) == ("s3://bucket/studies?endpoint_override=127.0.0.1:9000&scheme=http",
+                                             "NAME")
+    assert search.join_uri(location, "best_config.yaml") == \
+        "s3://bucket/studies/NAME/best_config.yaml?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert search.study_location("s3://bucket?region=eu-west-1", "NAME") == "s3://bucket/NAME?region=eu-west-1"
+    assert search.tune_storage("s3://bucket/NAME?region=eu-west-1") == ("s3://bucket?region=eu-west-1", "NAME")
+    fs, path = pafs.FileSystem.from_uri(location)  # the query parses (no request is made: no server needed)
+    assert fs.type_name == "s3" and path == "bucket/studies/NAME"
+
+
+def test_study_files_go_to_the_bucket_through_either_endpoint_form(s3_server, s3_env):
+    bucket = s3_server.make_bucket("files")
+    for location in (s3_server.query_uri(bucket, "studies/q"), f"s3://{bucket}/studies/env"):
+        assert not search.study_exists(location)
+        assert search.write_study_file(location, "flags.json", "{}") == search.join_uri(location, "flags.json")
+        assert search.read_study_file(location, "flags.json") == "{}"
+        assert search.study_exists(location) and search.study_mib(location) > 0
+    files = [key for key in s3_server.keys(bucket) if not key.endswith("/")]  # pyarrow's create_dir makes "d/" keys
+    assert files == ["studies/env/flags.json", "studies/q/flags.json"]
+    search.check_storage_path(f"s3://{bucket}/studies")  # writes and removes its probe
+    assert search.STORAGE_PROBE not in " ".join(s3_server.keys(bucket))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Proves 'before Ray starts': starting Ray fails the test."""
+    monkeypatch.setattr(search, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
+
+
+def exit_2_line(capsys, argv: list[str]) -> str:
+    assert search.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_missing_bucket_wrong_keys_or_a_dead_endpoint_exit_2_before_ray_starts(s3_server, s3_env, no_ray, capsys,
+                                                                                  tmp_path):
+    bucket = s3_server.make_bucket("refusing")
+    search.write_study_file(f"s3://{bucket}/studies/old", "flags.json", "{}")
+    common = ["--space", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    err = exit_2_line(capsys, [*common, "--storage-path", "s3://no-such-bucket/studies"])
+    assert err.startswith("error: --storage-path: s3://no-such-bucket/studies: cannot write there") and \
+        "NO_SUCH_BUCKET" in err, err
+    with s3_server.refusing_keys():
+        err = exit_2_line(capsys, [*common, "--storage-path", f"s3://{bucket}/studies"])
+        assert err.startswith("error: --storage-path:") and "INVALID_ACCESS_KEY_ID" in err, err
+        err = exit_2_line(capsys, ["--resume", f"s3://{bucket}/studies/old"])
+        assert err.startswith("error: --resume:") and "INVALID_ACCESS_KEY_ID" in err, err
+    dead = f"s3://{bucket}/studies?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    err = exit_2_line(capsys, [*common, "--storage-path", dead])
+    assert err.startswith(f"error: --storage-path: {dead}: cannot write there") and "NETWORK_CONNECTION" in err, err
+
+
+def search_env(tmp_path: Path, s3_env: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment of a search: the S3 keys and endpoint, its own HOME (so ~/ray_results would show), and Ray's
+    temp folder in a short path (Ray's socket paths must fit 107 bytes) that the test can search."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    ray_tmp = tempfile.mkdtemp(prefix="gt_ray_")
+    return {**os.environ, **s3_env, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home), "RAY_TMPDIR": ray_tmp,
+            **extra}
+
+
+def run_search(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "gan_tune.search", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=SEARCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def local_files(*roots: str | Path) -> list[Path]:
+    return [path for root in roots for path in Path(root).rglob("*") if path.is_file()]
+
+
+def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, tmp_path):
+    """Item 1, with the endpoint in pyarrow's URI form (no AWS_ENDPOINT_URL): checkpoints, Tune's state, best_config,
+    the saved flags and the trial files are in the bucket; the working directory and HOME get nothing."""
+    bucket = s3_server.make_bucket("single")
+    storage = s3_server.query_uri(bucket, "studies")
+    env = search_env(tmp_path, AWS_ENV)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run_search(["--space", "smoke", "--storage-path", storage, "--name", "s3study", "--tracking-uri", uri],
+                      env, tmp_path / "cwd")
+    location = search.study_location(storage, "s3study")
+    assert f"results:   {location}" in done.stdout and f"best config: {search.join_uri(location, 'best_config.yaml')}" \
+        in done.stdout, done.stdout[-3000:]
+
+    keys = s3_server.keys(bucket, "studies/s3study/")
+    names = {key.removeprefix("studies/s3study/") for key in keys}
+    for name in STUDY_FILES:
+        assert name in names, sorted(names)
+    assert any(name.startswith("experiment_state-") for name in names), sorted(names)  # Tune's experiment state
+    trials = {name.split("/")[0] for name in names if name.endswith("/params.json")}
+    assert len(trials) == 3, sorted(names)
+    for trial in trials:
+        for name in TRIAL_FILES:
+            assert f"{trial}/{name}" in names, (trial, name, sorted(names))
+        assert any(n.startswith(f"{trial}/samples/epoch_") for n in names), (trial, sorted(names))
+        assert any(n.startswith(f"{trial}/checkpoint_") and n.endswith("/checkpoint.pt") for n in names), trial
+    best = s3_server.read(bucket, "studies/s3study/best_config.yaml").decode()
+    assert "# Reproduce:" in best and "lr_d:" in best
+    assert json.loads(s3_server.read(bucket, "studies/s3study/gan_tune_search.json"))["storage_path"] == storage
+
+    assert local_files(tmp_path / "cwd", tmp_path / "home") == []  # no ./ray_results, no ~/ray_results
+    # Ray's session folder holds its logs and its staging copies; no checkpoint, no study file was kept there
+    kept = [path for path in local_files(env["RAY_TMPDIR"])
+            if path.name in (*STUDY_FILES, "checkpoint.pt") or path.name.startswith("experiment_state-")]
+    assert kept == [], kept
+
+    client = MlflowClient(uri)  # the trial files reached MLflow: read back from the bucket by the driver
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    assert len(children) == 3
+    for run in children:
+        assert "progress.gif" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def s3_study_outcome(s3_server, bucket: str, name: str, uri: str) -> dict:
+    """test_reliability.study_outcome for a study in the bucket: each trial's config and epochs in Tune (read through
+    the S3 API), its child runs and their steps in MLflow."""
+    trials = {}
+    for key in s3_server.keys(bucket, f"studies/{name}/"):
+        if key.endswith("/progress.csv"):
+            frame = pd.read_csv(io.BytesIO(s3_server.read(bucket, key)), dtype={"trial_id": str})
+            params = json.loads(s3_server.read(bucket, key.replace("/progress.csv", "/params.json")))
+            trials[frame["trial_id"].iloc[-1]] = {"config": (params["lr_d"], params["lr_g"], params["seed"]),
+                                                  "epochs": sorted(frame["epoch"])}
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, f"tags.`ray.experiment_path` = 's3://{bucket}/studies/{name}'")
+    children = client.search_runs(experiments, "tags.run_kind = 'trial'")
+    steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
+             for run in children}
+    return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
+
+
+def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3_env, tmp_path):
+    """Item 2: test_reliability's driver-kill test on S3 (AWS_ENDPOINT_URL form): SIGKILL mid-study, then
+    `--resume s3://BUCKET/studies/NAME` alone finishes it with the trials and child runs of an uninterrupted search."""
+    trials, epochs = 3, 4
+    bucket = s3_server.make_bucket("resume")
+    space = slow_d_space(tmp_path, "fifo", steps=10, epochs=epochs, trials=trials)
+    env = search_env(tmp_path, s3_env)
+    command = ["--space", str(space), "--storage-path", f"s3://{bucket}/studies"]
+    straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
+    run_search([*command, "--name", "straight", "--tracking-uri", straight_uri], env, tmp_path / "cwd")
+
+    gated = {**env, trainable.FAULT_GATE_ENV: f"2:{tmp_path / 'gate'}"}  # the study cannot end before the kill
+    driver = subprocess.Popen([sys.executable, "-m", "gan_tune.search", *command, "--name", "killed",
+                               "--tracking-uri", killed_uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=gated, cwd=tmp_path / "cwd")
+    try:
+        deadline = time.monotonic() + 300
+        while not unfinished_mid_study(killed_uri) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the search finished before the test could kill it"
+        driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved to the bucket
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    run_search(["--resume", f"s3://{bucket}/studies/killed"], env, tmp_path / "cwd")
+
+    straight = s3_study_outcome(s3_server, bucket, "straight", straight_uri)
+    killed = s3_study_outcome(s3_server, bucket, "killed", killed_uri)
+    assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
+    assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
+    assert sorted(t["config"] for t in killed["trials"].values()) == \
+        sorted(t["config"] for t in straight["trials"].values())
+    for trial_id, trial in killed["trials"].items():
+        assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
+        assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(s3_server, tmp_path_factory):
+    """test_multinode's three-node loopback cluster, its raylets (and so the trial workers) started with the S3 keys
+    and endpoint in their environment, as a cluster's nodes get them from their instance profile and image."""
+    from ray.cluster_utils import Cluster
+
+    env = {**s3_server.env(), "GAN_TUNE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no trials
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1), cluster.add_node(num_cpus=2, num_gpus=1)]
+        cluster.wait_for_nodes()
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    yield cluster, {node.node_id for node in workers}
+    cluster.shutdown()  # stops only the processes this cluster started
+
+
+def test_a_multinode_search_writes_its_checkpoints_to_the_bucket_from_the_workers(s3_server, s3_env, s3_cluster,
+                                                                                  tmp_path):
+    """Item 3: no --storage-is-shared; every trial ran on a worker node and its checkpoints are in the bucket."""
+    cluster, worker_ids = s3_cluster
+    bucket = s3_server.make_bucket("cluster")
+    trials = 4
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, **s3_env, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = run_search(["--space", "smoke", "--address", cluster.address, "--storage-path", f"s3://{bucket}/studies",
+                       "--num-samples", str(trials), "--name", "multinode", "--tracking-uri", uri],
+                      env, tmp_path / "cwd")
+    assert "0.25 GPU per trial" in done.stdout
+
+    keys = s3_server.keys(bucket, "studies/multinode/")
+    progress = {key.split("/")[2]: pd.read_csv(io.BytesIO(s3_server.read(bucket, key)))
+                for key in keys if key.endswith("/progress.csv")}
+    assert len(progress) == trials
+    nodes = {frame["node_id"].iloc[-1] for frame in progress.values()}
+    assert nodes <= worker_ids and len(nodes) == 2, (nodes, worker_ids)  # on both workers, none on the head
+    checkpointed = {key.split("/")[2] for key in keys if key.endswith("/checkpoint.pt")}
+    assert checkpointed == set(progress)  # every trial's checkpoints reached the bucket from its worker
+    assert local_files(tmp_path / "cwd") == []
+
+    client = MlflowClient(uri)
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    assert len(children) == trials and {run.data.tags["node_id"] for run in children} == nodes
