@@ -5,6 +5,7 @@ s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http. Each search runs throu
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 
 from gan_tune import search, trainable
 from servers import AWS_ENV, free_port
-from test_reliability import slow_d_space, unfinished_mid_study
+from test_reliability import slow_d_space, unfinished_mid_study, wait_for_gate
 
 SEARCH_TIMEOUT_S = 600
 # What a study keeps in its folder, by key suffix under s3://BUCKET/studies/NAME/ (Tune's state, gan_tune's files)
@@ -86,14 +87,20 @@ def test_a_missing_bucket_wrong_keys_or_a_dead_endpoint_exit_2_before_ray_starts
     assert err.startswith(f"error: --storage-path: {dead}: cannot write there") and "NETWORK_CONNECTION" in err, err
 
 
-def search_env(tmp_path: Path, s3_env: dict[str, str], **extra: str) -> dict[str, str]:
+@pytest.fixture
+def ray_tmp():
+    """Ray's temp folder for the test's searches, in a short path (Ray's socket paths must fit 107 bytes)."""
+    folder = tempfile.mkdtemp(prefix="gt_ray_")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def search_env(tmp_path: Path, s3_env: dict[str, str], ray_tmp: str) -> dict[str, str]:
     """The environment of a search: the S3 keys and endpoint, its own HOME (so ~/ray_results would show), and Ray's
-    temp folder in a short path (Ray's socket paths must fit 107 bytes) that the test can search."""
+    temp folder where the test can search it."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    ray_tmp = tempfile.mkdtemp(prefix="gt_ray_")
-    return {**os.environ, **s3_env, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home), "RAY_TMPDIR": ray_tmp,
-            **extra}
+    return {**os.environ, **s3_env, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home), "RAY_TMPDIR": ray_tmp}
 
 
 def run_search(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -108,12 +115,12 @@ def local_files(*roots: str | Path) -> list[Path]:
     return [path for root in roots for path in Path(root).rglob("*") if path.is_file()]
 
 
-def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, tmp_path):
+def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, ray_tmp, tmp_path):
     """Item 1, with the endpoint in pyarrow's URI form (no AWS_ENDPOINT_URL): checkpoints, Tune's state, best_config,
     the saved flags and the trial files are in the bucket; the working directory and HOME get nothing."""
     bucket = s3_server.make_bucket("single")
     storage = s3_server.query_uri(bucket, "studies")
-    env = search_env(tmp_path, AWS_ENV)
+    env = search_env(tmp_path, AWS_ENV, ray_tmp)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = run_search(["--space", "smoke", "--storage-path", storage, "--name", "s3study", "--tracking-uri", uri],
                       env, tmp_path / "cwd")
@@ -138,10 +145,13 @@ def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, tmp_path):
     assert json.loads(s3_server.read(bucket, "studies/s3study/gan_tune_search.json"))["storage_path"] == storage
 
     assert local_files(tmp_path / "cwd", tmp_path / "home") == []  # no ./ray_results, no ~/ray_results
-    # Ray's session folder holds its logs and its staging copies; no checkpoint, no study file was kept there
-    kept = [path for path in local_files(env["RAY_TMPDIR"])
-            if path.name in (*STUDY_FILES, "checkpoint.pt") or path.name.startswith("experiment_state-")]
-    assert kept == [], kept
+    # Ray's session folder (RAY_TMPDIR) holds its logs and Ray's own staging: Tune's state in driver_artifacts/, the
+    # trial working folders in working_dirs/, both uploaded from there; gan_tune's files and checkpoints never land
+    session = local_files(env["RAY_TMPDIR"])
+    assert not [path for path in session if path.name in ("gan_tune_search.json", "best_config.yaml", "checkpoint.pt")]
+    staged = [path for path in session if path.name in ("tuner.pkl", *TRIAL_FILES) or path.suffix in (".png", ".gif")
+              or path.name.startswith("experiment_state-")]
+    assert all({"driver_artifacts", "working_dirs"} & set(path.parts) for path in staged), staged
 
     client = MlflowClient(uri)  # the trial files reached MLflow: read back from the bucket by the driver
     children = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
@@ -169,13 +179,13 @@ def s3_study_outcome(s3_server, bucket: str, name: str, uri: str) -> dict:
     return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
 
 
-def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3_env, tmp_path):
+def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3_env, ray_tmp, tmp_path):
     """Item 2: test_reliability's driver-kill test on S3 (AWS_ENDPOINT_URL form): SIGKILL mid-study, then
     `--resume s3://BUCKET/studies/NAME` alone finishes it with the trials and child runs of an uninterrupted search."""
     trials, epochs = 3, 4
     bucket = s3_server.make_bucket("resume")
     space = slow_d_space(tmp_path, "fifo", steps=10, epochs=epochs, trials=trials)
-    env = search_env(tmp_path, s3_env)
+    env = search_env(tmp_path, s3_env, ray_tmp)
     command = ["--space", str(space), "--storage-path", f"s3://{bucket}/studies"]
     straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
     run_search([*command, "--name", "straight", "--tracking-uri", straight_uri], env, tmp_path / "cwd")
@@ -257,3 +267,61 @@ def test_a_multinode_search_writes_its_checkpoints_to_the_bucket_from_the_worker
     client = MlflowClient(uri)
     children = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
     assert len(children) == trials and {run.data.tags["node_id"] for run in children} == nodes
+
+
+def wait_for_saved_epoch(s3_server, bucket: str, prefix: str, epoch: int, driver: subprocess.Popen,
+                         timeout_s: float = 120) -> None:
+    """Until the driver's periodic upload of Tune's state (every ~10 s) carried `epoch`: progress.csv and the
+    experiment state travel in the same upload, the state saved just before it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for key in s3_server.keys(bucket, prefix):
+            if key.endswith("/progress.csv") and \
+                    pd.read_csv(io.BytesIO(s3_server.read(bucket, key)))["epoch"].max() >= epoch:
+                return
+        assert driver.poll() is None, "the search ended before its state reached the bucket"
+        time.sleep(0.5)
+    pytest.fail(f"Tune's state with epoch {epoch} did not reach the bucket in {timeout_s} s")
+
+
+def test_a_stopped_s3_server_errors_the_trials_keeping_their_checkpoints_and_resume_finishes(s3_server, s3_env,
+                                                                                            ray_tmp, tmp_path):
+    """Item 5: the S3 server stops while a trial waits at the fault gate after its epoch-2 checkpoint reached the
+    bucket. The trial's next upload fails, so do its restarts' downloads; the search names the failure and ends.
+    With the server back, `--resume` restores that checkpoint and finishes the study."""
+    epochs = 4
+    bucket = s3_server.make_bucket("outage")
+    space = slow_d_space(tmp_path, "s3down", steps=10, epochs=epochs)
+    location, uri, gate = f"s3://{bucket}/studies/down", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "gate"
+    env = search_env(tmp_path, s3_env, ray_tmp)
+    (tmp_path / "cwd").mkdir()
+    driver = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                               f"s3://{bucket}/studies", "--name", "down", "--tracking-uri", uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path / "cwd",
+                              env={**env, trainable.FAULT_GATE_ENV: f"2:{gate}"})
+    try:
+        wait_for_gate(driver, gate)  # tune.report returned: epoch 2's checkpoint is in the bucket
+        wait_for_saved_epoch(s3_server, bucket, "studies/down/", 2, driver)  # and Tune's state knows it
+        kept = [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/checkpoint.pt")]
+        s3_server.stop()
+        Path(f"{gate}.release").touch()
+        out, _ = driver.communicate(timeout=SEARCH_TIMEOUT_S)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if s3_server.server is None:
+            s3_server.start()
+    assert len(kept) == 2, kept  # epochs 1 and 2
+    errored = [line for line in out.splitlines() if " errored: " in line]
+    assert len(errored) == 1 and "NETWORK_CONNECTION" in errored[0], out[-5000:]  # the trial says what failed
+    assert driver.returncode == 1, out[-5000:]
+    (last,) = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert location in last and "--resume" in last, last
+    assert [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/checkpoint.pt")] == kept
+
+    run_search(["--resume", location], env, tmp_path / "cwd")
+    (progress,) = [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/progress.csv")]
+    frame = pd.read_csv(io.BytesIO(s3_server.read(bucket, progress)))
+    assert frame["epoch"].tolist() == list(range(1, epochs + 1)), frame[["epoch", "restored_epoch"]]
+    assert frame["restored_epoch"].tolist() == [0, 0, 2, 2]  # epochs 3 and 4 trained on from the kept checkpoint
