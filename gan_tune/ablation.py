@@ -50,7 +50,9 @@ ABLATIONS = {
     "wgan-gp + ema": {"loss": "wgan-gp", "d_norm": "none", "g_ema": 0.999},
     "ns + ema + spectral": {"d_norm": "spectral", "g_ema": 0.999},
 }
-BEFORE = {"num_samples": 10, "finalists": {"trials": 0}}  # the balanced CPU default before issue 16
+# The balanced CPU default before issue 16: 10 trials, the ns loss, no G averaging, no finalists.
+BEFORE = {"num_samples": 10, "finalists": {"trials": 0}}
+BEFORE_BASE = {"loss": "ns", "g_ema": 0.0}
 
 
 def train_for(cfg: TrainConfig, seconds: float, threads: int) -> tuple[torch.nn.Module, int]:
@@ -111,7 +113,7 @@ def kept_generator(trial_dir: Path, epoch: int) -> tuple[torch.nn.Module, TrainC
 def before_space(folder: Path) -> Path:
     raw = yaml.safe_load((packaged_spaces() / "balanced.yaml").read_text())
     raw["cpu"] = {**raw["cpu"], **BEFORE}
-    raw["cpu"]["base"] = {**raw["cpu"]["base"], "g_ema": 0.0}
+    raw["base"] = {**raw["base"], **BEFORE_BASE}
     path = folder / "balanced-before.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
