@@ -350,15 +350,26 @@ def check_storage(storage_path: str, shared: bool) -> None:
                           "pass s3://BUCKET/PATH, or an NFS path with --storage-is-shared")
 
 
-def print_plan(space: Space, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
+def trials_at_once(trial: dict[str, float]) -> int:
+    """How many trials of this size the cluster runs side by side now."""
     cluster = ray.cluster_resources()
-    fixed = from_dict(space.train_fields)
     at_once = int(cluster.get("CPU", 0) // trial["cpu"])
-    if trial["gpu"]:
-        at_once = min(at_once, int(cluster["GPU"] // trial["gpu"]))
-        device = f"{trial['gpu']:g} GPU"
-    else:
-        device = "no GPU (the cluster has none)"
+    return min(at_once, int(cluster.get("GPU", 0) // trial["gpu"])) if trial["gpu"] else at_once
+
+
+def queue_lazily(space: Space, trial: dict[str, float]) -> None:
+    """For a search that starts trials until its budget ends: Tune queues up to 200 random-search trials
+    ahead (so that an autoscaler sees demand), which would end the budget with hundreds never started.
+    One queued trial per slot keeps the draws coming as slots free up; TUNE_MAX_PENDING_TRIALS_PG is
+    Tune's own setting for this, and a value the user exported wins."""
+    if space.num_samples is None:
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, trials_at_once(trial))))
+
+
+def print_plan(space: Space, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
+    fixed = from_dict(space.train_fields)
+    at_once = trials_at_once(trial)
+    device = f"{trial['gpu']:g} GPU" if trial["gpu"] else "no GPU (the cluster has none)"
     budget = spaces.format_duration(space.time_budget_s) if space.time_budget_s else "none"
     subset = f", first {fixed.subset} images" if fixed.subset else ""
     print(f"study {tune_storage(location)[1]}: space {space.name} ({space.where})")
@@ -502,9 +513,11 @@ def time_to(timestamp: float, started: float) -> str:
 def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str,
               started: float, ended: float) -> None:
     """Print the trials' outcomes, the budget used and the stopped trials."""
-    print(f"\n{len(results)} trials, {results.num_errors} errored; results in {location} "
+    ran = sum(1 for result in results if result.metrics or result.error)
+    queued = f" ({len(results) - ran} queued, never started)" if ran < len(results) else ""
+    print(f"\n{ran} trials{queued}, {results.num_errors} errored; results in {location} "
           f"({study_mib(location):.1f} MiB written)")
-    print(f"budget: {budget_line(space, len(results), ended - started)}")
+    print(f"budget: {budget_line(space, ran, ended - started)}")
     for trial_id, reason in sorted(stopper.reasons.items()):
         print(f"  stopped {trial_id}: {reason}")
     diverged = sum(reason == "diverged" for reason in stopper.reasons.values())
@@ -554,6 +567,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     space, trial = trial_resources(plans, args)
     check_storage(args.storage_path, args.storage_is_shared)
     print_plan(space, location, trial, args)
+    queue_lazily(space, trial)
     fixed = from_dict(space.train_fields)
     data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
     print(f"data: {data.source} ({len(data)} images)", flush=True)

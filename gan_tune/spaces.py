@@ -12,7 +12,7 @@ import importlib.util
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,8 +118,9 @@ def for_cpu(space: Space) -> Space:
 
 
 def with_values(space: Space, values: dict[str, Any], where: str) -> Space:
-    """The space with top-level values replaced (command-line flags), validated again."""
-    return parse_space({**space.raw, **values}, where=where, name=space.name)
+    """The space with top-level values replaced (command-line flags), validated again: an error names `where`,
+    the result still names the space's file (the summary's "widen search.lr_d in FILE")."""
+    return replace(parse_space({**space.raw, **values}, where=where, name=space.name), where=space.where)
 
 
 def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
