@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", default="ablations,seed-alone,search-before,search-now",
                         help="which blocks to run, comma-separated")
     parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--keep", help="keep the searches' logs, studies and MLflow store in this folder "
+                                       "(default: a temporary folder, removed at the end)")
     return parser.parse_args(argv)
 
 
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     blocks, rows = args.rows.split(","), []
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         if "ablations" in blocks:
             with ProcessPoolExecutor(cpus, mp_context=get_context("spawn")) as pool:
                 jobs = [pool.submit(training_row, name, replace(ABLATION_BASE, **change), args.ablation_minutes * 60, 1)

@@ -163,6 +163,31 @@ def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, 
     assert int(trials) >= started and spaces.parse_duration(used, "used", "out") >= 30
 
 
+def test_a_pbt_population_without_max_epochs_trains_until_the_budget(ray_local, tmp_path):
+    # batch 32 and lr 4e-4: more than 2 digit classes from epoch 2, so the mode-collapse stopper leaves them be
+    base = {**yaml.safe_load(SMOKE.read_text())["base"], "fid_samples": 200, "checkpoint_every": 1, "batch_size": 32,
+            "lr_g": 4.0e-4}
+    space = yaml.safe_load(SMOKE.read_text())
+    del space["max_epochs"]
+    path = tmp_path / "pbt_budget.yaml"
+    path.write_text(yaml.safe_dump({**space, "base": base, "num_samples": 2, "time_budget": "45s",
+                                    "search": {"lr_d": {"loguniform": [3.0e-4, 6.0e-4]}},
+                                    "finalists": {"trials": 1, "samples": 500},
+                                    "scheduler": {"type": "pbt", "perturbation_interval": 2,
+                                                  "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]}}}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out = run_search("--space", path, "--storage-path", tmp_path / "rr", "--name", "pbt-budget", "--tracking-uri", uri)
+    assert code == 0, out
+    assert "2 x training until the budget ends" in out
+    epochs = {trial_id: frame["epoch"].max() for trial_id, frame in trial_frames(tmp_path / "rr" / "pbt-budget").items()}
+    assert len(epochs) == 2 and max(epochs.values()) >= 4, epochs  # a smoke epoch takes a few seconds
+    assert re.search(r"budget: \S+ of 45s \(\d+%\), 2 trials started", out), out
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    reasons = {run.data.tags["stop_reason"] for run in runs}
+    assert "search ended" in reasons and "completed" not in reasons, reasons  # no epoch limit: the budget ends them
+
+
 def test_pbt_exploits_another_trials_checkpoint(ray_local, tmp_path):
     base = {**yaml.safe_load(SMOKE.read_text())["base"], "lr_g": 2.0e-4, "checkpoint_every": 1}
     space = smoke_variant(
