@@ -1,4 +1,5 @@
 """Throughput benchmark: `python -m gan_tune.bench [--device cuda|cpu] [--quick] [--json OUT]`.
+(`python -m gan_tune.bench search ...` is the search strategies' benchmark: gan_tune/bench_search.py.)
 
 Prints one table measured in one run, side by side:
   (a) a typical seed-style loop (DataLoader, `.item()` every step, fp32): the reference;
@@ -333,6 +334,11 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["search"]:  # python -m gan_tune.bench search: the search strategies' anytime curves
+        from gan_tune import bench_search
+
+        return bench_search.main(argv[1:])
     try:
         args = parse_args(argv)
     except ConfigError as err:

@@ -1,0 +1,263 @@
+"""`python -m gan_tune.bench search`: best-FID-over-time curves of search strategies at equal budget, over seeds.
+
+Each strategy is a variant of one space (`--space`, default balanced, its CPU block on a machine without a
+GPU), run through the real `python -m gan_tune.search` (Ray Tune, the GAN stopper, MLflow into a store of
+its own) for `--budget` with each of `--seeds` seeds, one run after another. A run's curve is the best score
+reported so far by any of its trials, as a step function of wall time since the search command started
+(Ray's start-up included), read from the trials' progress.csv. Per strategy the median over seeds and the
+min-max band go into curves.png (log-scaled FID), every curve into curves.json, and table.txt holds the
+score at 25 %, 50 % and 100 % of the budget, the time to reach a few FID levels, and the final FID of each
+run's kept generator re-scored on the space's finalist samples (10,000), which no 1,000-sample luck decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from gan_tune import search_run, spaces
+from gan_tune.config import CliParser, ConfigError, read_yaml
+from gan_tune.search import resolve_space
+
+# The recipe gan_tune started from: its rates, latent size and loss, no G averaging.
+SEED_RECIPE = {"lr_d": 2.0e-4, "lr_g": 1.0e-4, "latent_dim": 100, "beta1": 0.5, "loss": "ns", "g_ema": 0.0}
+SHARES = (0.25, 0.5, 1.0)  # of the budget, for the table
+FID_LEVELS = (100.0, 50.0, 30.0)
+RUN_OVERHEAD_S = 60  # Ray start-up, finalists and tracking around each search's budget (the time estimate)
+
+
+def seed_recipe(raw: dict) -> dict:
+    """One trial of the seed recipe on the space's fixed settings, for the whole budget on every CPU."""
+    base = {**raw.get("base", {}), **SEED_RECIPE}
+    return {**raw, "base": base, "search": {}, "num_samples": 1, "max_epochs": spaces.UNTIL_BUDGET_EPOCHS,
+            "search_alg": "random", "scheduler": {"type": "fifo"}, "finalists": {"trials": 1}}
+
+
+def with_scheduler(scheduler: dict, search_alg: str = "random") -> Callable[[dict], dict]:
+    def change(raw: dict) -> dict:
+        base = {**raw.get("base", {}), "checkpoint_every": 1}  # HyperBand and PBT pause and resume from checkpoints
+        return {**raw, "base": base, "search_alg": search_alg, "scheduler": scheduler}
+    return change
+
+
+def pbt(raw: dict) -> dict:
+    """PBT mutating the space's lr_d and lr_g ranges, a population of 4, training until the budget."""
+    mutations = {key: raw["search"][key] for key in ("lr_d", "lr_g") if key in raw.get("search", {})}
+    scheduler = {"type": "pbt", "perturbation_interval": 2, "burn_in_period": 2, "hyperparam_mutations": mutations}
+    changed = {**with_scheduler(scheduler)(raw), "num_samples": 4}
+    changed.pop("max_epochs", None)
+    return changed
+
+
+STRATEGIES: dict[str, Callable[[dict], dict]] = {
+    "seed-recipe": seed_recipe,
+    "random-fifo": with_scheduler({"type": "fifo"}),
+    "random-asha": with_scheduler({"type": "asha", "grace_period": 2, "reduction_factor": 3}),
+    "optuna-asha": with_scheduler({"type": "asha", "grace_period": 2, "reduction_factor": 3}, "optuna"),
+    "random-hyperband": with_scheduler({"type": "hyperband", "reduction_factor": 3}),
+    "pbt": pbt,
+}
+
+
+def strategy_raw(raw: dict, strategy: str, gpu: bool) -> dict:
+    """The space, its cpu block merged in on a machine without a GPU, with the strategy applied (after the
+    merge, so the block's scheduler and counts do not override the strategy's); a space file as it is."""
+    if strategy not in STRATEGIES:
+        return read_yaml(strategy)
+    space = spaces.parse_space(raw, "space", "space")
+    merged = (space if gpu else spaces.for_cpu(space)).raw
+    return STRATEGIES[strategy]({key: value for key, value in merged.items() if key != "cpu"})
+
+
+# ---- curves
+
+def best_so_far(reports: pd.DataFrame, started: float, mode: str = "min", metric: str = "fid") -> pd.DataFrame:
+    """(seconds since `started`, best `metric` so far) at every report that improved it: a step function.
+
+    `reports` holds every trial's reports (Tune's `timestamp` column, whole seconds); a resumed trial's repeated
+    epochs and non-finite scores (a diverged epoch reports 1e6, finite) are simply more reports."""
+    frame = reports[["timestamp", metric]].dropna()
+    frame = frame[np.isfinite(frame[metric])].sort_values("timestamp", kind="stable")
+    best = frame[metric].cummin() if mode == "min" else frame[metric].cummax()
+    curve = pd.DataFrame({"t": frame["timestamp"].to_numpy() - started, "best": best.to_numpy()})
+    return curve[curve["best"].diff().fillna(-1).ne(0)].reset_index(drop=True)
+
+
+def value_at(curve: pd.DataFrame, t: float) -> float:
+    """The best score known `t` seconds in; NaN before the first report."""
+    known = curve[curve["t"] <= t]
+    return float(known["best"].iloc[-1]) if len(known) else math.nan
+
+
+def time_to(curve: pd.DataFrame, level: float, mode: str = "min") -> float:
+    """Seconds until the best score first reached `level`; NaN if it never did."""
+    reached = curve[curve["best"] <= level] if mode == "min" else curve[curve["best"] >= level]
+    return float(reached["t"].iloc[0]) if len(reached) else math.nan
+
+
+def study_reports(study: Path) -> pd.DataFrame:
+    frames = [pd.read_csv(path) for path in study.glob("*/progress.csv")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["timestamp", "fid"])
+
+
+# ---- runs
+
+def run_one(space_file: Path, strategy: str, seed: int, budget_s: float, out: Path) -> dict[str, Any]:
+    """One search; its curve, its kept generator's re-scored FID, its wall time."""
+    name = f"{Path(strategy).stem}-s{seed}"
+    uri = f"sqlite:///{out / 'mlflow' / name}.db"
+    (out / "mlflow").mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space_file), "--time-budget", f"{budget_s:g}s",
+               "--seed", str(seed), "--storage-path", str(out / "ray_results"), "--name", name, "--tracking-uri", uri]
+    if strategy == "seed-recipe":  # one trial: give it the machine, as a user training alone would
+        command += ["--cpus-per-trial", str(os.cpu_count() or 1)]
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.time() - started
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / f"{name}.log").write_text(done.stdout + done.stderr)
+    curve = best_so_far(study_reports(out / "ray_results" / name), started)
+    return {"strategy": strategy, "seed": seed, "exit": done.returncode, "wall_s": round(wall, 1),
+            "final_fid": rescored_fid(uri, done.stdout), "curve": curve.to_dict("list")}
+
+
+def rescored_fid(uri: str, stdout: str) -> float:
+    """The FID the search logged for the generator it kept: re-scored on its finalist samples when it did."""
+    found = [line.split("mlflow parent run: ", 1)[1].split()[0] for line in stdout.splitlines()
+             if line.startswith("mlflow parent run: ")]
+    if not found:
+        return math.nan
+    run = MlflowClient(uri).get_run(found[0])
+    samples = run.data.tags.get(search_run.RESCORED_TAG)
+    key = search_run.rescored_name("fid", int(samples)) if samples else "fid"
+    return float(run.data.metrics.get(key, math.nan))
+
+
+# ---- report
+
+def summary_table(runs: list[dict], budget_s: float) -> pd.DataFrame:
+    rows = []
+    for strategy in dict.fromkeys(run["strategy"] for run in runs):
+        mine = [run for run in runs if run["strategy"] == strategy]
+        curves = [pd.DataFrame(run["curve"]) for run in mine]
+        row = {"strategy": strategy, "seeds": len(mine)}
+        for share in SHARES:
+            row[f"fid at {share:.0%}"] = spread([value_at(c, share * budget_s) for c in curves])
+        for level in FID_LEVELS:
+            times = [time_to(c, level) for c in curves]
+            reached = [t for t in times if math.isfinite(t)]
+            row[f"time to fid {level:g}"] = (f"{np.median(reached):.0f} s ({len(reached)}/{len(times)})"
+                                             if reached else f"– (0/{len(times)})")
+        row["final fid 10k"] = spread([run["final_fid"] for run in mine])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def spread(values: list[float]) -> str:
+    """median [min–max] of the finite values, "–" when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "–"
+    return f"{np.median(finite):.1f} [{min(finite):.1f}–{max(finite):.1f}]" if len(finite) > 1 else f"{finite[0]:.1f}"
+
+
+def plot(runs: list[dict], budget_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, budget_s + RUN_OVERHEAD_S, 200)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for strategy in dict.fromkeys(run["strategy"] for run in runs):
+        values = np.array([[value_at(pd.DataFrame(run["curve"]), t) for t in grid]
+                           for run in runs if run["strategy"] == strategy])
+        with np.errstate(all="ignore"):
+            known = ~np.isnan(values).any(axis=0)  # from when every seed has a score
+        if not known.any():
+            continue
+        line, = ax.step(grid[known] / 60, np.median(values[:, known], axis=0), where="post", label=strategy)
+        ax.fill_between(grid[known] / 60, values[:, known].min(axis=0), values[:, known].max(axis=0), step="post",
+                        alpha=0.2, color=line.get_color())
+    ax.axvline(budget_s / 60, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="wall time since the search command started (min)", ylabel="best FID so far (1,000 samples)",
+           yscale="log", title="best FID found over time: median over seeds, band min–max")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- CLI
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = CliParser(prog="python -m gan_tune.bench search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", default="balanced", help="space name or file the strategies vary (default balanced)")
+    parser.add_argument("--budget", default="5m", help="time budget of every search, e.g. 90s, 5m (default 5m)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated: {', '.join(STRATEGIES)}, or space files (default: all six)")
+    parser.add_argument("--out", default="bench_search", help="output folder (default ./bench_search)")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace, gpu: bool) -> tuple[dict, float, list[str]]:
+    budget_s = spaces.parse_duration(args.budget, "--budget", "command line")
+    if args.seeds < 1:
+        raise ConfigError("--seeds", f"{args.seeds}: must be >= 1")
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    for name in strategies:
+        if name not in STRATEGIES and not Path(name).is_file():
+            raise ConfigError("--strategies", f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)}, or a space file)")
+    if not strategies:
+        raise ConfigError("--strategies", "empty")
+    raw = read_yaml(resolve_space(args.space))
+    for name in strategies:  # every variant must load before the first search starts
+        path = Path(name) if name not in STRATEGIES else None
+        spaces.load_space(path) if path else spaces.parse_space(strategy_raw(raw, name, gpu), f"strategy {name}", name)
+    return raw, budget_s, strategies
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available()
+    try:
+        raw, budget_s, strategies = check_args(args, gpu)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    (out / "spaces").mkdir(parents=True, exist_ok=True)
+    total = len(strategies) * args.seeds
+    print(f"{total} searches of {spaces.format_duration(budget_s)} each, one after another: about "
+          f"{spaces.format_duration(total * (budget_s + RUN_OVERHEAD_S))} in all; results in {out}", flush=True)
+    runs = []
+    for strategy in strategies:
+        space_file = out / "spaces" / f"{Path(strategy).stem}.yaml"
+        space_file.write_text(yaml.safe_dump(strategy_raw(raw, strategy, gpu), sort_keys=False))
+        for seed in range(args.seeds):
+            run = run_one(space_file, strategy, seed, budget_s, out)
+            runs.append(run)
+            last = run["curve"]["best"][-1] if run["curve"]["best"] else math.nan
+            print(f"[{len(runs)}/{total}] {strategy} seed {seed}: exit {run['exit']}, {run['wall_s']:.0f} s, "
+                  f"best reported fid {last:.4g}, kept generator re-scored {run['final_fid']:.4g}", flush=True)
+    (out / "curves.json").write_text(json.dumps({"budget_s": budget_s, "space": args.space, "runs": runs}, indent=1))
+    table = summary_table(runs, budget_s)
+    (out / "table.txt").write_text(table.to_string(index=False) + "\n")
+    plot(runs, budget_s, out / "curves.png")
+    print(table.to_string(index=False))
+    print(f"curves: {out / 'curves.png'}, {out / 'curves.json'}; table: {out / 'table.txt'}")
+    return 0 if all(run["exit"] == 0 for run in runs) else 1

@@ -1,0 +1,97 @@
+"""python -m gan_tune.bench search: strategies, the best-so-far curves, a short real run, bad flags."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from gan_tune import bench, bench_search, spaces
+from gan_tune.config import read_yaml
+from gan_tune.search import resolve_space
+
+
+def test_best_so_far_is_a_step_function_from_the_search_start():
+    """Reports of three trials out of order: one ended early, one resumed (its epochs 3-4 reported again after a
+    restart), a diverged epoch (1e6, finite) and a NaN report that must not count."""
+    reports = pd.DataFrame([
+        {"trial_id": "a", "epoch": 1, "timestamp": 1010, "fid": 300.0},
+        {"trial_id": "b", "epoch": 1, "timestamp": 1012, "fid": 1e6},  # diverged
+        {"trial_id": "a", "epoch": 2, "timestamp": 1020, "fid": 120.0},  # a then ended early
+        {"trial_id": "c", "epoch": 3, "timestamp": 1030, "fid": 150.0},
+        {"trial_id": "c", "epoch": 4, "timestamp": 1040, "fid": 90.0},
+        {"trial_id": "c", "epoch": 3, "timestamp": 1055, "fid": 95.0},  # resumed: epoch 3 again, worse than 90
+        {"trial_id": "c", "epoch": 4, "timestamp": 1060, "fid": float("nan")},
+        {"trial_id": "c", "epoch": 5, "timestamp": 1070, "fid": 60.0},
+    ]).sample(frac=1, random_state=0)  # the order of progress.csv files is not time order
+    curve = bench_search.best_so_far(reports, started=1000.0)
+    assert curve.to_dict("list") == {"t": [10.0, 20.0, 40.0, 70.0], "best": [300.0, 120.0, 90.0, 60.0]}
+    assert (curve["best"].diff().dropna() < 0).all()  # never increases, one row per improvement
+    assert math.isnan(bench_search.value_at(curve, 9.0)) and bench_search.value_at(curve, 39.0) == 120.0
+    assert bench_search.value_at(curve, 1e9) == 60.0
+    assert bench_search.time_to(curve, 100.0) == 40.0 and math.isnan(bench_search.time_to(curve, 50.0))
+
+
+def test_the_summary_gives_median_and_range_over_seeds():
+    runs = [{"strategy": "x", "seed": s, "final_fid": f, "curve": {"t": [10.0, 50.0], "best": [b, b / 2]}}
+            for s, (b, f) in enumerate([(200.0, 80.0), (100.0, 40.0), (400.0, 60.0)])]
+    table = bench_search.summary_table(runs, budget_s=100).set_index("strategy")
+    assert table.loc["x", "fid at 25%"] == "200.0 [100.0–400.0]"  # at 25 s: the first reports
+    assert table.loc["x", "fid at 100%"] == "100.0 [50.0–200.0]"
+    assert table.loc["x", "final fid 10k"] == "60.0 [40.0–80.0]"
+    assert table.loc["x", "time to fid 100"] == "30 s (2/3)" and table.loc["x", "time to fid 30"] == "– (0/3)"
+
+
+def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
+    raw = read_yaml(resolve_space("balanced"))
+    made = {name: bench_search.strategy_raw(raw, name, gpu=False) for name in bench_search.STRATEGIES}
+    loaded = {name: spaces.parse_space(r, name, name) for name, r in made.items()}
+    assert {name: s.scheduler["type"] for name, s in loaded.items()} == {
+        "seed-recipe": "fifo", "random-fifo": "fifo", "random-asha": "asha", "optuna-asha": "asha",
+        "random-hyperband": "hyperband", "pbt": "pbt"}
+    assert loaded["optuna-asha"].search_alg == "optuna" and loaded["random-asha"].search_alg == "random"
+    recipe = loaded["seed-recipe"]
+    assert recipe.num_samples == 1 and recipe.search == {} and recipe.base["lr_d"] == 2.0e-4
+    assert (recipe.base["loss"], recipe.base["g_ema"], recipe.base["width"]) == ("ns", 0.0, 0.25)  # cpu block kept
+    assert loaded["pbt"].epochs_until_budget and set(loaded["pbt"].scheduler["hyperparam_mutations"]) == {"lr_d", "lr_g"}
+    assert all(s.base["width"] == 0.25 and s.time_budget_s == 14 * 60 for s in loaded.values())
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--seeds", "0"], "--seeds"),
+    (["--budget", "5 minutes"], "--budget"),
+    (["--strategies", "random-asha,grid-everything"], "--strategies"),
+    (["--space", "no-such-space"], "--space"),
+    (["--seeds", "two"], "--seeds"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, key, capsys, tmp_path):
+    try:
+        code = bench.main(["search", *argv, "--out", str(tmp_path / "out")])
+    except SystemExit as exit_:  # argparse's own errors (a flag's type)
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and key in err[-1] and "error" in err[-1], err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_a_short_run_writes_the_curves_the_json_and_the_table(ray_local, tmp_path, capsys, monkeypatch):
+    smoke = yaml.safe_load(resolve_space("smoke").read_text())
+    space = tmp_path / "tiny.yaml"  # the smoke space with 200-sample scores; its 3 trials end before the budget
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "fid_samples": 200}}))
+    out = tmp_path / "out"
+    code = bench.main(["search", "--space", str(space), "--strategies", "random-fifo,random-asha", "--seeds", "1",
+                       "--budget", "40s", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "2 searches of 40s each" in printed and "[2/2] random-asha seed 0: exit 0" in printed
+    runs = json.loads((out / "curves.json").read_text())["runs"]
+    assert [run["strategy"] for run in runs] == ["random-fifo", "random-asha"]
+    for run in runs:
+        assert run["curve"]["t"] and 0 < run["curve"]["t"][0] < 120  # Ray's start-up comes first
+        assert run["curve"]["best"] == sorted(run["curve"]["best"], reverse=True)
+        assert run["final_fid"] > 0  # the kept generator, re-scored on smoke's 1000 finalist samples
+    table = (out / "table.txt").read_text()
+    assert "random-fifo" in table and "fid at 50%" in table and "final fid 10k" in table
+    assert Image.open(out / "curves.png").size[0] > 500
