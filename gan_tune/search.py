@@ -23,7 +23,7 @@ import textwrap
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,7 @@ import ray
 import torch
 import yaml
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 
 from gan_tune import console, finalists, search_run, spaces, tracking_store, trial_runs
 from gan_tune.config import CliParser, ConfigError, device_available, from_dict, resolve_derived, seed_arg
@@ -51,6 +52,7 @@ BEST_CONFIG = "best_config.yaml"
 SAVED_ARGS = "gan_tune_search.json"  # the resolved flags of a study, for --resume
 STORAGE_PROBE = ".gan_tune_write_check"  # written and removed under a storage URI before Ray starts
 ADDRESS_CHECK_TIMEOUT_S = 3.0  # a live Ray head accepts at once; ray.init itself retries a dead one for minutes
+PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 
 
@@ -357,13 +359,20 @@ def trials_at_once(trial: dict[str, float]) -> int:
     return min(at_once, int(cluster.get("GPU", 0) // trial["gpu"])) if trial["gpu"] else at_once
 
 
-def queue_lazily(space: Space, trial: dict[str, float]) -> None:
+@contextlib.contextmanager
+def queue_lazily(space: Space, trial: dict[str, float]) -> Iterator[None]:
     """For a search that starts trials until its budget ends: Tune queues up to 200 random-search trials
     ahead (so that an autoscaler sees demand), which would end the budget with hundreds never started.
     One queued trial per slot keeps the draws coming as slots free up; TUNE_MAX_PENDING_TRIALS_PG is
-    Tune's own setting for this, and a value the user exported wins."""
-    if space.num_samples is None:
-        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, trials_at_once(trial))))
+    Tune's own setting for this (read when the fit starts), and a value the user exported wins."""
+    if space.num_samples is None and PENDING_ENV not in os.environ:
+        os.environ[PENDING_ENV] = str(max(1, trials_at_once(trial)))
+        try:
+            yield
+        finally:
+            del os.environ[PENDING_ENV]  # the next search in this process decides for itself
+    else:
+        yield
 
 
 def print_plan(space: Space, location: str, trial: dict[str, float], args: argparse.Namespace) -> None:
@@ -513,8 +522,8 @@ def time_to(timestamp: float, started: float) -> str:
 def summarise(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str,
               started: float, ended: float) -> None:
     """Print the trials' outcomes, the budget used and the stopped trials."""
-    ran = sum(1 for result in results if result.metrics or result.error)
-    queued = f" ({len(results) - ran} queued, never started)" if ran < len(results) else ""
+    ran = sum(1 for result in results if TRAINING_ITERATION in result.metrics or result.error)
+    queued = f" ({len(results) - ran} more never reported: queued, or cut by the budget)" if ran < len(results) else ""
     print(f"\n{ran} trials{queued}, {results.num_errors} errored; results in {location} "
           f"({study_mib(location):.1f} MiB written)")
     print(f"budget: {budget_line(space, ran, ended - started)}")
@@ -533,7 +542,7 @@ def budget_line(space: Space, trials: int, used_s: float) -> str:
     share = f"{used} of {spaces.format_duration(space.time_budget_s)} ({used_s / space.time_budget_s:.0%})"
     if space.num_samples is not None and trials >= space.num_samples and used_s < space.time_budget_s:
         return f"{share}: all {space.num_samples} trials (num_samples) ended first"
-    return f"{share}, {trials} trials started"
+    return f"{share}, {trials} trials ran"
 
 
 def print_finalists(rescored: list[Finalist], space: Space, seconds: float) -> None:
@@ -567,7 +576,6 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     space, trial = trial_resources(plans, args)
     check_storage(args.storage_path, args.storage_is_shared)
     print_plan(space, location, trial, args)
-    queue_lazily(space, trial)
     fixed = from_dict(space.train_fields)
     data = load_mnist(fixed.data_source, fixed.data_dir, fixed.subset)  # once, shared through the object store
     print(f"data: {data.source} ({len(data)} images)", flush=True)
@@ -582,7 +590,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         stop = tune.stopper.CombinedStopper(stopper, failing)
         lines = console.TrialLines(list(space.search), space.metric, callbacks[0].outcomes)  # after tracking's
         tuner = build_tuner(space, args, data, trial, stop, location, [*callbacks, lines, failing])
-        with console.table_engine(args.verbose):
+        with console.table_engine(args.verbose), queue_lazily(space, trial):
             results = tuner.fit()
     except BaseException as err:
         search_run.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
