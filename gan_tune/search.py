@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import socket
 import sys
 import tempfile
@@ -297,6 +298,12 @@ def check_storage_uri(storage_path: str, flag: str = "--storage-path") -> None:
         raise ConfigError(flag, f"{storage_path}: cannot write there ({first_line(err)})") from None
 
 
+def storage_failure(location: str, err: OSError) -> str:
+    """The line a search ends with when its storage fails after Ray started: what failed, and how to go on."""
+    return (f"{location}: the study's storage failed ({first_line(err)}); the checkpoints and state it holds are "
+            f"kept: once it is back, continue with python -m gan_tune.search --resume {shlex.quote(location)}")
+
+
 def check_address(address: str | None) -> None:
     """A HOST:PORT must accept a TCP connection: ray.init would retry a dead address for minutes."""
     if not address or address in ("auto", "local"):
@@ -495,7 +502,7 @@ def write_best_config(best: Finalist, space: Space, location: str) -> str:
     name = tune_storage(location)[1]
     values = {**best.config, "max_epochs": best.epoch, "name": f"{name}-best"}
     cfg = from_dict(values, where=f"trial {best.trial_id} config")
-    path = f"{location}/{BEST_CONFIG}"
+    path = join_uri(location, BEST_CONFIG)
     header = (f"# Best trial {best.trial_id} of study {name} (space {space.where}):\n"
               f"# {score_text(best, space.metric)} at epoch {best.epoch}.\n"
               f"# Reproduce: python -m gan_tune.train --config {path}\n")
@@ -628,7 +635,7 @@ def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: 
     search stopped, and trials that never started have no entry."""
     unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
     if unfinished > 0:
-        command = f"python -m gan_tune.search --resume {location}"
+        command = f"python -m gan_tune.search --resume {shlex.quote(location)}"  # a URI query has ? and &
         print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
               f"continue them with:\n  {command}", flush=True)
 
@@ -655,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # storage that failed mid-study (an S3 server gone): what reached it is kept
+        print(f"error: {storage_failure(location, err)}", file=sys.stderr)
+        return 1
     finally:
         if started:
             ray.shutdown()
