@@ -31,7 +31,8 @@ def tracking_server(postgres, s3_server, tmp_path_factory):
 
 
 def test_postgresql_without_its_driver_exits_2_naming_the_extra(monkeypatch, capsys):
-    """The test extra installs the driver, so it is hidden here: a None in sys.modules makes its import fail."""
+    """The test extra installs the driver (so test_bad_input's rows for this skip), so it is hidden here: a None in
+    sys.modules makes its import fail."""
     monkeypatch.setattr(search, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
     for module in ("psycopg", "psycopg2"):
         monkeypatch.setitem(sys.modules, module, None)
@@ -39,6 +40,8 @@ def test_postgresql_without_its_driver_exits_2_naming_the_extra(monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert err == ("error: --tracking-uri: postgresql://u@127.0.0.1:1/db: its driver psycopg is not installed: "
                    "pip install 'gan_tune[postgres]'"), err
+    assert report.main(["--tracking-uri", "postgresql://u@127.0.0.1:1/db"]) == 2  # readers say the same
+    assert "pip install 'gan_tune[postgres]'" in capsys.readouterr().err
 
 
 def runs_in_postgres(postgres) -> dict[str, list[tuple[str, str]]]:
