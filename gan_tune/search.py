@@ -604,18 +604,29 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         raise
     if failing.space_fails:
         return report_failing_space(failing, args, parent)
+    try:  # the summary reads and writes the study's storage, which may have failed (an S3 server gone)
+        best = summarise_and_choose(results, space, stopper, location, started, data)
+    except BaseException as err:
+        search_run.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
+        raise
+    finish_tracking(best, space, args, parent)
+    print_resume_hint(results, callbacks[0].outcomes, args, location)
+    return 0 if best else 1
+
+
+def summarise_and_choose(results: tune.ResultGrid, space: Space, stopper: GanStopper, location: str,
+                         started: float, data: Mnist) -> Finalist | None:
+    """The summary, the finalists and the kept generator with its best_config.yaml (None: no trial scored)."""
     summarise(results, space, stopper, location, started, time.time())
     scoring = time.time()
     best, rescored = choose_best(results, space, data)
     print_finalists(rescored, space, time.time() - scoring)
     if best is None:
         print(f"error: no trial reported {space.metric}", file=sys.stderr)
-    else:
-        print_best(best, space, started)
-        print(f"best config: {write_best_config(best, space, location)}")
-    finish_tracking(best, space, args, parent)
-    print_resume_hint(results, callbacks[0].outcomes, args, location)
-    return 0 if best else 1
+        return None
+    print_best(best, space, started)
+    print(f"best config: {write_best_config(best, space, location)}")
+    return best
 
 
 def report_failing_space(failing: FailingTrials, args: argparse.Namespace, parent: str) -> int:

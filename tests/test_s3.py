@@ -321,9 +321,18 @@ def test_a_stopped_s3_server_errors_the_trials_keeping_their_checkpoints_and_res
     (last,) = [line for line in out.splitlines() if line.startswith("error: ")]
     assert location in last and "--resume" in last, last
     assert [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/checkpoint.pt")] == kept
+    assert search_parent(uri).info.status == "FAILED"  # no parent run stays RUNNING after a failed search
+    assert "failure_reason" in search_parent(uri).data.tags
 
     run_search(["--resume", location], env, tmp_path / "cwd")
+    assert search_parent(uri).info.status == "FINISHED"  # the resumed search found its parent and ended it
     (progress,) = [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/progress.csv")]
     frame = pd.read_csv(io.BytesIO(s3_server.read(bucket, progress)))
     assert frame["epoch"].tolist() == list(range(1, epochs + 1)), frame[["epoch", "restored_epoch"]]
     assert frame["restored_epoch"].tolist() == [0, 0, 2, 2]  # epochs 3 and 4 trained on from the kept checkpoint
+
+
+def search_parent(uri: str):
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'search'")
+    return parent
