@@ -221,7 +221,9 @@ def packed_search(trials: int, device: torch.device, data: Mnist, steps: int, ep
     from gan_tune.trainable import train_gan
 
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of its own, never a cluster someone else started on this machine (ray.init would
+    # join the latest one it finds, and then refuses num_cpus)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - start
     cpus = max(1, (os.cpu_count() or 1) // trials)
     resources = {"cpu": cpus, "gpu": 1 / trials if device.type == "cuda" else 0}
