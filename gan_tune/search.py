@@ -418,10 +418,11 @@ def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: d
 
 def finish_tracking(best: Finalist | None, space: Space, args: argparse.Namespace, parent: str) -> None:
     """Log the chosen generator (its trial, checkpoint, scores) on the parent run, and end it."""
-    rescored = best.scores if best is not None and best.scores else None
+    rescored = best is not None and bool(best.scores)  # else search_run picks the trial's best kept checkpoint
     search_run.finish_search_run(args.tracking_uri, parent, best.result if best else None, space.metric, space.mode,
                                  edge_warnings=spaces.edge_warnings(space, best.searched) if best else [],
-                                 chosen=(best.checkpoint, best.reported) if best else None, rescored=rescored)
+                                 chosen=(best.checkpoint, best.reported) if rescored else None,
+                                 rescored=best.scores if rescored else None)
     print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
           f"samples: python -m gan_tune.sample --run-id {parent} --tracking-uri {args.tracking_uri}")
 
@@ -492,9 +493,8 @@ def choose_best(results: tune.ResultGrid, space: Space, data: Mnist) -> tuple[Fi
         result = results.get_best_result(space.metric, space.mode, scope="all")
     except RuntimeError:  # no trial reported the metric
         return None, []
-    kept, _ = search_run.best_checkpoint(result, space.metric, space.mode)
-    row = best_epoch(result, space).to_dict()
-    return Finalist(result, kept, row, {}, resolve_derived(result.config)), []
+    row = best_epoch(result, space).to_dict()  # finish_tracking lets search_run pick the kept checkpoint
+    return Finalist(result, result.checkpoint, row, {}, resolve_derived(result.config)), []
 
 
 def write_best_config(best: Finalist, space: Space, location: str) -> str:

@@ -8,7 +8,6 @@ parent run before any trial starts, and the trials' child runs (trial_runs) hang
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from ray.tune.utils import flatten_dict
 
 import gan_tune
 from gan_tune import checkpoint
+from gan_tune.finalists import kept_checkpoints
 from gan_tune.tracking_store import fail_fast_http, first_line, is_outage, now_ms, using_tracking_uri
 from gan_tune.train import generate
 
@@ -203,8 +203,7 @@ def rescored_name(metric: str, samples: int) -> str:
 def best_checkpoint(result: Any, metric: str, mode: str) -> tuple[tune.Checkpoint | None, dict]:
     """(checkpoint, the report it was saved with): the best kept one by `metric`, else the latest."""
     sign = 1 if mode == "min" else -1
-    scored = [(ckpt, m) for ckpt, m in (result.best_checkpoints or [])
-              if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    scored = kept_checkpoints(result, metric)
     if scored:
         return min(scored, key=lambda pair: sign * pair[1][metric])
     return result.checkpoint, dict(result.metrics)
