@@ -588,7 +588,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
     print(f"data: {data.source} ({len(data)} images)", flush=True)
     random.seed(args.seed)  # the driver-side draws of Tune's schedulers (PBT explore, ASHA brackets)
     np.random.seed(args.seed)
-    stopper, failing = GanStopper(), FailingTrials(space.num_samples)
+    stopper, failing = GanStopper(space.max_epochs), FailingTrials(space.num_samples)
     parent, callbacks = start_tracking(space, args, data, trial, stopper, location)  # after every check
     started = time.time()
     try:

@@ -42,9 +42,17 @@ def collapsed(result: dict[str, Any]) -> bool:
 
 
 class GanStopper(Stopper):
-    """A Tune Stopper that stops single trials for GAN failure modes and records why."""
+    """A Tune Stopper that stops single trials for GAN failure modes and records why.
 
-    def __init__(self) -> None:
+    max_epochs: a trial's last report ends it here, with no reason recorded (it completed). Without this,
+    HyperBand answers the last report of a bracket's first finisher with PAUSE; when the bracket's other
+    trial finishes while that pause is still saving, Ray's bracket clean-up (which stops PAUSED trials only)
+    misses it and the paused trial holds the search until its time budget (seen in CI: 28 idle minutes).
+    A trial Tune stops itself is removed from its bracket instead, and nothing is left paused.
+    """
+
+    def __init__(self, max_epochs: int | None = None) -> None:
+        self.max_epochs = max_epochs
         self.reasons: dict[str, str] = {}
         self.d_streak: dict[str, int] = {}  # consecutive reports with d_acc > D_DOMINATES_ACC
 
@@ -52,7 +60,7 @@ class GanStopper(Stopper):
         reason = self.reason(trial_id, result)
         if reason:
             self.reasons[trial_id] = reason
-        return reason is not None
+        return reason is not None or (self.max_epochs is not None and result["epoch"] >= self.max_epochs)
 
     def reason(self, trial_id: str, result: dict[str, Any]) -> str | None:
         dominant = result["d_acc"] > D_DOMINATES_ACC  # False for NaN

@@ -68,3 +68,12 @@ def test_unscored_results_never_count_as_collapse():
     unscored = result(epoch=9)
     del unscored["coverage"]
     assert not stopper("t1", unscored)
+
+
+def test_the_last_epoch_ends_the_trial_as_completed():
+    # Tune ends the trial at max_epochs itself, so HyperBand never pauses a finished trial (see GanStopper)
+    stopper = GanStopper(max_epochs=3)
+    assert not stopper("t1", result(epoch=2))
+    assert stopper("t1", result(epoch=3))
+    assert stopper.reasons == {}  # completed: no failure reason
+    assert not GanStopper()("t1", result(epoch=3))
