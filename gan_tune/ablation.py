@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +28,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from gan_tune import checkpoint, spaces, train
+from gan_tune import bench_search, checkpoint, spaces, train
+from gan_tune.bench_search import parent_run_id, run_search
 from gan_tune.config import CliParser, TrainConfig
 from gan_tune.data import BUNDLED, load_mnist
 from gan_tune.metrics import make_scorer
@@ -39,7 +38,7 @@ from gan_tune.search import packaged_spaces
 SAMPLES = 10_000
 CPU_SETTING = dict(model="balanced", width=0.25, batch_size=64, data_source=BUNDLED, eval_every=0, sample_every=10**6,
                    checkpoint_every=10**6, max_epochs=spaces.UNTIL_BUDGET_EPOCHS)
-SEED_RECIPE = TrainConfig(**CPU_SETTING, lr_d=2.0e-4, lr_g=1.0e-4, latent_dim=100, beta1=0.5)
+SEED_RECIPE = TrainConfig(**CPU_SETTING, **bench_search.SEED_RECIPE)
 # The best trial of the balanced CPU default on a fresh clone of main before issue 16 (the issue's numbers).
 ABLATION_BASE = TrainConfig(**CPU_SETTING, lr_d=6.5e-4, lr_g=8.2e-4, latent_dim=32, beta1=0.5)
 ABLATIONS = {
@@ -84,17 +83,12 @@ def training_row(name: str, cfg: TrainConfig, seconds: float, threads: int) -> d
 
 def search_row(name: str, space: Path, seconds: float, folder: Path) -> dict:
     """One `python -m gan_tune.search` run; its kept generator (the best trial's checkpoint) scored again here."""
-    uri = f"sqlite:///{folder}/mlflow.db"
-    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space), "--time-budget", f"{seconds:g}s",
-               "--storage-path", str(folder / "ray_results"), "--name", name.replace(" ", "-"), "--tracking-uri", uri]
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    (folder / f"{name.replace(' ', '-')}.log").write_text(done.stdout + done.stderr)
+    uri, slug = f"sqlite:///{folder}/mlflow.db", name.replace(" ", "-")
+    done, started = run_search(space, seconds, slug, folder / "ray_results", uri, folder / f"{slug}.log")
+    wall = time.time() - started
     if done.returncode != 0:
         raise RuntimeError(f"{name}: search exited {done.returncode}; see {folder}")
-    parent = re.search(r"mlflow parent run: (\w+)", done.stdout).group(1)
-    tags = MlflowClient(uri).get_run(parent).data.tags
+    tags = MlflowClient(uri).get_run(parent_run_id(done.stdout)).data.tags
     g, cfg = kept_generator(Path(tags["best.path"]), int(tags["best.epoch"]))
     trials = int(re.search(r"^(\d+) trials, ", done.stdout, re.MULTILINE).group(1))
     return {"row": name, **score(g, cfg.latent_dim), "wall_s": round(wall), "trials": trials, "epochs": cfg.max_epochs}

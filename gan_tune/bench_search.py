@@ -115,20 +115,37 @@ def study_reports(study: Path) -> pd.DataFrame:
 
 # ---- runs
 
+def run_search(space_file: Path, budget_s: float, name: str, storage: Path, uri: str, log: Path,
+               *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m gan_tune.search` in a process of its own, as a user runs it; its output kept in `log`.
+    Returns the finished process and its start (epoch seconds)."""
+    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space_file), "--time-budget", f"{budget_s:g}s",
+               "--storage-path", str(storage), "--name", name, "--tracking-uri", uri, *extra]
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
+    return done, started
+
+
+def parent_run_id(stdout: str) -> str | None:
+    """The MLflow parent run a search printed ("mlflow parent run: ID ...")."""
+    found = [line.split("mlflow parent run: ", 1)[1].split()[0] for line in stdout.splitlines()
+             if line.startswith("mlflow parent run: ")]
+    return found[0] if found else None
+
+
 def run_one(space_file: Path, strategy: str, seed: int, budget_s: float, out: Path) -> dict[str, Any]:
     """One search; its curve, its kept generator's re-scored FID, its wall time."""
     name = f"{Path(strategy).stem}-s{seed}"
     uri = f"sqlite:///{out / 'mlflow' / name}.db"
     (out / "mlflow").mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space_file), "--time-budget", f"{budget_s:g}s",
-               "--seed", str(seed), "--storage-path", str(out / "ray_results"), "--name", name, "--tracking-uri", uri]
+    extra = ["--seed", str(seed)]
     if strategy == "seed-recipe":  # one trial: give it the machine, as a user training alone would
-        command += ["--cpus-per-trial", str(os.cpu_count() or 1)]
-    started = time.time()
-    done = subprocess.run(command, capture_output=True, text=True)
+        extra += ["--cpus-per-trial", str(os.cpu_count() or 1)]
+    done, started = run_search(space_file, budget_s, name, out / "ray_results", uri, out / "logs" / f"{name}.log",
+                               *extra)
     wall = time.time() - started
-    (out / "logs").mkdir(exist_ok=True)
-    (out / "logs" / f"{name}.log").write_text(done.stdout + done.stderr)
     curve = best_so_far(study_reports(out / "ray_results" / name), started)
     return {"strategy": strategy, "seed": seed, "exit": done.returncode, "wall_s": round(wall, 1),
             "final_fid": rescored_fid(uri, done.stdout), "curve": curve.to_dict("list")}
@@ -136,11 +153,10 @@ def run_one(space_file: Path, strategy: str, seed: int, budget_s: float, out: Pa
 
 def rescored_fid(uri: str, stdout: str) -> float:
     """The FID the search logged for the generator it kept: re-scored on its finalist samples when it did."""
-    found = [line.split("mlflow parent run: ", 1)[1].split()[0] for line in stdout.splitlines()
-             if line.startswith("mlflow parent run: ")]
-    if not found:
+    parent = parent_run_id(stdout)
+    if parent is None:
         return math.nan
-    run = MlflowClient(uri).get_run(found[0])
+    run = MlflowClient(uri).get_run(parent)
     samples = run.data.tags.get(search_run.RESCORED_TAG)
     key = search_run.rescored_name("fid", int(samples)) if samples else "fid"
     return float(run.data.metrics.get(key, math.nan))
