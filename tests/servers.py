@@ -169,9 +169,17 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        with open(self.folder / "server.log", "a") as log:
+        self.launch()
+        self.wait()
+
+    def launch(self) -> None:
+        """Start the process and return at once (a test that lets a search run on meanwhile waits later)."""
+        with open(self.folder / "server.log", "a") as log:  # its own group: stop() reaches the uvicorn child too
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
+
+    def wait(self) -> None:
+        """Until GET /health answers."""
         deadline = time.monotonic() + SERVER_START_S
         while time.monotonic() < deadline and self.process.poll() is None:
             with contextlib.suppress(requests.RequestException):
@@ -184,6 +192,7 @@ class MlflowServer:
         return (self.folder / "server.log").read_text()
 
     def stop(self) -> None:
+        """SIGKILL the whole group, as a crash would: no graceful shutdown, no reply to a request in flight."""
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,80 +13,33 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from gan_tune import tracking, tracking_store, write_queue
+from servers import MlflowServer
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = "outage"
-SERVER_START_S = 120  # a cold `mlflow server` takes ~15-30 s on a busy 2-core machine
 SEARCH_TIMEOUT_S = 480
 TRIALS, EPOCHS = 2, 4  # two trials at once for ~40 s: long enough to outlast a server restart
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on its own port and a store shared by all servers of a test; a test kills and restarts it."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(exist_ok=True)
-        self.folder, self.port = folder, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.launch()
-        self.wait()
-
-    def launch(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
-                   "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job workers: starts faster
-        with open(self.folder / "server.log", "a") as log:  # its own group: kill() reaches the uvicorn child too
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-
-    def wait(self) -> None:
-        """Until GET /health answers."""
-        deadline = time.monotonic() + SERVER_START_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole group, as a crash would: no graceful shutdown, no reply to a request in flight."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-            self.process = None
-
-
 @pytest.fixture
 def servers(tmp_path):
-    """Makes Servers on one store in tmp_path; kills every one at the end."""
+    """Makes `mlflow server`s on one store in tmp_path (a test kills and restarts them); kills every one at the end."""
     made = []
 
-    def make() -> Server:
-        made.append(Server(tmp_path / "server"))
+    def make() -> MlflowServer:
+        folder = tmp_path / "server"
+        made.append(MlflowServer(folder, f"sqlite:///{folder}/server.db", str(folder / "artifacts"), {}))
         return made[-1]
 
     yield make
     for server in made:
-        server.kill()
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -131,13 +83,13 @@ def trial_runs(uri: str) -> list:
         return client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'") if experiment else []
 
 
-def kill_after_first_metric(server: Server, search: subprocess.Popen) -> None:
+def kill_after_first_metric(server: MlflowServer, search: subprocess.Popen) -> None:
     """Kill the server once a child run has its first epoch's metrics, while the trials still train."""
     deadline = time.monotonic() + SEARCH_TIMEOUT_S
     while not any(run.data.metrics for run in trial_runs(server.uri)):
         assert search.poll() is None and time.monotonic() < deadline, "the search ended before any metric"
         time.sleep(0.5)
-    server.kill()
+    server.stop()
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
