@@ -211,16 +211,20 @@ def test_ctrl_c_stops_gracefully_and_the_printed_command_finishes_the_study(tmp_
 
 
 def study_outcome(exp_dir: Path, uri: str) -> dict:
-    """What a finished study left: each trial's config and epochs in Tune, its child runs and steps in MLflow."""
-    trials = {}
-    for path in exp_dir.glob("*/progress.csv"):
-        frame = pd.read_csv(path, dtype={"trial_id": str})
-        params = json.loads((path.parent / "params.json").read_text())
-        trials[frame["trial_id"].iloc[-1]] = {"config": (params["lr_d"], params["lr_g"], params["seed"]),
-                                              "epochs": sorted(frame["epoch"])}
+    """What a finished study in a folder left (see outcome)."""
+    files = [(pd.read_csv(path, dtype={"trial_id": str}), json.loads((path.parent / "params.json").read_text()))
+             for path in exp_dir.glob("*/progress.csv")]
+    return outcome(files, str(exp_dir), uri)
+
+
+def outcome(files: list[tuple[pd.DataFrame, dict]], experiment_path: str, uri: str) -> dict:
+    """Each trial's config and epochs in Tune (its progress.csv and params.json), its child runs and their steps in
+    MLflow, and the parent runs of the study at experiment_path."""
+    trials = {frame["trial_id"].iloc[-1]: {"config": (params["lr_d"], params["lr_g"], params["seed"]),
+                                           "epochs": sorted(frame["epoch"])} for frame, params in files}
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(experiments, f"tags.`ray.experiment_path` = '{exp_dir}'")
+    parents = client.search_runs(experiments, f"tags.`ray.experiment_path` = '{experiment_path}'")
     children = client.search_runs(experiments, "tags.run_kind = 'trial'")
     steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
              for run in children}

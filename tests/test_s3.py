@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from gan_tune import search, trainable
 from servers import AWS_ENV, free_port
-from test_reliability import slow_d_space, unfinished_mid_study, wait_for_gate
+from test_reliability import outcome, slow_d_space, unfinished_mid_study, wait_for_gate
 
 SEARCH_TIMEOUT_S = 600
 # What a study keeps in its folder, by key suffix under s3://BUCKET/studies/NAME/ (Tune's state, gan_tune's files)
@@ -163,22 +163,11 @@ def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, ray_tmp, tmp_pa
 
 
 def s3_study_outcome(s3_server, bucket: str, name: str, uri: str) -> dict:
-    """test_reliability.study_outcome for a study in the bucket: each trial's config and epochs in Tune (read through
-    the S3 API), its child runs and their steps in MLflow."""
-    trials = {}
-    for key in s3_server.keys(bucket, f"studies/{name}/"):
-        if key.endswith("/progress.csv"):
-            frame = pd.read_csv(io.BytesIO(s3_server.read(bucket, key)), dtype={"trial_id": str})
-            params = json.loads(s3_server.read(bucket, key.replace("/progress.csv", "/params.json")))
-            trials[frame["trial_id"].iloc[-1]] = {"config": (params["lr_d"], params["lr_g"], params["seed"]),
-                                                  "epochs": sorted(frame["epoch"])}
-    client = MlflowClient(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(experiments, f"tags.`ray.experiment_path` = 's3://{bucket}/studies/{name}'")
-    children = client.search_runs(experiments, "tags.run_kind = 'trial'")
-    steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
-             for run in children}
-    return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
+    """test_reliability.study_outcome for a study in the bucket, its files read through the S3 API."""
+    files = [(pd.read_csv(io.BytesIO(s3_server.read(bucket, key)), dtype={"trial_id": str}),
+              json.loads(s3_server.read(bucket, key.replace("/progress.csv", "/params.json"))))
+             for key in s3_server.keys(bucket, f"studies/{name}/") if key.endswith("/progress.csv")]
+    return outcome(files, f"s3://{bucket}/studies/{name}", uri)
 
 
 def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3_env, ray_tmp, tmp_path):
