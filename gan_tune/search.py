@@ -610,7 +610,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         search_run.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
         raise
     finish_tracking(best, space, args, parent)
-    print_resume_hint(results, callbacks[0].outcomes, args, location)
+    print_resume_hint(results, callbacks[0].outcomes, space, location)
     return 0 if best else 1
 
 
@@ -638,15 +638,21 @@ def report_failing_space(failing: FailingTrials, args: argparse.Namespace, paren
     return 1
 
 
-def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], args: argparse.Namespace,
-                      location: str) -> None:
+def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], space: Space, location: str) -> None:
     """After Ctrl-C (Tune stops gracefully and saves its state) or a spent time budget: how to go on.
 
     `outcomes` is the tracking callback's trial id -> stop reason; 'search ended' marks a trial the
-    search stopped, and trials that never started have no entry."""
+    search stopped, and trials that never started have no entry. A space that trains until its budget
+    (no num_samples, or a PBT population without max_epochs) always ends with trials cut off: that is the
+    plan, not a failure, and the line says so."""
     unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
-    if unfinished > 0:
-        command = f"python -m gan_tune.search --resume {shlex.quote(location)}"  # a URI query has ? and &
+    if unfinished <= 0:
+        return
+    command = f"python -m gan_tune.search --resume {shlex.quote(location)}"  # a URI query has ? and &
+    if space.num_samples is None or space.epochs_until_budget:
+        print(f"{unfinished} of {len(results)} trials were still training when the search ended (this space "
+              f"trains until its time budget); to train them on:\n  {command}", flush=True)
+    else:
         print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
               f"continue them with:\n  {command}", flush=True)
 
