@@ -182,6 +182,28 @@ def summary_table(runs: list[dict], budget_s: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def verdict(runs: list[dict], budget_s: float) -> list[str]:
+    """At 25, 50 and 100 % of the budget, and for the kept generators re-scored: the strategy with the best
+    median FID, the next one and the ratio of their medians, and whether the two stand apart beyond the seed
+    spread (the winner's worst seed better than the next one's best) or not."""
+    strategies = list(dict.fromkeys(run["strategy"] for run in runs))
+    points = [(f"at {share:.0%} of the budget", lambda run, at=share * budget_s: value_at(pd.DataFrame(run["curve"]), at))
+              for share in SHARES]
+    points.append(("kept generator re-scored", lambda run: run["final_fid"]))
+    lines = []
+    for label, value in points:
+        scores = {s: [v for v in (value(run) for run in runs if run["strategy"] == s) if math.isfinite(v)]
+                  for s in strategies}
+        ranked = sorted((s for s in strategies if scores[s]), key=lambda s: np.median(scores[s]))
+        if len(ranked) < 2:
+            continue
+        (first, a), (second, b) = [(s, scores[s]) for s in ranked[:2]]
+        apart = "apart beyond the seed spread" if max(a) < min(b) else "within the seed spread (ranges overlap)"
+        lines.append(f"{label}: {first} {np.median(a):.1f}, next {second} {np.median(b):.1f} "
+                     f"({np.median(b) / np.median(a):.2f}x), {apart}")
+    return lines
+
+
 def spread(values: list[float]) -> str:
     """median [min–max] of the finite values, "–" when there are none."""
     finite = [v for v in values if math.isfinite(v)]
@@ -227,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated: {', '.join(STRATEGIES)}, or space files (default: all six)")
     parser.add_argument("--out", default="bench_search", help="output folder (default ./bench_search)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: draw curves.png, table.txt and the verdict again from OUT/curves.json")
     return parser.parse_args(argv)
 
 
@@ -249,6 +273,8 @@ def check_args(args: argparse.Namespace, gpu: bool) -> tuple[dict, float, list[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report_again(Path(args.out))
     gpu = torch.cuda.is_available()
     try:
         raw, budget_s, strategies = check_args(args, gpu)
@@ -271,9 +297,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{len(runs)}/{total}] {strategy} seed {seed}: exit {run['exit']}, {run['wall_s']:.0f} s, "
                   f"best reported fid {last:.4g}, kept generator re-scored {run['final_fid']:.4g}", flush=True)
     (out / "curves.json").write_text(json.dumps({"budget_s": budget_s, "space": args.space, "runs": runs}, indent=1))
-    table = summary_table(runs, budget_s)
-    (out / "table.txt").write_text(table.to_string(index=False) + "\n")
-    plot(runs, budget_s, out / "curves.png")
-    print(table.to_string(index=False))
-    print(f"curves: {out / 'curves.png'}, {out / 'curves.json'}; table: {out / 'table.txt'}")
+    write_report(runs, budget_s, out)
     return 0 if all(run["exit"] == 0 for run in runs) else 1
+
+
+def write_report(runs: list[dict], budget_s: float, out: Path) -> None:
+    text = summary_table(runs, budget_s).to_string(index=False) + "\n\n" + "\n".join(verdict(runs, budget_s)) + "\n"
+    (out / "table.txt").write_text(text)
+    plot(runs, budget_s, out / "curves.png")
+    print(text + f"curves: {out / 'curves.png'}, {out / 'curves.json'}; table: {out / 'table.txt'}")
+
+
+def report_again(out: Path) -> int:
+    """--report: the outputs of an earlier run drawn again from its curves.json."""
+    path = out / "curves.json"
+    if not path.is_file():
+        print(f"error: --report: {path}: no such file (run the benchmark first)", file=sys.stderr)
+        return 2
+    saved = json.loads(path.read_text())
+    write_report(saved["runs"], saved["budget_s"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

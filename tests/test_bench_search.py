@@ -44,6 +44,25 @@ def test_the_summary_gives_median_and_range_over_seeds():
     assert table.loc["x", "time to fid 100"] == "30 s (2/3)" and table.loc["x", "time to fid 30"] == "– (0/3)"
 
 
+def test_the_verdict_names_the_winner_and_whether_the_seeds_separate_it(tmp_path, capsys):
+    """a beats b at 50 % with every seed (apart); at 100 % b's median wins but a's best seed beats b's worst."""
+    def run(strategy, half, full, final):
+        return {"strategy": strategy, "seed": 0, "final_fid": final, "curve": {"t": [40.0, 90.0], "best": [half, full]}}
+    runs = [run("a", 50.0, 40.0, 30.0), run("a", 60.0, 45.0, 31.0), run("a", 55.0, 35.0, 29.0),
+            run("b", 80.0, 30.0, 60.0), run("b", 90.0, 38.0, 61.0), run("b", 70.0, 34.0, 59.0)]
+    lines = bench_search.verdict(runs, budget_s=100)
+    assert lines == [
+        "at 50% of the budget: a 55.0, next b 80.0 (1.45x), apart beyond the seed spread",
+        "at 100% of the budget: b 34.0, next a 40.0 (1.18x), within the seed spread (ranges overlap)",
+        "kept generator re-scored: a 30.0, next b 60.0 (2.00x), apart beyond the seed spread"]  # 25 %: no scores yet
+    (tmp_path / "curves.json").write_text(json.dumps({"budget_s": 100, "space": "balanced", "runs": runs}))
+    assert bench.main(["search", "--report", "--out", str(tmp_path)]) == 0  # drawn again, nothing run
+    assert lines[0] in (tmp_path / "table.txt").read_text() and lines[0] in capsys.readouterr().out
+    assert Image.open(tmp_path / "curves.png").size[0] > 0
+    assert bench.main(["search", "--report", "--out", str(tmp_path / "none")]) == 2
+    assert "curves.json" in capsys.readouterr().err
+
+
 def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
     raw = read_yaml(resolve_space("balanced"))
     made = {name: bench_search.strategy_raw(raw, name, gpu=False) for name in bench_search.STRATEGIES}
