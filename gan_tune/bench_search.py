@@ -199,8 +199,13 @@ def verdict(runs: list[dict], budget_s: float) -> list[str]:
             continue
         (first, a), (second, b) = [(s, scores[s]) for s in ranked[:2]]
         apart = "apart beyond the seed spread" if max(a) < min(b) else "within the seed spread (ranges overlap)"
-        lines.append(f"{label}: {first} {np.median(a):.1f}, next {second} {np.median(b):.1f} "
-                     f"({np.median(b) / np.median(a):.2f}x), {apart}")
+        if np.median(a) == np.median(b):
+            line = f"{label}: {first} and {second} tie at {np.median(a):.1f}"
+        else:
+            line = (f"{label}: {first} {np.median(a):.1f}, next {second} {np.median(b):.1f} "
+                    f"({np.median(b) / np.median(a):.2f}x), {apart}")
+        behind = [s for s in ranked[1:] if min(scores[s]) > max(a)]  # even their best seed is worse than a's worst
+        lines.append(line + (f"; behind beyond the spread: {', '.join(behind)}" if behind else ""))
     return lines
 
 

@@ -548,8 +548,8 @@ def budget_line(space: Space, trials: int, used_s: float) -> str:
         return f"{used} (no time budget)"
     share = f"{used} of {spaces.format_duration(space.time_budget_s)} ({used_s / space.time_budget_s:.0%})"
     if space.num_samples is not None and trials >= space.num_samples and used_s < space.time_budget_s:
-        return f"{share}: all {space.num_samples} trials (num_samples) ended first"
-    return f"{share}, {trials} trials ran"
+        return f"{share}: all {space.num_samples} trial{'s' * (space.num_samples != 1)} (num_samples) ended first"
+    return f"{share}, {trials} trial{'s' * (trials != 1)} ran"
 
 
 def print_finalists(rescored: list[Finalist], space: Space, seconds: float) -> None:

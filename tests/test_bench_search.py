@@ -49,12 +49,15 @@ def test_the_verdict_names_the_winner_and_whether_the_seeds_separate_it(tmp_path
     def run(strategy, half, full, final):
         return {"strategy": strategy, "seed": 0, "final_fid": final, "curve": {"t": [40.0, 90.0], "best": [half, full]}}
     runs = [run("a", 50.0, 40.0, 30.0), run("a", 60.0, 45.0, 31.0), run("a", 55.0, 35.0, 29.0),
-            run("b", 80.0, 30.0, 60.0), run("b", 90.0, 38.0, 61.0), run("b", 70.0, 34.0, 59.0)]
+            run("b", 80.0, 30.0, 60.0), run("b", 90.0, 38.0, 61.0), run("b", 70.0, 34.0, 59.0),
+            run("c", 90.0, 40.0, 30.0), run("c", 95.0, 50.0, 30.5), run("c", 85.0, 45.0, 29.5)]
     lines = bench_search.verdict(runs, budget_s=100)
     assert lines == [
-        "at 50% of the budget: a 55.0, next b 80.0 (1.45x), apart beyond the seed spread",
-        "at 100% of the budget: b 34.0, next a 40.0 (1.18x), within the seed spread (ranges overlap)",
-        "kept generator re-scored: a 30.0, next b 60.0 (2.00x), apart beyond the seed spread"]  # 25 %: no scores yet
+        "at 50% of the budget: a 55.0, next b 80.0 (1.45x), apart beyond the seed spread; "
+        "behind beyond the spread: b, c",
+        "at 100% of the budget: b 34.0, next a 40.0 (1.18x), within the seed spread (ranges overlap); "
+        "behind beyond the spread: c",
+        "kept generator re-scored: a and c tie at 30.0; behind beyond the spread: b"]  # 25 %: no scores yet
     (tmp_path / "curves.json").write_text(json.dumps({"budget_s": 100, "space": "balanced", "runs": runs}))
     assert bench.main(["search", "--report", "--out", str(tmp_path)]) == 0  # drawn again, nothing run
     assert lines[0] in (tmp_path / "table.txt").read_text() and lines[0] in capsys.readouterr().out
