@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from gan_tune import tracking, tracking_store, write_queue
-from servers import MlflowServer
+from servers import MlflowServer, free_port
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = "outage"
