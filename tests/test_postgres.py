@@ -90,7 +90,7 @@ def test_writes_wait_for_a_restarted_postgresql(tracking_server, postgres, tmp_p
     """Item 5: PostgreSQL stopped under the MLflow server mid-search; the server answers 500 until it is back, the
     driver's outage queue holds the writes, and every epoch of every trial reaches the store once."""
     server, _ = tracking_server
-    database = types.SimpleNamespace(uri=server.uri, kill=postgres.stop)  # what kill_after_first_metric stops
+    database = types.SimpleNamespace(uri=server.uri, stop=postgres.stop)  # what kill_after_first_metric stops
     with running_search(tmp_path, server.uri) as search_process:
         kill_after_first_metric(database, search_process)
         time.sleep(10)  # the queue's first retries (after 5 s, then 10 s) meet a store still down
