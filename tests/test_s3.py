@@ -317,8 +317,14 @@ def test_a_stopped_s3_server_errors_the_trials_keeping_their_checkpoints_and_res
     assert search_parent(uri).info.status == "FINISHED"  # the resumed search found its parent and ended it
     (progress,) = [key for key in s3_server.keys(bucket, "studies/down/") if key.endswith("/progress.csv")]
     frame = pd.read_csv(io.BytesIO(s3_server.read(bucket, progress)))
-    assert frame["epoch"].tolist() == list(range(1, epochs + 1)), frame[["epoch", "restored_epoch"]]
-    assert frame["restored_epoch"].tolist() == [0, 0, 2, 2]  # epochs 3 and 4 trained on from the kept checkpoint
+    # an epoch whose checkpoint upload the outage cut is trained again after the restore: its last row counts
+    assert frame.drop_duplicates("epoch", keep="last")["epoch"].tolist() == list(range(1, epochs + 1)), \
+        frame[["epoch", "restored_epoch"]]
+    assert (frame["epoch"] > frame["restored_epoch"]).all()
+    # trained on from a kept checkpoint: epoch 2's, or epoch 1's when Tune's saved state had not yet recorded epoch 2's
+    # before the outage (seen once in a CI rehearsal)
+    restored = set(frame["restored_epoch"]) - {0}
+    assert len(restored) == 1 and restored <= {1, 2}, frame[["epoch", "restored_epoch"]]
 
 
 def search_parent(uri: str):
