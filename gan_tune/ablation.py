@@ -28,8 +28,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from gan_tune import bench_search, checkpoint, spaces, train
-from gan_tune.bench_search import parent_run_id, run_search
+from gan_tune import checkpoint, spaces, train
+from gan_tune.bench_search import SEED_RECIPE as SEED_VALUES, parent_run_id, run_search
 from gan_tune.config import CliParser, TrainConfig
 from gan_tune.data import BUNDLED, load_mnist
 from gan_tune.metrics import make_scorer
@@ -38,7 +38,7 @@ from gan_tune.search import packaged_spaces
 SAMPLES = 10_000
 CPU_SETTING = dict(model="balanced", width=0.25, batch_size=64, data_source=BUNDLED, eval_every=0, sample_every=10**6,
                    checkpoint_every=10**6, max_epochs=spaces.UNTIL_BUDGET_EPOCHS)
-SEED_RECIPE = TrainConfig(**CPU_SETTING, **bench_search.SEED_RECIPE)
+SEED_RECIPE = TrainConfig(**CPU_SETTING, **SEED_VALUES)
 # The best trial of the balanced CPU default on a fresh clone of main before issue 16 (the issue's numbers).
 ABLATION_BASE = TrainConfig(**CPU_SETTING, lr_d=6.5e-4, lr_g=8.2e-4, latent_dim=32, beta1=0.5)
 ABLATIONS = {
