@@ -2,7 +2,7 @@
 
 During the search a trial is scored on few samples (1,000 on a CPU), and FID at 1,000 samples moves by
 several points between neighbouring epochs: the best report is partly the luckiest one. So, once Tune is
-done, the driver scores every kept checkpoint (CheckpointConfig keeps each trial's best by the metric) of
+done, the driver scores every kept checkpoint (each trial's best by the metric; its latest under PBT) of
 the space's `finalists.trials` best trials with `finalists.samples` samples (10,000, the customary FID
 count) on the same fixed latents, and the search keeps the generator that is best by that score.
 """

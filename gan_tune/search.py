@@ -47,7 +47,7 @@ from gan_tune.trainable import train_gan
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_GPU_SHARE = 0.25  # four trials share a GPU: one small GAN leaves most of it idle
 MAX_FAILURES = 2  # a crashed trial restarts from its last checkpoint twice before it counts as errored
-# Checkpoints kept per trial, best by the metric; Tune also keeps the latest, which PBT clones.
+# Checkpoints kept per trial, best by the metric (the latest ones under PBT, see checkpoint_config).
 CHECKPOINTS_KEPT = 4
 BEST_CONFIG = "best_config.yaml"
 SAVED_ARGS = "gan_tune_search.json"  # the resolved flags of a study, for --resume
@@ -450,6 +450,21 @@ def replace_restored_run_config(tuner: tune.Tuner, **changes: Any) -> tune.Tuner
     return tuner
 
 
+def checkpoint_config(space: Space) -> tune.CheckpointConfig:
+    """Each trial keeps its CHECKPOINTS_KEPT best by the metric (the finalists), and Tune keeps its latest too.
+
+    Not under PBT: an exploit clones the checkpoint the donor saved at its last perturbation, and the clone
+    restores it later, while the donor trains on. Kept by score, that checkpoint is deleted as soon as a
+    newer one is reported unless it ranks among the best, and the clone then fails with "does not exist on
+    storage anymore". Kept by recency, it stays for two more perturbation intervals.
+    """
+    if space.scheduler["type"] != "pbt":
+        return tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
+                                     checkpoint_score_order=space.mode)
+    saves_per_interval = space.scheduler["perturbation_interval"] // space.base.get("checkpoint_every", 1)
+    return tune.CheckpointConfig(num_to_keep=max(CHECKPOINTS_KEPT, 2 * saves_per_interval + 1))
+
+
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
                 stopper: tune.Stopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=not args.verbose), trial)
@@ -461,8 +476,7 @@ def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict
     run_config = tune.RunConfig(
         name=name, storage_path=storage_path, stop=stopper, callbacks=callbacks, **output,
         sync_config=tune.SyncConfig(sync_artifacts=True),  # trial files from every node reach the storage path
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
-                                                checkpoint_score_order=space.mode),
+        checkpoint_config=checkpoint_config(space),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
     tune_config = tune.TuneConfig(
         metric=space.metric, mode=space.mode, scheduler=spaces.make_scheduler(space),

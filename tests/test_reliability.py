@@ -218,8 +218,8 @@ def study_outcome(exp_dir: Path, uri: str) -> dict:
 
 
 def outcome(files: list[tuple[pd.DataFrame, dict]], experiment_path: str, uri: str) -> dict:
-    """Each trial's config and epochs in Tune (its progress.csv and params.json), its child runs and their steps in
-    MLflow, and the parent runs of the study at experiment_path."""
+    """Each trial's config and epochs in Tune (its progress.csv and params.json), its child runs, their configs
+    and steps in MLflow, and the parent runs of the study at experiment_path."""
     trials = {frame["trial_id"].iloc[-1]: {"config": (params["lr_d"], params["lr_g"], params["seed"]),
                                            "epochs": sorted(frame["epoch"])} for frame, params in files}
     client = MlflowClient(uri)
@@ -228,7 +228,9 @@ def outcome(files: list[tuple[pd.DataFrame, dict]], experiment_path: str, uri: s
     children = client.search_runs(experiments, "tags.run_kind = 'trial'")
     steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
              for run in children}
-    return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps}
+    configs = sorted((float(run.data.params["lr_d"]), float(run.data.params["lr_g"]), int(run.data.params["seed"]))
+                     for run in children)
+    return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps, "configs": configs}
 
 
 def unfinished_mid_study(uri: str) -> bool:

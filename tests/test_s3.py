@@ -202,11 +202,15 @@ def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3
     killed = s3_study_outcome(s3_server, bucket, "killed", killed_uri)
     assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
     assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
-    assert sorted(t["config"] for t in killed["trials"].values()) == \
-        sorted(t["config"] for t in straight["trials"].values())
+    assert killed["configs"] == straight["configs"] == sorted(t["config"] for t in straight["trials"].values())
+    for trial_id, steps in killed["steps"].items():
+        assert sorted(steps) == list(range(1, epochs + 1)), (trial_id, killed["steps"])  # every trial finished
+    # Tune's files on the bucket: a trial that finished just before the kill can lack them (README, Reliability:
+    # the kill can cut Tune's upload of the study folder after the study state, seen once in CI), never worse
+    assert set(killed["trials"]) <= set(killed["steps"]) and len(killed["trials"]) >= trials - 1, \
+        s3_server.keys(bucket, "studies/killed/")
     for trial_id, trial in killed["trials"].items():
-        assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
-        assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
+        assert trial["epochs"][-1] == epochs, (trial_id, trial)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,35 @@ def test_pbt_exploits_another_trials_checkpoint(ray_local, tmp_path):
         assert (row["lr_d"], row["lr_g"]) != (donor_row["lr_d"], donor_row["lr_g"])
 
 
+def donor_checkpoint_survives(space_path, tmp_path) -> bool:
+    """Ray's checkpoint manager (the one each Tune trial has) with the search's CheckpointConfig: a donor
+    reports a checkpoint per epoch, its FID improving with 1k-sample noise; PBT clones the one of epoch 4
+    (its latest at that perturbation). Is it still on disk two epochs later, when the clone restores it?"""
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+
+    space = spaces.load_space(space_path)
+    manager = _CheckpointManager(search.checkpoint_config(space))
+    fids = [90.0, 60.0, 45.0, 50.0, 38.0, 36.0, 35.0]  # epoch 4 (50.0) is worse than its neighbours
+    for epoch, fid in enumerate(fids, start=1):
+        folder = tmp_path / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        manager.register_checkpoint(_TrainingResult(tune.Checkpoint.from_directory(folder), {"fid": fid}))
+        if epoch == 4:
+            cloned = folder
+    return cloned.exists()
+
+
+def test_a_pbt_donor_keeps_the_checkpoint_an_exploit_cloned(tmp_path):
+    """Seen in a PBT run: kept by score, the donor's clone point (not among its 4 best) was deleted before the
+    exploiting trial restored it, which then errored. Under PBT, Tune keeps the latest checkpoints instead."""
+    pbt = smoke_variant(tmp_path, "pbt", scheduler={"type": "pbt", "perturbation_interval": 2,
+                                                     "hyperparam_mutations": {"lr_d": {"loguniform": [1e-4, 1e-3]}}})
+    asha = smoke_variant(tmp_path, "asha", scheduler={"type": "asha"})
+    assert donor_checkpoint_survives(pbt, tmp_path / "pbt_ckpt")
+    assert not donor_checkpoint_survives(asha, tmp_path / "asha_ckpt")  # by score: the 4 best and the latest
+    assert search.checkpoint_config(spaces.load_space(asha)).checkpoint_score_attribute == "fid"
+
+
 def test_hyperband_stops_the_worse_trial_of_a_halving_bracket(ray_local, tmp_path):
     # Ray's HyperBand with max_t 2 and reduction_factor 2 fills two brackets of two trials: the first runs both
     # for 2 epochs, the second keeps the better one after epoch 1 and stops the other. It waits for a bracket's
