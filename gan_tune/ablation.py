@@ -2,12 +2,15 @@
 
 Rows (issue 16), every generator scored on the same 10,000 latents (metrics.make_scorer):
 - searches, `--minutes` of budget each, on all CPUs: the `balanced` CPU default as it is (`search-now`), and as
-  main had it before the issue (`search-before`: 10 trials, no G averaging, no finalists);
+  main had it before the issue (`search-before`: 10 trials of up to 20 epochs, ns loss, no G averaging, no R1,
+  no finalists);
 - `seed-alone`: the seed recipe (lr_d 2e-4, lr_g 1e-4, latent 100) trained alone in the same CPU setting for
   `--minutes`, all CPUs, its last generator scored;
 - ablations of one fixed config (ABLATION_BASE, the search's best before the issue) trained for
   `--ablation-minutes`, one CPU thread each and as many at a time as there are CPUs (as the search packs its
-  trials): G averaging on/off, each loss family, spectral norm on/off.
+  trials): G averaging on/off, each loss family, spectral norm on/off;
+- `long` (not in the default run): the same config and variants (LONG) trained for the whole `--minutes` on one
+  thread each, also scored at a third and two thirds of it: what a trial gains from training longer.
 Rows run one after another (the ablations side by side); compare numbers from one run only, on a quiet machine.
 """
 
@@ -49,24 +52,38 @@ ABLATIONS = {
     "wgan-gp + ema": {"loss": "wgan-gp", "d_norm": "none", "g_ema": 0.999},
     "ns + ema + spectral": {"d_norm": "spectral", "g_ema": 0.999},
 }
-# The balanced CPU default before issue 16: 10 trials, the ns loss, no G averaging, no finalists.
-BEFORE = {"num_samples": 10, "finalists": {"trials": 0}}
-BEFORE_BASE = {"loss": "ns", "g_ema": 0.0}
+# One config trained for the whole --minutes on one thread (as the search's longest trial runs), scored along the
+# way: does it keep improving past the 5-minute ablations, and which change keeps it improving?
+LONG = {
+    "hinge + ema": {"loss": "hinge", "g_ema": 0.999},
+    "hinge + ema, 2x lr": {"loss": "hinge", "g_ema": 0.999, "lr_d": 1.3e-3, "lr_g": 1.64e-3},
+    "hinge + ema + spectral": {"loss": "hinge", "g_ema": 0.999, "d_norm": "spectral"},
+    "hinge + ema + r1 1.0": {"loss": "hinge", "g_ema": 0.999, "r1_gamma": 1.0},
+}
+LONG_MARKS = (1 / 3, 2 / 3)  # shares of --minutes at which the long rows are also scored
+# The balanced CPU default before issue 16: 10 trials of up to 20 epochs, the ns loss, no G averaging, no R1,
+# no finalists.
+BEFORE = {"num_samples": 10, "max_epochs": 20, "finalists": {"trials": 0}}
+BEFORE_BASE = {"loss": "ns", "g_ema": 0.0, "r1_gamma": 0.0}
 
 
-def train_for(cfg: TrainConfig, seconds: float, threads: int) -> tuple[torch.nn.Module, int]:
-    """Train until the next epoch would end past `seconds`; the generator that would be scored and its epochs."""
+def train_for(cfg: TrainConfig, seconds: float, threads: int,
+              marks: tuple[float, ...] = ()) -> tuple[torch.nn.Module, int, list[dict]]:
+    """Train until the next epoch would end past `seconds` of training; the generator that would be scored, its
+    epochs, and its scores when the training time first passes each of `marks` (seconds; scoring not counted)."""
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     data = load_mnist(cfg.data_source, cfg.data_dir, cfg.subset)
     gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
-    started, epoch = time.monotonic(), 0
+    trained, epoch, curve, started = 0.0, 0, [], time.monotonic()
     for record in train.fit(gan, data.images, generator):
-        epoch = record["epoch"]
-        elapsed = time.monotonic() - started
-        if elapsed * (epoch + 1) / epoch > seconds or record["balance"] == "diverged":
+        epoch, trained = record["epoch"], trained + time.monotonic() - started
+        if len(curve) < len(marks) and trained >= marks[len(curve)]:
+            curve.append({"training_s": round(trained, 1), "epoch": epoch, **score(gan.eval_generator(), cfg.latent_dim)})
+        if trained * (epoch + 1) / epoch > seconds or record["balance"] == "diverged":
             break
-    return gan.eval_generator(), epoch
+        started = time.monotonic()
+    return gan.eval_generator(), epoch, curve
 
 
 def score(g: torch.nn.Module, latent_dim: int) -> dict[str, float]:
@@ -74,11 +91,13 @@ def score(g: torch.nn.Module, latent_dim: int) -> dict[str, float]:
     return make_scorer(data, torch.device("cpu"), SAMPLES)(g, latent_dim)
 
 
-def training_row(name: str, cfg: TrainConfig, seconds: float, threads: int) -> dict:
+def training_row(name: str, cfg: TrainConfig, seconds: float, threads: int, marks: tuple[float, ...] = ()) -> dict:
+    """One config trained for `seconds` and scored; with `marks`, also its scores along the way (`curve`)."""
     started = time.monotonic()
-    g, epochs = train_for(cfg, seconds, threads)
+    g, epochs, curve = train_for(cfg, seconds, threads, marks)
     wall = time.monotonic() - started
-    return {"row": name, **score(g, cfg.latent_dim), "wall_s": round(wall), "trials": 1, "epochs": epochs}
+    return {"row": name, **score(g, cfg.latent_dim), "wall_s": round(wall), "trials": 1, "epochs": epochs,
+            **({"curve": curve} if marks else {})}
 
 
 def search_row(name: str, space: Path, seconds: float, folder: Path) -> dict:
@@ -90,8 +109,13 @@ def search_row(name: str, space: Path, seconds: float, folder: Path) -> dict:
         raise RuntimeError(f"{name}: search exited {done.returncode}; see {folder}")
     tags = MlflowClient(uri).get_run(parent_run_id(done.stdout)).data.tags
     g, cfg = kept_generator(Path(tags["best.path"]), int(tags["best.epoch"]))
-    trials = int(re.search(r"^(\d+) trials, ", done.stdout, re.MULTILINE).group(1))
-    return {"row": name, **score(g, cfg.latent_dim), "wall_s": round(wall), "trials": trials, "epochs": cfg.max_epochs}
+    return {"row": name, **score(g, cfg.latent_dim), "wall_s": round(wall), "trials": trials_ran(done.stdout),
+            "epochs": cfg.max_epochs}
+
+
+def trials_ran(stdout: str) -> int:
+    """The trial count of a search's summary ("N trials, ..." or "N trials (M more never reported ...), ...")."""
+    return int(re.search(r"^(\d+) trials?\b", stdout, re.MULTILINE).group(1))
 
 
 def kept_generator(trial_dir: Path, epoch: int) -> tuple[torch.nn.Module, TrainConfig]:
@@ -106,7 +130,7 @@ def kept_generator(trial_dir: Path, epoch: int) -> tuple[torch.nn.Module, TrainC
 
 def before_space(folder: Path) -> Path:
     raw = yaml.safe_load((packaged_spaces() / "balanced.yaml").read_text())
-    raw["cpu"] = {**raw["cpu"], **BEFORE}
+    raw["cpu"] = {**raw["cpu"], **BEFORE, "base": {**raw["cpu"]["base"], **BEFORE_BASE}}
     raw["base"] = {**raw["base"], **BEFORE_BASE}
     path = folder / "balanced-before.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -114,10 +138,12 @@ def before_space(folder: Path) -> Path:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'row':<22} {'FID 10k':>8} {'IS':>5} {'coverage':>8} {'wall':>7} {'trials':>6} {'epochs':>6}"]
+    lines = [f"{'row':<30} {'FID 10k':>8} {'IS':>5} {'coverage':>8} {'wall':>7} {'trials':>6} {'epochs':>6}"]
     for r in rows:
-        lines.append(f"{r['row']:<22} {r['fid']:>8.1f} {r['is']:>5.2f} {r['coverage']:>8.0f} "
-                     f"{spaces.format_duration(r['wall_s']):>7} {r['trials']:>6} {r['epochs']:>6}")
+        along = "".join(f"  {p['fid']:.1f} at {spaces.format_duration(p['training_s'])} (epoch {p['epoch']})"
+                        for p in r.get("curve", []))
+        lines.append(f"{r['row']:<30} {r['fid']:>8.1f} {r['is']:>5.2f} {r['coverage']:>8.0f} "
+                     f"{spaces.format_duration(r['wall_s']):>7} {r['trials']:>6} {r['epochs']:>6}{along}")
     return "\n".join(lines)
 
 
@@ -126,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=14.0, help="budget of each search and the seed row")
     parser.add_argument("--ablation-minutes", type=float, default=5.0, help="wall time of each ablation row")
     parser.add_argument("--rows", default="ablations,seed-alone,search-before,search-now",
-                        help="which blocks to run, comma-separated")
+                        help="which blocks to run, comma-separated (also: long, LONG's configs for --minutes each)")
     parser.add_argument("--json", help="also write the rows as JSON")
     parser.add_argument("--keep", help="keep the searches' logs, studies and MLflow store in this folder "
                                        "(default: a temporary folder, removed at the end)")
@@ -146,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                         for name, change in ABLATIONS.items()]
                 rows += [job.result() for job in jobs]
             print(format_rows(rows), flush=True)
+        if "long" in blocks:
+            marks = tuple(args.minutes * 60 * share for share in LONG_MARKS)
+            with ProcessPoolExecutor(cpus, mp_context=get_context("spawn")) as pool:
+                jobs = [pool.submit(training_row, f"long: {name}", replace(ABLATION_BASE, **change), args.minutes * 60,
+                                    1, marks) for name, change in LONG.items()]
+                rows += [job.result() for job in jobs]
+            print(format_rows(rows[-len(LONG):]), flush=True)
         if "seed-alone" in blocks:
             rows.append(training_row("seed recipe alone", SEED_RECIPE, args.minutes * 60, cpus))
             print(format_rows(rows[-1:]), flush=True)
