@@ -100,6 +100,15 @@ def training_row(name: str, cfg: TrainConfig, seconds: float, threads: int, mark
             **({"curve": curve} if marks else {})}
 
 
+def side_by_side(changes: dict[str, dict], prefix: str, seconds: float, cpus: int,
+                 marks: tuple[float, ...] = ()) -> list[dict]:
+    """`training_row` for ABLATION_BASE with each change, one thread each, `cpus` at a time (as a search packs)."""
+    with ProcessPoolExecutor(cpus, mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(training_row, prefix + name, replace(ABLATION_BASE, **change), seconds, 1, marks)
+                for name, change in changes.items()]
+        return [job.result() for job in jobs]
+
+
 def search_row(name: str, space: Path, seconds: float, folder: Path) -> dict:
     """One `python -m gan_tune.search` run; its kept generator (the best trial's checkpoint) scored again here."""
     uri, slug = f"sqlite:///{folder}/mlflow.db", name.replace(" ", "-")
@@ -167,17 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         if "ablations" in blocks:
-            with ProcessPoolExecutor(cpus, mp_context=get_context("spawn")) as pool:
-                jobs = [pool.submit(training_row, name, replace(ABLATION_BASE, **change), args.ablation_minutes * 60, 1)
-                        for name, change in ABLATIONS.items()]
-                rows += [job.result() for job in jobs]
-            print(format_rows(rows), flush=True)
+            rows += side_by_side(ABLATIONS, "", args.ablation_minutes * 60, cpus)
+            print(format_rows(rows[-len(ABLATIONS):]), flush=True)
         if "long" in blocks:
             marks = tuple(args.minutes * 60 * share for share in LONG_MARKS)
-            with ProcessPoolExecutor(cpus, mp_context=get_context("spawn")) as pool:
-                jobs = [pool.submit(training_row, f"long: {name}", replace(ABLATION_BASE, **change), args.minutes * 60,
-                                    1, marks) for name, change in LONG.items()]
-                rows += [job.result() for job in jobs]
+            rows += side_by_side(LONG, "long: ", args.minutes * 60, cpus, marks)
             print(format_rows(rows[-len(LONG):]), flush=True)
         if "seed-alone" in blocks:
             rows.append(training_row("seed recipe alone", SEED_RECIPE, args.minutes * 60, cpus))

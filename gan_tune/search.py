@@ -461,7 +461,7 @@ def checkpoint_config(space: Space) -> tune.CheckpointConfig:
     if space.scheduler["type"] != "pbt":
         return tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=space.metric,
                                      checkpoint_score_order=space.mode)
-    saves_per_interval = space.scheduler["perturbation_interval"] // space.base.get("checkpoint_every", 1)
+    saves_per_interval = space.scheduler["perturbation_interval"] // from_dict(space.train_fields).checkpoint_every
     return tune.CheckpointConfig(num_to_keep=max(CHECKPOINTS_KEPT, 2 * saves_per_interval + 1))
 
 
