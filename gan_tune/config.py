@@ -43,6 +43,12 @@ class ConfigError(ValueError):
         return f"{prefix}{self.key}: {self.msg}"
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line of an error message (its message's first line, or its type)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class CliParser(argparse.ArgumentParser):
     """The parser of every gan_tune command: a bad flag is one `error: FLAG: why` line and exit 2, like every
     other input mistake, instead of argparse's usage block (sub-commands inherit the class)."""

@@ -24,7 +24,7 @@ import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gan_tune.config import ConfigError
+from gan_tune.config import ConfigError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "gan_tune"
@@ -184,11 +184,6 @@ def store_errors(uri: str) -> Iterator[None]:
             yield
         except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as err:
             raise ConfigError("--tracking-uri", f"{uri}: the store failed ({first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def now_ms() -> int:

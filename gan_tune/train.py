@@ -28,7 +28,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gan_tune import artifacts, checkpoint, config, losses
-from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, CliParser, ConfigError, TrainConfig, device_available
+from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW, CliParser, ConfigError, TrainConfig, device_available, \
+    first_line
 from gan_tune.data import DataError, Mnist, epoch_batches, load_mnist, to_float
 from gan_tune.metrics import make_scorer  # the classifier itself loads only in runs that score
 from gan_tune.models import build_models
@@ -162,7 +163,7 @@ def g_step(gan: Gan, fake: Tensor) -> Tensor:
 
 
 def update_g_ema(gan: Gan) -> None:
-    """g_ema <- decay * g_ema + (1 - decay) * G, on the device in one fused call (capturable in the CUDA graph).
+    """g_ema <- decay * g_ema + (1 - decay) * G, on the device in fused calls with no host read (capture-safe).
 
     decay = min(cfg.g_ema, (1 + n) / (10 + n)) after n updates (TensorFlow's ExponentialMovingAverage with
     num_updates): a fixed 0.999 would keep 73 % of G's random initial weights after the 312 steps of two CPU
@@ -172,7 +173,12 @@ def update_g_ema(gan: Gan) -> None:
     """
     n = gan.g_ema_updates
     weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=gan.cfg.g_ema)
-    torch._foreach_lerp_(list(gan.g_ema.parameters()), list(gan.g.parameters()), weight)
+    averaged = list(gan.g_ema.parameters())
+    # Not _foreach_lerp_: its weight is a Python scalar, so a 0-dim tensor weight is read on the host
+    # (.item()), which breaks CUDA graph capture. The Tensor overload of _foreach_mul_ keeps it on the device.
+    delta = torch._foreach_sub(list(gan.g.parameters()), averaged)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(averaged, delta)
     n.add_(1.0)
 
 
@@ -238,6 +244,8 @@ class GraphStep:
 
     The warm-up iterations are real training steps, so the graph path trains exactly the same
     iterations as the eager path. Batch indices are copied into a static buffer before each replay.
+    If the capture fails (an op or a driver that cannot be captured), the run logs why and goes on eagerly:
+    a capture records work without running it, so no training step is lost or repeated.
     """
 
     def __init__(self, gan: Gan, eager: Callable[..., None], generator: torch.Generator):
@@ -251,23 +259,46 @@ class GraphStep:
             self.static_idx.copy_(idx)
             self.graph.replay()
             return
+        self.warm_up(idx)
+        self.warm_iters += 1
+        if self.warm_iters == GRAPH_WARMUP_ITERS:
+            self.capture_or_fall_back()
+
+    def warm_up(self, idx: Tensor) -> None:
         side = torch.cuda.Stream(self.gan.device)
         side.wait_stream(torch.cuda.current_stream(self.gan.device))
         with torch.cuda.stream(side):
             self.eager(idx)
         torch.cuda.current_stream(self.gan.device).wait_stream(side)
-        self.warm_iters += 1
-        if self.warm_iters == GRAPH_WARMUP_ITERS:
-            self.capture()
 
-    def capture(self) -> None:
+    def capture_or_fall_back(self) -> None:
+        rng = self.generator.get_state()
+        try:
+            self.graph = self.capture()
+        except RuntimeError as err:  # torch.AcceleratorError is one; the optimisation must not end the run
+            self.generator.set_state(rng)  # a failed capture may have reserved random offsets
+            discard_capture_error(self.gan.device)
+            self.gan.step, self.gan.step_mode = self.eager, "eager"
+            log.warning("CUDA graph capture failed, training on eagerly: %s", first_line(err))
+
+    def capture(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)  # replays advance the batch/noise generator
         self.gan.opt_d.zero_grad(set_to_none=True)
         self.gan.opt_g.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             self.eager(self.static_idx)
-        self.graph = graph
+        return graph
+
+
+def discard_capture_error(device: torch.device) -> None:
+    """Let the device finish what was queued before the failed capture; its error was already raised."""
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as err:
+        log.warning("after the failed capture: %s", first_line(err))
 
 
 def diagnose_balance(stats: dict, loss: str = "ns") -> str:
