@@ -19,12 +19,18 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gan_tune import artifacts
-from gan_tune.config import CliParser, ConfigError, seed_arg
-from gan_tune.data import to_uint8
-from gan_tune.search_run import MODEL_NAME
-from gan_tune.tracking_store import (first_line, is_outage, open_client, resolve_tracking_uri, store_errors,
-                                     using_tracking_uri)
+from gan_tune.cli import CliParser, seed_arg
+from gan_tune.tracking.parent_run import MODEL_NAME
+from gan_tune.tracking.store import (
+    is_outage,
+    open_client,
+    resolve_tracking_uri,
+    store_errors,
+    using_tracking_uri,
+)
+from gan_tune.training import artifacts
+from gan_tune.training.config import ConfigError, first_line
+from gan_tune.training.data import to_uint8
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

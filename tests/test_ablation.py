@@ -4,38 +4,39 @@ import time
 
 import yaml
 
-from gan_tune import ablation, spaces
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED
+from gan_tune.benchmarks import quality_table
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED
+from gan_tune.tuning import space_files, spaces
 
 
 def test_the_before_row_is_the_balanced_cpu_default_as_it_was(tmp_path):
-    space = spaces.for_cpu(spaces.load_space(ablation.before_space(tmp_path)))
+    space = spaces.for_cpu(spaces.load_space(quality_table.before_space(tmp_path)))
     assert space.num_samples == 10 and space.max_epochs == 20 and space.finalists["trials"] == 0
     assert (space.base["loss"], space.base["g_ema"], space.base["r1_gamma"]) == ("ns", 0.0, 0.0)
-    now = spaces.for_cpu(spaces.load_space(ablation.packaged_spaces() / "balanced.yaml"))
+    now = spaces.for_cpu(spaces.load_space(space_files.packaged_spaces() / "balanced.yaml"))
     assert now.num_samples is None and now.max_epochs == 60
     assert (now.base["loss"], now.base["g_ema"], now.base["r1_gamma"]) == ("hinge", 0.999, 1.0)
-    shipped = spaces.load_space(ablation.packaged_spaces() / "balanced.yaml").raw
+    shipped = spaces.load_space(space_files.packaged_spaces() / "balanced.yaml").raw
     assert yaml.safe_load((tmp_path / "balanced-before.yaml").read_text())["search"] == shipped["search"]
 
 
 def test_a_training_row_stops_before_its_wall_time_and_scores_the_evaluated_generator(monkeypatch):
-    monkeypatch.setattr(ablation, "SAMPLES", 500)
-    cfg = TrainConfig(**{**ablation.CPU_SETTING, "subset": 512, "latent_dim": 16, "g_ema": 0.9})
+    monkeypatch.setattr(quality_table, "SAMPLES", 500)
+    cfg = TrainConfig(**{**quality_table.CPU_SETTING, "subset": 512, "latent_dim": 16, "g_ema": 0.9})
     started = time.monotonic()
-    row = ablation.training_row("tiny", cfg, seconds=4, threads=1, marks=(1.0,))
+    row = quality_table.training_row("tiny", cfg, seconds=4, threads=1, marks=(1.0,))
     assert time.monotonic() - started < 60
     assert row["row"] == "tiny" and row["fid_samples"] == 500 and row["epochs"] >= 1 and row["wall_s"] <= 15
     assert 0 < row["fid"] < 5000 and 1 <= row["coverage"] <= 10
     [mark] = row["curve"]  # scored once along the way, after 1 s of training, on as many samples
     assert 1.0 <= mark["training_s"] < 4.0 and 1 <= mark["epoch"] <= row["epochs"]
     assert mark["fid_samples"] == 500 and 0 < mark["fid"] < 5000
-    assert "tiny" in ablation.format_rows([row]) and f"(epoch {mark['epoch']})" in ablation.format_rows([row])
+    assert "tiny" in quality_table.format_rows([row]) and f"(epoch {mark['epoch']})" in quality_table.format_rows([row])
     assert cfg.data_source == BUNDLED
 
 
 def test_the_trial_count_is_read_from_either_form_of_the_search_summary():
     """search.summarise prints "N trials, ..." or, when queued trials never reported, "N trials (M more ...), ..."."""
-    assert ablation.trials_ran("x\n23 trials, 0 errored; results in rr (1 MiB)\nbudget: ...") == 23
-    assert ablation.trials_ran("2 trials (2 more never reported: queued, or cut by the budget), 0 errored; ...") == 2
+    assert quality_table.trials_ran("x\n23 trials, 0 errored; results in rr (1 MiB)\nbudget: ...") == 23
+    assert quality_table.trials_ran("2 trials (2 more never reported: queued, or cut by the budget), 0 errored; ...") == 2

@@ -1,7 +1,7 @@
 import torch
 from PIL import Image
 
-from gan_tune import artifacts
+from gan_tune.training import artifacts
 
 README_GIF_FRAMES = 50  # README, Outputs and Disk: "a GIF of at most 50 of those grids"
 

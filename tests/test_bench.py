@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gan_tune import bench
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED, load_mnist
+from gan_tune.benchmarks import throughput
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED, load_mnist
 
 
 def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
         assert math.isfinite(row[column]) and row[column] > 0, (column, row)
     assert "c graph tf32" not in row  # CUDA only
     assert numbers["fid_samples"] == 200
-    assert all(numbers[f"fid_seconds width {w:g}"] > 0 for w in bench.FID_WIDTHS)
+    assert all(numbers[f"fid_seconds width {w:g}"] > 0 for w in throughput.FID_WIDTHS)
     assert "b eager fp32" in capsys.readouterr().out  # the printed table
 
 
@@ -39,7 +40,7 @@ def test_packed_aggregate_counts_only_the_time_all_trials_train():
     # b starts half a second after a: both train together from 1.5 s (b's epoch 2) to 3.0 s (a's end);
     # inside that window a trains 50 + 100 images and b 100 + 50: 300 images in 1.5 s
     epochs = pd.DataFrame(epoch_rows("a", 0.0) + epoch_rows("b", 0.5))
-    numbers = bench.packed_aggregate(epochs, fit_start=-0.2)
+    numbers = throughput.packed_aggregate(epochs, fit_start=-0.2)
     assert numbers["aggregate_img_per_s"] == pytest.approx(200.0)
     assert numbers["sum_of_trial_img_per_s"] == pytest.approx(200.0)
     assert numbers["concurrent_window_s"] == pytest.approx(1.5)
@@ -49,7 +50,7 @@ def test_packed_aggregate_counts_only_the_time_all_trials_train():
 
 def test_packed_aggregate_of_trials_that_never_overlap_is_not_a_number():
     epochs = pd.DataFrame(epoch_rows("a", 0.0) + epoch_rows("b", 10.0))
-    numbers = bench.packed_aggregate(epochs, fit_start=0.0)
+    numbers = throughput.packed_aggregate(epochs, fit_start=0.0)
     assert math.isnan(numbers["aggregate_img_per_s"]) and "never" in numbers["note"]
 
 
@@ -85,7 +86,7 @@ def test_quality_parity_on_cpu_compares_eager_with_eager_and_says_so():
     'parity' is eager vs eager, which only shows that the flag changes nothing where it cannot apply; the real
     eager-vs-graph comparison is the CUDA test below."""
     data = load_mnist(BUNDLED)
-    numbers = bench.quality_parity(torch.device("cpu"), data, parity_config("cpu", data))
+    numbers = throughput.quality_parity(torch.device("cpu"), data, parity_config("cpu", data))
     assert numbers["step_mode b"] == numbers["step_mode c"] == numbers["step_mode d"] == "eager"  # no pretend graph
     assert numbers["loss_d rel diff c vs b"] == 0.0 and numbers["loss_g rel diff c vs b"] == 0.0
     assert numbers["parity_epochs"] == 2
@@ -99,7 +100,7 @@ def test_quality_parity_on_cuda_compares_eager_with_a_captured_graph():
     """The same seed through eager and CUDA-graph steps (both TF32): the graph replays the eager step's kernels,
     so the first steps' losses agree to rounding; bf16 in a graph trains a GAN of comparable FID."""
     data = load_mnist(BUNDLED)
-    numbers = bench.quality_parity(torch.device("cuda"), data, parity_config("cuda", data))
+    numbers = throughput.quality_parity(torch.device("cuda"), data, parity_config("cuda", data))
     assert numbers["step_mode b"] == "eager" and numbers["step_mode c"] == numbers["step_mode d"] == "cuda_graph"
     assert numbers["loss_d rel diff c vs b"] < 1e-3 and numbers["loss_g rel diff c vs b"] < 1e-3, numbers
     assert math.isfinite(numbers["fid d / fid b"]) and numbers["fid d / fid b"] > 0, numbers
@@ -114,6 +115,6 @@ def test_bad_bench_flags_exit_2_with_one_line(capsys):
 
 
 def test_best_packing_skips_counts_whose_trials_never_overlapped():
-    assert bench.best_packing({1: 100.0, 2: 130.0, 4: 120.0}) == 2
-    assert bench.best_packing({1: math.nan, 2: 130.0, 4: 120.0}) == 2  # max() alone would return 1
-    assert bench.best_packing({8: math.nan}) is None
+    assert throughput.best_packing({1: 100.0, 2: 130.0, 4: 120.0}) == 2
+    assert throughput.best_packing({1: math.nan, 2: 130.0, 4: 120.0}) == 2  # max() alone would return 1
+    assert throughput.best_packing({8: math.nan}) is None

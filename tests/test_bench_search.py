@@ -8,9 +8,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from gan_tune import bench, bench_search, spaces
-from gan_tune.config import read_yaml
-from gan_tune.search import resolve_space
+from gan_tune import bench
+from gan_tune.benchmarks import strategies
+from gan_tune.training.config import read_yaml
+from gan_tune.tuning import spaces
+from gan_tune.tuning.space_files import resolve_space
 
 
 def test_best_so_far_is_a_step_function_from_the_search_start():
@@ -26,18 +28,18 @@ def test_best_so_far_is_a_step_function_from_the_search_start():
         {"trial_id": "c", "epoch": 4, "timestamp": 1060, "fid": float("nan")},
         {"trial_id": "c", "epoch": 5, "timestamp": 1070, "fid": 60.0},
     ]).sample(frac=1, random_state=0)  # the order of progress.csv files is not time order
-    curve = bench_search.best_so_far(reports, started=1000.0)
+    curve = strategies.best_so_far(reports, started=1000.0)
     assert curve.to_dict("list") == {"t": [10.0, 20.0, 40.0, 70.0], "best": [300.0, 120.0, 90.0, 60.0]}
     assert (curve["best"].diff().dropna() < 0).all()  # never increases, one row per improvement
-    assert math.isnan(bench_search.value_at(curve, 9.0)) and bench_search.value_at(curve, 39.0) == 120.0
-    assert bench_search.value_at(curve, 1e9) == 60.0
-    assert bench_search.time_to(curve, 100.0) == 40.0 and math.isnan(bench_search.time_to(curve, 50.0))
+    assert math.isnan(strategies.value_at(curve, 9.0)) and strategies.value_at(curve, 39.0) == 120.0
+    assert strategies.value_at(curve, 1e9) == 60.0
+    assert strategies.time_to(curve, 100.0) == 40.0 and math.isnan(strategies.time_to(curve, 50.0))
 
 
 def test_the_summary_gives_median_and_range_over_seeds():
     runs = [{"strategy": "x", "seed": s, "final_fid": f, "curve": {"t": [10.0, 50.0], "best": [b, b / 2]}}
             for s, (b, f) in enumerate([(200.0, 80.0), (100.0, 40.0), (400.0, 60.0)])]
-    table = bench_search.summary_table(runs, budget_s=100).set_index("strategy")
+    table = strategies.summary_table(runs, budget_s=100).set_index("strategy")
     assert table.loc["x", "fid at 25%"] == "200.0 [100.0–400.0]"  # at 25 s: the first reports
     assert table.loc["x", "fid at 100%"] == "100.0 [50.0–200.0]"
     assert table.loc["x", "final fid 10k"] == "60.0 [40.0–80.0]"
@@ -51,7 +53,7 @@ def test_the_verdict_names_the_winner_and_whether_the_seeds_separate_it(tmp_path
     runs = [run("a", 50.0, 40.0, 30.0), run("a", 60.0, 45.0, 31.0), run("a", 55.0, 35.0, 29.0),
             run("b", 80.0, 30.0, 60.0), run("b", 90.0, 38.0, 61.0), run("b", 70.0, 34.0, 59.0),
             run("c", 90.0, 40.0, 30.0), run("c", 95.0, 50.0, 30.5), run("c", 85.0, 45.0, 29.5)]
-    lines = bench_search.verdict(runs, budget_s=100)
+    lines = strategies.verdict(runs, budget_s=100)
     assert lines == [
         "at 50% of the budget: a 55.0, next b 80.0 (1.45x), apart beyond the seed spread; "
         "behind beyond the spread: b, c",
@@ -68,7 +70,7 @@ def test_the_verdict_names_the_winner_and_whether_the_seeds_separate_it(tmp_path
 
 def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
     raw = read_yaml(resolve_space("balanced"))
-    made = {name: bench_search.strategy_raw(raw, name, gpu=False) for name in bench_search.STRATEGIES}
+    made = {name: strategies.strategy_raw(raw, name, gpu=False) for name in strategies.STRATEGIES}
     loaded = {name: spaces.parse_space(r, name, name) for name, r in made.items()}
     assert {name: s.scheduler["type"] for name, s in loaded.items()} == {
         "seed-recipe": "fifo", "random-fifo": "fifo", "random-asha": "asha", "optuna-asha": "asha",

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gan_tune import losses, train
-from gan_tune.config import PRECISIONS, TrainConfig
-from gan_tune.data import BUNDLED, load_mnist
-from gan_tune.models import D_NORMS
+from gan_tune.training import loop, losses, step
+from gan_tune.training.config import PRECISIONS, TrainConfig
+from gan_tune.training.data import BUNDLED, load_mnist
+from gan_tune.training.models import D_NORMS
 
 CPU = torch.device("cpu")
 TINY = dict(width=0.25, batch_size=8, steps_per_epoch=6, data_source=BUNDLED, subset=256, eval_every=0)
@@ -76,10 +76,10 @@ def test_the_detector_sees_every_kind_of_host_read():
     assert detector.seen == []
 
 
-def capturable_gan(cfg: TrainConfig, monkeypatch) -> train.Gan:
+def capturable_gan(cfg: TrainConfig, monkeypatch) -> step.Gan:
     """A Gan with the optimisers a CUDA device gets (fused, capturable: the step count stays on the device)."""
-    monkeypatch.setattr(train, "graph_unavailable", lambda cfg, device: None)
-    gan = train.make_gan(cfg, CPU)
+    monkeypatch.setattr(step, "graph_unavailable", lambda cfg, device: None)
+    gan = step.make_gan(cfg, CPU)
     monkeypatch.undo()
     assert gan.opt_d.defaults["capturable"] and gan.opt_d.defaults["fused"]
     return gan
@@ -96,33 +96,33 @@ def test_every_setting_trains_an_iteration_without_a_host_read(images, monkeypat
     """What GraphStep captures (train_iteration after its warm-up) reads nothing on the host, for every
     combination of loss x d_norm x r1_gamma x g_ema x precision x n_disc."""
     cfg = TrainConfig(**TINY, **setting)
-    gan, gen = capturable_gan(cfg, monkeypatch), train.make_generator(cfg, CPU)
-    sums = torch.zeros(train.N_STATS)
+    gan, gen = capturable_gan(cfg, monkeypatch), loop.make_generator(cfg, CPU)
+    sums = torch.zeros(step.N_STATS)
     idx = torch.arange(cfg.n_disc * cfg.batch_size).view(cfg.n_disc, cfg.batch_size)
-    train.train_iteration(gan, images, idx, gen, sums)  # a warm-up iteration: optimiser state is created here
+    step.train_iteration(gan, images, idx, gen, sums)  # a warm-up iteration: optimiser state is created here
     with HostReads() as detector:
-        train.train_iteration(gan, images, idx + cfg.batch_size, gen, sums)
+        step.train_iteration(gan, images, idx + cfg.batch_size, gen, sums)
     assert detector.seen == [], f"host reads in the captured step: {sorted(set(detector.seen))}"
 
 
 @pytest.mark.parametrize("model", ["mlp", "dcgan"])
 def test_the_other_model_families_capture_too(images, monkeypatch, model):
     cfg = TrainConfig(**TINY, model=model, g_ema=0.999, r1_gamma=1.0)
-    gan, gen = capturable_gan(cfg, monkeypatch), train.make_generator(cfg, CPU)
-    sums, idx = torch.zeros(train.N_STATS), torch.arange(cfg.batch_size).view(1, cfg.batch_size)
-    train.train_iteration(gan, images, idx, gen, sums)
+    gan, gen = capturable_gan(cfg, monkeypatch), loop.make_generator(cfg, CPU)
+    sums, idx = torch.zeros(step.N_STATS), torch.arange(cfg.batch_size).view(1, cfg.batch_size)
+    step.train_iteration(gan, images, idx, gen, sums)
     with HostReads() as detector:
-        train.train_iteration(gan, images, idx, gen, sums)
+        step.train_iteration(gan, images, idx, gen, sums)
     assert detector.seen == []
 
 
 def test_an_epoch_reads_the_host_once(images):
     """Per-step reads cost a GPU a stall each; an epoch reads its statistics back once, with tolist."""
     cfg = TrainConfig(**TINY, g_ema=0.999, r1_gamma=1.0)
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    train.train_epoch(gan, images, gen)  # the first epoch builds the step and the optimiser state
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    loop.train_epoch(gan, images, gen)  # the first epoch builds the step and the optimiser state
     with HostReads() as detector:
-        train.train_epoch(gan, images, gen)
+        loop.train_epoch(gan, images, gen)
     assert detector.seen == ["tolist"]
 
 
@@ -131,12 +131,12 @@ def test_a_failed_capture_trains_on_eagerly_with_the_same_results(images, monkey
     cfg = TrainConfig(**TINY, g_ema=0.999, r1_gamma=1.0)
 
     def run(force_graph: bool):
-        gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+        gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
         if force_graph:
-            monkeypatch.setattr(train, "graph_unavailable", lambda cfg, device: None)
-            monkeypatch.setattr(train.GraphStep, "warm_up", lambda self, idx: self.eager(idx))  # no side stream here
-            monkeypatch.setattr(train.GraphStep, "capture", fail_capture)
-        records = [train.train_epoch(gan, images, gen) for _ in range(2)]
+            monkeypatch.setattr(step, "graph_unavailable", lambda cfg, device: None)
+            monkeypatch.setattr(step.GraphStep, "warm_up", lambda self, idx: self.eager(idx))  # no side stream here
+            monkeypatch.setattr(step.GraphStep, "capture", fail_capture)
+        records = [loop.train_epoch(gan, images, gen) for _ in range(2)]
         monkeypatch.undo()
         return gan, records
 
@@ -144,13 +144,13 @@ def test_a_failed_capture_trains_on_eagerly_with_the_same_results(images, monkey
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
     eager, eager_records = run(force_graph=False)
-    with caplog.at_level("WARNING", logger="gan_tune.train"):
+    with caplog.at_level("WARNING", logger="gan_tune.training.step"):
         fallen, fallen_records = run(force_graph=True)
     assert [r["step_mode"] for r in fallen_records] == ["eager", "eager"]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["CUDA graph capture failed, training on eagerly: "
                      "CUDA error: operation not permitted when stream is capturing"]
-    for key in train.D_STATS + train.G_STATS:
+    for key in step.D_STATS + step.G_STATS:
         assert [r[key] for r in fallen_records] == [r[key] for r in eager_records], key
     for a, b in zip(eager.g_ema.parameters(), fallen.g_ema.parameters()):
         assert torch.equal(a, b)

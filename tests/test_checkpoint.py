@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gan_tune import checkpoint, train
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED, load_mnist
+from gan_tune.training import checkpoint, loop, step
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED, load_mnist
 
 CPU = torch.device("cpu")
 TINY = dict(width=0.25, batch_size=32, steps_per_epoch=4, data_source=BUNDLED, subset=256, eval_every=0, g_ema=0.9)
@@ -17,8 +17,8 @@ def images():
 
 
 def trained(cfg: TrainConfig, images, epochs: int = 1):
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    history = [{"epoch": e, **train.train_epoch(gan, images, gen)} for e in range(1, epochs + 1)]
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    history = [{"epoch": e, **loop.train_epoch(gan, images, gen)} for e in range(1, epochs + 1)]
     return gan, gen, history
 
 
@@ -29,9 +29,9 @@ def tensors_equal(a: dict, b: dict) -> bool:
 def test_restore_brings_back_the_averaged_generator_exactly(images):
     cfg = TrainConfig(**TINY)
     gan, gen, history = trained(cfg, images)
-    saved = checkpoint.state(gan, 1, train.fixed_noise(cfg, CPU), gen, history)
+    saved = checkpoint.state(gan, 1, loop.fixed_noise(cfg, CPU), gen, history)
     assert tensors_equal(saved["g_ema"], gan.g_ema.state_dict())  # with the statistics recomputed for it
-    other = train.make_gan(TrainConfig(**{**TINY, "seed": 7}), CPU)
+    other = step.make_gan(TrainConfig(**{**TINY, "seed": 7}), CPU)
     checkpoint.restore(other, saved, torch.Generator())
     assert tensors_equal(other.g_ema.state_dict(), gan.g_ema.state_dict())
     assert tensors_equal(other.g.state_dict(), gan.g.state_dict())
@@ -41,14 +41,14 @@ def test_restore_brings_back_the_averaged_generator_exactly(images):
 
 def test_a_resumed_run_averages_as_an_uninterrupted_one(images):
     cfg = TrainConfig(**{**TINY, "max_epochs": 2})
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    straight = list(train.fit(gan, images, gen))
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    straight = list(loop.fit(gan, images, gen))
     first_gan, first_gen, history = trained(cfg, images)
-    saved = checkpoint.state(first_gan, 1, train.fixed_noise(cfg, CPU), first_gen, history)
-    resumed, gen2 = train.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 7}), CPU), torch.Generator()
+    saved = checkpoint.state(first_gan, 1, loop.fixed_noise(cfg, CPU), first_gen, history)
+    resumed, gen2 = step.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 7}), CPU), torch.Generator()
     resumed.cfg = cfg
     start, _, _ = checkpoint.restore(resumed, saved, gen2)
-    record = next(train.fit(resumed, images, gen2, start_epoch=start))
+    record = next(loop.fit(resumed, images, gen2, start_epoch=start))
     assert (record["loss_d"], record["loss_g"]) == (straight[1]["loss_d"], straight[1]["loss_g"])
     assert tensors_equal(resumed.eval_generator().state_dict(), gan.eval_generator().state_dict())
 
@@ -57,9 +57,9 @@ def test_a_checkpoint_without_an_average_starts_one_from_its_g(images):
     """E.g. --resume with g_ema switched on: the average starts where a fresh run's would, at G."""
     off = TrainConfig(**{**TINY, "g_ema": 0.0})
     gan, gen, history = trained(off, images)
-    saved = checkpoint.state(gan, 1, train.fixed_noise(off, CPU), gen, history)
+    saved = checkpoint.state(gan, 1, loop.fixed_noise(off, CPU), gen, history)
     assert "g_ema" not in saved
-    on = train.make_gan(TrainConfig(**TINY), CPU)
+    on = step.make_gan(TrainConfig(**TINY), CPU)
     checkpoint.restore(on, saved, torch.Generator())
     assert tensors_equal(on.g_ema.state_dict(), gan.g.state_dict())
 
@@ -67,19 +67,19 @@ def test_a_checkpoint_without_an_average_starts_one_from_its_g(images):
 def test_load_generator_gives_the_averaged_generator(images, tmp_path):
     cfg = TrainConfig(**TINY)
     gan, gen, history = trained(cfg, images)
-    checkpoint.write(checkpoint.state(gan, 1, train.fixed_noise(cfg, CPU), gen, history), tmp_path)
+    checkpoint.write(checkpoint.state(gan, 1, loop.fixed_noise(cfg, CPU), gen, history), tmp_path)
     g, loaded_cfg, _ = checkpoint.load_generator(tmp_path)
     assert loaded_cfg == cfg and not g.training
     assert tensors_equal(g.state_dict(), gan.eval_generator().state_dict())
     assert not tensors_equal(g.state_dict(), gan.g.state_dict())
-    z = train.fixed_noise(cfg, CPU)
+    z = loop.fixed_noise(cfg, CPU)
     # close, not equal: the training copy runs channels_last on a CPU, the rebuilt one contiguous
-    assert torch.allclose(train.generate(g, z), train.generate(gan.eval_generator(), z), atol=1e-5)
+    assert torch.allclose(loop.generate(g, z), loop.generate(gan.eval_generator(), z), atol=1e-5)
 
 
 def test_without_averaging_load_generator_gives_g(images, tmp_path):
     cfg = TrainConfig(**{**TINY, "g_ema": 0.0})
     gan, gen, history = trained(cfg, images)
-    checkpoint.write(checkpoint.state(gan, 1, train.fixed_noise(cfg, CPU), gen, history), tmp_path)
+    checkpoint.write(checkpoint.state(gan, 1, loop.fixed_noise(cfg, CPU), gen, history), tmp_path)
     g, _, _ = checkpoint.load_generator(tmp_path)
     assert tensors_equal(g.state_dict(), gan.g.state_dict())

@@ -9,19 +9,27 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 from ray import tune
+from test_reliability import (
+    GATE_EPOCH,
+    TINY,
+    epochs_reported,
+    one_trial_search,
+    wait_for_epoch,
+    wait_for_gate,
+)
 
-from gan_tune import checkpoint, config, train, trainable
-from test_reliability import GATE_EPOCH, TINY, epochs_reported, one_trial_search, wait_for_epoch, wait_for_gate
+from gan_tune.training import checkpoint, config, loop, step
+from gan_tune.tuning import trainable
 
 CPU = torch.device("cpu")
 
 
 def save_checkpoint(folder: Path, cfg: config.TrainConfig, epoch: int) -> Path:
     """A real trial checkpoint, as trainable.report writes it: checkpoint.state with the trial id."""
-    gan, generator = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, generator = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     folder.mkdir(parents=True)
     history = [{"epoch": e} for e in range(1, epoch + 1)]
-    return checkpoint.write(checkpoint.state(gan, epoch, train.fixed_noise(cfg, CPU), generator, history, "t1"), folder)
+    return checkpoint.write(checkpoint.state(gan, epoch, loop.fixed_noise(cfg, CPU), generator, history, "t1"), folder)
 
 
 def truncate(path: Path) -> None:
@@ -29,9 +37,9 @@ def truncate(path: Path) -> None:
 
 
 def restore_latest(trial_dir: Path, cfg: config.TrainConfig) -> tuple[int, list, dict]:
-    gan, generator = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, generator = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     latest = tune.Checkpoint.from_directory(trial_dir / "checkpoint_000002")
-    epoch, _, history, restored = trainable.restore_readable(gan, generator, latest, train.fixed_noise(cfg, CPU))
+    epoch, _, history, restored = trainable.restore_readable(gan, generator, latest, loop.fixed_noise(cfg, CPU))
     return epoch, history, restored
 
 
@@ -41,7 +49,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     truncate(latest := save_checkpoint(tmp_path / "checkpoint_000002", cfg, epoch=2))
     save_checkpoint(tmp_path / "checkpoint_000003", cfg, epoch=3)  # newer than the one handed over: never used
     (tmp_path / "samples").mkdir()  # trial files beside the checkpoints are not candidates
-    with caplog.at_level(logging.WARNING, logger="gan_tune.trainable"):
+    with caplog.at_level(logging.WARNING, logger="gan_tune.tuning.trainable"):
         epoch, history, restored = restore_latest(tmp_path, cfg)
     assert epoch == 1 and len(history) == 1
     assert restored == {"restored_from": "t1", "restored_epoch": 1,
@@ -54,7 +62,7 @@ def test_no_readable_checkpoint_starts_fresh(tmp_path, caplog):
     cfg = config.from_dict(TINY)
     for index in (1, 2):
         truncate(save_checkpoint(tmp_path / f"checkpoint_00000{index}", cfg, epoch=index))
-    with caplog.at_level(logging.WARNING, logger="gan_tune.trainable"):
+    with caplog.at_level(logging.WARNING, logger="gan_tune.tuning.trainable"):
         epoch, history, restored = restore_latest(tmp_path, cfg)
     assert epoch == 0 and history == []
     assert restored == {"restored_from": "", "restored_epoch": 0,

@@ -4,11 +4,25 @@ import pytest
 import torch
 
 from gan_tune import classifier
-from gan_tune.classifier import (
-    FEATURE_DIM, HELD_OUT_START, WEIGHTS_FILE, ClassifierError, MnistClassifier, accuracy, asset_path, augment,
-    classifier_checksum, classifier_info, file_sha256, load_classifier, save_classifier, sidecar_path, train_classifier,
+from gan_tune.quality import mnist_classifier
+from gan_tune.quality.mnist_classifier import (
+    FEATURE_DIM,
+    HELD_OUT_START,
+    WEIGHTS_FILE,
+    ClassifierError,
+    MnistClassifier,
+    accuracy,
+    asset_path,
+    augment,
+    classifier_checksum,
+    classifier_info,
+    file_sha256,
+    load_classifier,
+    save_classifier,
+    sidecar_path,
+    train_classifier,
 )
-from gan_tune.data import BUNDLED, Mnist, load_mnist
+from gan_tune.training.data import BUNDLED, Mnist, load_mnist
 
 CPU = torch.device("cpu")
 MAX_WEIGHTS_BYTES = 2 * 1024 * 1024
@@ -45,7 +59,7 @@ def test_corrupted_weights_raise_an_error_naming_the_file(tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    classifier._load_verified.cache_clear()  # the intact copy is cached under the same path
+    mnist_classifier._load_verified.cache_clear()  # the intact copy is cached under the same path
     with pytest.raises(ClassifierError, match="sha256") as err:
         load_classifier(CPU, weights)
     assert str(weights) in str(err.value)

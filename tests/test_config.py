@@ -1,7 +1,7 @@
 import pytest
 
-from gan_tune import config
-from gan_tune.config import ConfigError, TrainConfig
+from gan_tune.training import config
+from gan_tune.training.config import ConfigError, TrainConfig
 
 
 def test_defaults_follow_the_balanced_recipe():

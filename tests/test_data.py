@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gan_tune import data
+from gan_tune.training import data
 
 
 def test_bundled_split_starts_with_canonical_labels():

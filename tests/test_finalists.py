@@ -7,9 +7,11 @@ import torch
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import checkpoint, finalists, report, search_run, tracking_store, train
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED, load_mnist
+from gan_tune.tracking import html_report, parent_run, store
+from gan_tune.training import checkpoint, loop, step
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED, load_mnist
+from gan_tune.tuning import finalists
 
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 CPU = torch.device("cpu")
@@ -19,8 +21,8 @@ CFG = TrainConfig(model="balanced", width=0.25, latent_dim=16, batch_size=64, da
 SAMPLES = 2000
 
 
-def saved(gan: train.Gan, folder: Path, epoch: int) -> tune.Checkpoint:
-    noise, generator = train.fixed_noise(CFG, CPU), train.make_generator(CFG, CPU)
+def saved(gan: step.Gan, folder: Path, epoch: int) -> tune.Checkpoint:
+    noise, generator = loop.fixed_noise(CFG, CPU), loop.make_generator(CFG, CPU)
     folder.mkdir(parents=True)
     checkpoint.write(checkpoint.state(gan, epoch, noise, generator, []), folder)
     return tune.Checkpoint.from_directory(str(folder))
@@ -41,10 +43,10 @@ def prepared(tmp_path_factory):
     and the one generator trained for 2 epochs reports a worse one. Only the many-sample score tells."""
     tmp = tmp_path_factory.mktemp("finalists")
     data = load_mnist(BUNDLED, CFG.data_dir, CFG.subset)
-    untrained = train.make_gan(CFG, CPU)
-    trained = train.make_gan(CFG, CPU)
-    generator = train.make_generator(CFG, CPU)
-    for _ in train.fit(trained, data.images, generator):
+    untrained = step.make_gan(CFG, CPU)
+    trained = step.make_gan(CFG, CPU)
+    generator = loop.make_generator(CFG, CPU)
+    for _ in loop.fit(trained, data.images, generator):
         pass
     results = [
         result("a_00000", [(saved(untrained, tmp / "a1", 1), 1, 40.0), (saved(trained, tmp / "a2", 2), 2, 60.0)], tmp),
@@ -75,16 +77,16 @@ def test_the_rescored_generator_and_both_scores_reach_mlflow_and_the_report(prep
     results, data, tmp = prepared
     best = finalists.rescore(results, "fid", "min", data, trials=2, samples=SAMPLES)[0]
     uri = f"sqlite:///{tmp}/mlflow.db"
-    tracking_store.check_tracking(uri)
-    parent = search_run.start_search_run(uri, "finalists", "smoke", SPACE, {}, BUNDLED, "asha", "random")
-    search_run.finish_search_run(uri, parent, best.result, "fid", "min", chosen=(best.checkpoint, best.reported),
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, "finalists", "smoke", SPACE, {}, BUNDLED, "asha", "random")
+    parent_run.finish_search_run(uri, parent, best.result, "fid", "min", chosen=(best.checkpoint, best.reported),
                                  rescored=best.scores)
     run = MlflowClient(uri).get_run(parent)
     assert run.data.tags["best.trial_id"] == "a_00000" and run.data.tags["best.epoch"] == "2"
-    assert run.data.tags[search_run.RESCORED_TAG] == str(SAMPLES)
+    assert run.data.tags[parent_run.RESCORED_TAG] == str(SAMPLES)
     assert run.data.metrics["fid"] == 60.0 and run.data.metrics["fid_2k"] == pytest.approx(best.scores["fid"])
     assert run.data.metrics["coverage_2k"] == best.scores["coverage"]
-    line = report.best_line(run, report_trials())
+    line = html_report.best_line(run, report_trials())
     assert f"on {SAMPLES} samples (60 when reported)" in line and "at epoch 2" in line, line
 
 

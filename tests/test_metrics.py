@@ -7,12 +7,18 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from gan_tune import metrics
-from gan_tune.checkpoint import state
-from gan_tune.classifier import FEATURE_DIM, classifier_checksum, load_classifier
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED, Mnist, load_mnist, to_float
-from gan_tune.models import NearestUpConv, build_models
-from gan_tune.train import fixed_noise, make_gan, make_generator
+from gan_tune.quality import baselines, measures, scorer
+from gan_tune.quality.mnist_classifier import (
+    FEATURE_DIM,
+    classifier_checksum,
+    load_classifier,
+)
+from gan_tune.training.checkpoint import state
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED, Mnist, load_mnist, to_float
+from gan_tune.training.loop import fixed_noise, make_generator
+from gan_tune.training.models import NearestUpConv, build_models
+from gan_tune.training.step import make_gan
 
 CPU = torch.device("cpu")
 N = 2000  # images per baseline set, as in the README's table (FID depends on the count)
@@ -36,12 +42,12 @@ def module_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def cache_env(module_cache, monkeypatch):
-    monkeypatch.setenv(metrics.CACHE_ENV, str(module_cache))  # never touch ~/.cache in tests
+    monkeypatch.setenv(scorer.CACHE_ENV, str(module_cache))  # never touch ~/.cache in tests
 
 
 @pytest.fixture(scope="module")
 def table(module_cache):
-    return metrics.baseline_table(N, CPU, cache_dir=module_cache / "fid_stats")
+    return baselines.baseline_table(N, CPU, cache_dir=module_cache / "fid_stats")
 
 
 def readme_baselines() -> tuple[list[str], dict[str, list[str]]]:
@@ -62,7 +68,7 @@ def printed_tolerance(printed: str, value: float) -> float:
 def test_the_readme_baseline_table_is_what_baselines_computes(table):
     columns, rows = readme_baselines()
     assert columns == ["fid", "is", "coverage", "coverage_entropy", "mean_confidence"]
-    assert set(rows) == set(README_ROWS) and set(README_ROWS.values()) == set(metrics.BASELINES)
+    assert set(rows) == set(README_ROWS) and set(README_ROWS.values()) == set(baselines.BASELINES)
     for readme_name, printed_row in rows.items():
         measured = table[README_ROWS[readme_name]]
         for column, printed in zip(columns, printed_row):
@@ -80,7 +86,7 @@ def test_real_held_out_images_score_well(table):
 
 
 def test_fid_grows_with_degradation(table):
-    fids = [table[name]["fid"] for name in metrics.BASELINES if name.startswith(("real held", "real +", "uniform"))]
+    fids = [table[name]["fid"] for name in baselines.BASELINES if name.startswith(("real held", "real +", "uniform"))]
     assert len(fids) == 4  # real < real + blur < real + noise < uniform noise
     assert fids == sorted(fids) and len(set(fids)) == 4
     assert fids[1] > 10 * fids[0]
@@ -113,57 +119,57 @@ class ClassifierFeatures(nn.Module):
 
 
 def test_frechet_distance_matches_torchmetrics():
-    reference, pool = metrics.baseline_split()
+    reference, pool = baselines.baseline_split()
     real = to_float(reference.images[:N])
-    fake = metrics.real_blurred(pool, N, torch.Generator())
+    fake = baselines.real_blurred(pool, N, torch.Generator())
     features = load_classifier(CPU).features
-    ours = metrics.frechet_distance(metrics.gaussian_fit(features(fake)), metrics.gaussian_fit(features(real)))
+    ours = measures.frechet_distance(measures.gaussian_fit(features(fake)), measures.gaussian_fit(features(real)))
     # normalize=True: the custom extractor takes float images as they are
     theirs = FrechetInceptionDistance(feature=ClassifierFeatures(), normalize=True)
     theirs.update(real, real=True)
     theirs.update(fake, real=False)
     assert ours == pytest.approx(float(theirs.compute()), rel=1e-3)
-    fit = metrics.gaussian_fit(features(real))
-    assert abs(metrics.frechet_distance(fit, fit)) < 1e-6 * float(fit.cov.trace())
+    fit = measures.gaussian_fit(features(real))
+    assert abs(measures.frechet_distance(fit, fit)) < 1e-6 * float(fit.cov.trace())
 
 
 def test_real_stats_are_cached_on_disk_by_source_and_checksum(tmp_path, monkeypatch):
     bundled = load_mnist(BUNDLED, subset=300)
     calls = []
-    classify = metrics.classify
-    monkeypatch.setattr(metrics, "classify", lambda *args: calls.append(1) or classify(*args))
-    first = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
-    second = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    classify = scorer.classify
+    monkeypatch.setattr(scorer, "classify", lambda *args: calls.append(1) or classify(*args))
+    first = scorer.real_stats(bundled, CPU, cache_dir=tmp_path)
+    second = scorer.real_stats(bundled, CPU, cache_dir=tmp_path)
     assert len(calls) == 1  # the second call read the file
     torch.testing.assert_close(first.cov, second.cov)
     (path,) = tmp_path.glob("*.pt")
-    assert path == metrics.stats_path(bundled.source, classifier_checksum(), tmp_path)
+    assert path == scorer.stats_path(bundled.source, classifier_checksum(), tmp_path)
     assert classifier_checksum()[:16] in path.name
 
-    metrics.real_stats(Mnist(bundled.images, bundled.labels, "another-source"), CPU, cache_dir=tmp_path)
-    monkeypatch.setattr(metrics, "classifier_checksum", lambda: "f" * 64)
-    metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    scorer.real_stats(Mnist(bundled.images, bundled.labels, "another-source"), CPU, cache_dir=tmp_path)
+    monkeypatch.setattr(scorer, "classifier_checksum", lambda: "f" * 64)
+    scorer.real_stats(bundled, CPU, cache_dir=tmp_path)
     assert len(calls) == 3 and len(list(tmp_path.glob("*.pt"))) == 3
 
 
 def test_corrupt_cache_file_is_recomputed(tmp_path):
     bundled = load_mnist(BUNDLED, subset=200)
-    fit = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    fit = scorer.real_stats(bundled, CPU, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.pt")
     path.write_bytes(b"not a torch file")
-    again = metrics.real_stats(bundled, CPU, cache_dir=tmp_path)
+    again = scorer.real_stats(bundled, CPU, cache_dir=tmp_path)
     torch.testing.assert_close(again.mean, fit.mean)
-    assert metrics.read_stats(path, {"source": bundled.source}) is not None  # replaced by a good file
+    assert scorer.read_stats(path, {"source": bundled.source}) is not None  # replaced by a good file
 
 
 def test_cache_dir_comes_from_the_environment(module_cache):
-    assert metrics.stats_dir() == module_cache / "fid_stats"
+    assert scorer.stats_dir() == module_cache / "fid_stats"
 
 
 def test_untrained_generator_scores_finite_and_bad(table):
     cfg = TrainConfig(width=0.25)
     g, _ = build_models(cfg)
-    score = metrics.make_scorer(load_mnist(BUNDLED, subset=1000), CPU, n_samples=300)
+    score = scorer.make_scorer(load_mnist(BUNDLED, subset=1000), CPU, n_samples=300)
     scores = score(g, cfg.latent_dim)
     assert set(scores) == SCORE_KEYS and scores["fid_samples"] == 300
     assert all(math.isfinite(v) for v in scores.values())
@@ -181,7 +187,7 @@ def test_scoring_in_channels_last_matches_the_training_layout():
     g, _ = build_models(cfg)
     g[1].running_mean.normal_()  # non-trivial BatchNorm statistics, which eval mode uses
     z = torch.randn(64, cfg.latent_dim)
-    copy = metrics.scoring_copy(g)
+    copy = scorer.scoring_copy(g)
     assert sum(isinstance(layer, NearestUpConv) for layer in copy) == 2  # both upsample + conv pairs fused
     assert copy[10].weight.is_contiguous(memory_format=torch.channels_last) and g[12].weight.is_contiguous()
     assert g.training and not copy.training
@@ -192,30 +198,30 @@ def test_scoring_in_channels_last_matches_the_training_layout():
 def test_diverged_generator_gets_infinite_fid():
     nan_generator = nn.Sequential(nn.Linear(8, 784), nn.Unflatten(1, (1, 28, 28)))
     nn.init.constant_(nan_generator[0].weight, math.nan)
-    scores = metrics.make_scorer(load_mnist(BUNDLED, subset=200), CPU, n_samples=50)(nan_generator, 8)
+    scores = scorer.make_scorer(load_mnist(BUNDLED, subset=200), CPU, n_samples=50)(nan_generator, 8)
     assert scores["fid"] == math.inf
 
 
 def test_default_sample_counts():
-    assert metrics.default_fid_samples(CPU) == 2_000
-    assert metrics.default_fid_samples(torch.device("cuda")) == 10_000
+    assert scorer.default_fid_samples(CPU) == 2_000
+    assert scorer.default_fid_samples(torch.device("cuda")) == 10_000
 
 
 def test_registry_lists_the_known_metrics():
-    assert set(metrics.METRICS) == SCORE_KEYS - {"fid_samples"}
+    assert set(measures.METRICS) == SCORE_KEYS - {"fid_samples"}
     with pytest.raises(KeyError, match="known: fid"):
-        metrics.calc_metrics(None, None, ["fdi"])
+        measures.calc_metrics(None, None, ["fdi"])
     with pytest.raises(ValueError, match="twice"):
-        metrics.register_metric("fid", mode="min", worst=1.0)(metrics.fid)
+        measures.register_metric("fid", mode="min", worst=1.0)(measures.fid)
 
 
 def test_the_tables_come_from_the_metric_specs():
     """README: FID is the default objective (lower is better); the others are better higher; a diverged epoch
     reports each metric's worst finite value, so no NaN or inf reaches a scheduler."""
-    assert metrics.OBJECTIVES == {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max",
+    assert measures.OBJECTIVES == {"fid": "min", "is": "max", "coverage": "max", "coverage_entropy": "max",
                                   "mean_confidence": "max"}
-    assert set(metrics.SCORE_KEYS) == SCORE_KEYS
-    assert metrics.DIVERGED_SCORES == {"fid": 1.0e6, "is": 0.0, "coverage": 0, "coverage_entropy": 0.0,
+    assert set(measures.SCORE_KEYS) == SCORE_KEYS
+    assert measures.DIVERGED_SCORES == {"fid": 1.0e6, "is": 0.0, "coverage": 0, "coverage_entropy": 0.0,
                                        "mean_confidence": 0.0, "fid_samples": 0}
 
 
@@ -241,7 +247,7 @@ def test_score_cli_on_a_run_dir_and_a_checkpoint(checkpoint_dir, capsys):
 def test_baselines_cli(capsys):
     assert metrics.main(["baselines", "--n", "300"]) == 0
     out = capsys.readouterr().out
-    for name in metrics.BASELINES:
+    for name in baselines.BASELINES:
         assert name in out
 
 

@@ -1,10 +1,16 @@
 import pytest
 import torch
-
-from gan_tune.config import TrainConfig
 from torch import nn
 
-from gan_tune.models import MODELS, NearestUpConv, build_models, count_params, fuse_upsample_conv, register_model
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.models import (
+    MODELS,
+    NearestUpConv,
+    build_models,
+    count_params,
+    fuse_upsample_conv,
+    register_model,
+)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

@@ -9,11 +9,16 @@ import time
 import types
 
 import pytest
+from servers import MlflowServer
+from test_tracking_outage import (
+    EXPERIMENT,
+    assert_every_epoch_logged,
+    finish_search,
+    kill_after_first_metric,
+    running_search,
+)
 
 from gan_tune import report, sample, search
-from servers import MlflowServer
-from test_tracking_outage import EXPERIMENT, assert_every_epoch_logged, finish_search, kill_after_first_metric, \
-    running_search
 
 SEARCH_TIMEOUT_S = 600
 
@@ -110,7 +115,6 @@ def test_cluster_yaml_postgresql_head_passes_rays_schema():
 
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
-
     from test_cluster import CLUSTER_YAML
 
     lines = [re.sub(r"^(\s*)#PG ", r"\1", line) for line in CLUSTER_YAML.read_text().splitlines()

@@ -15,8 +15,10 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import checkpoint, config, train, trainable
-from gan_tune.data import DataError
+from gan_tune import train
+from gan_tune.training import checkpoint, config, loop, step
+from gan_tune.training.data import DataError
+from gan_tune.tuning import trainable
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128, "max_epochs": 2,
@@ -26,8 +28,8 @@ TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128,
 def truncated_checkpoint(folder: Path, cfg: config.TrainConfig) -> Path:
     """A real training state (checkpoint.state), cut to half its bytes (a disk filled mid-write)."""
     device = torch.device("cpu")
-    gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
-    path = checkpoint.write(checkpoint.state(gan, 1, train.fixed_noise(cfg, device), generator, []), folder)
+    gan, generator = step.make_gan(cfg, device), loop.make_generator(cfg, device)
+    path = checkpoint.write(checkpoint.state(gan, 1, loop.fixed_noise(cfg, device), generator, []), folder)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return path
 
@@ -47,7 +49,7 @@ def test_trainable_restore_of_a_truncated_checkpoint_names_the_file(tmp_path):
     folder = tmp_path / "checkpoint_000001"
     folder.mkdir()
     path = truncated_checkpoint(folder, cfg)
-    gan, generator = train.make_gan(cfg, torch.device("cpu")), train.make_generator(cfg, torch.device("cpu"))
+    gan, generator = step.make_gan(cfg, torch.device("cpu")), loop.make_generator(cfg, torch.device("cpu"))
     with pytest.raises(DataError, match=f"{path.name}: unreadable checkpoint"):
         trainable.restore(gan, generator, tune.Checkpoint.from_directory(folder))
 

@@ -8,8 +8,10 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from gan_tune import artifacts, report, search_run, tracking_store
-from gan_tune.metrics import DIVERGED_FID
+from gan_tune import report
+from gan_tune.quality.measures import DIVERGED_FID
+from gan_tune.tracking import html_report, parent_run, store
+from gan_tune.training import artifacts
 
 WIDE = Path(__file__).parents[1] / "search_spaces" / "wide.yaml"
 FAMILIES = ("mlp", "dcgan", "balanced")
@@ -52,8 +54,8 @@ def wide_search(tmp_path_factory):
     """A parent run with 9 trials over three model families, one diverged; returns (uri, parent id, fids)."""
     tmp_path = tmp_path_factory.mktemp("wide")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking_store.check_tracking(uri)
-    parent = search_run.start_search_run(uri, "report-test", "wide", WIDE, {"space": "wide"}, "mnist-test-10k-bundled",
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, "report-test", "wide", WIDE, {"space": "wide"}, "mnist-test-10k-bundled",
                                        "hyperband", "random")
     client = MlflowClient(uri)
     experiment = client.get_run(parent).info.experiment_id
@@ -61,7 +63,7 @@ def wide_search(tmp_path_factory):
     fids = [40.0, 120.0, 75.0, 300.0, DIVERGED_FID, 55.0, 90.0, 210.0, 33.0]
     for index, fid in enumerate(fids):
         log_trial(client, experiment, parent, index, FAMILIES[index % 3], fid, grid)
-    search_run.finish_search_run(uri, parent, None, "fid", "min", edge_warnings=[EDGE_WARNING])
+    parent_run.finish_search_run(uri, parent, None, "fid", "min", edge_warnings=[EDGE_WARNING])
     return uri, parent, fids
 
 
@@ -127,8 +129,8 @@ def test_the_scatter_plots_the_rates_in_use_at_each_trials_best_epoch(wide_searc
     """A ttur trial has no lr_d param and a PBT trial's rates change: the report reads the reported rates."""
     uri, parent, fids = wide_search
     client = MlflowClient(uri)
-    with tracking_store.using_tracking_uri(uri):  # load_trials searches with MLflow's fluent API, as report.main does
-        trials = report.load_trials(client, client.get_run(parent)).set_index("tags.trial_id")
+    with store.using_tracking_uri(uri):  # load_trials searches with MLflow's fluent API, as report.main does
+        trials = html_report.load_trials(client, client.get_run(parent)).set_index("tags.trial_id")
     assert trials.loc["t0", "lr_d"] == pytest.approx(float(trials.loc["t0", "params.lr_ratio"])
                                                       * float(trials.loc["t0", "params.lr_g"]), rel=1e-6)
     pbt = trials.loc[f"t{PBT_TRIAL}"]

@@ -8,16 +8,18 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray import tune
 
-from gan_tune import checkpoint, sample, search_run, tracking_store, train
-from gan_tune.config import TrainConfig
+from gan_tune import sample
+from gan_tune.tracking import parent_run, store
+from gan_tune.training import checkpoint, loop, step
+from gan_tune.training.config import TrainConfig
 
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 
 
 def checkpoint_of(cfg: TrainConfig, folder: Path, epoch: int) -> tune.Checkpoint:
     """A trial checkpoint as the trainable writes it: checkpoint.state() in checkpoint.pt."""
-    gan = train.make_gan(cfg, torch.device("cpu"))
-    noise, generator = train.fixed_noise(cfg, gan.device), train.make_generator(cfg, gan.device)
+    gan = step.make_gan(cfg, torch.device("cpu"))
+    noise, generator = loop.fixed_noise(cfg, gan.device), loop.make_generator(cfg, gan.device)
     folder.mkdir(parents=True)
     checkpoint.write(checkpoint.state(gan, epoch, noise, generator, []), folder)
     return tune.Checkpoint.from_directory(str(folder))
@@ -28,8 +30,8 @@ def logged_search(tmp_path_factory):
     """A parent run finished with a real Result: the best of two kept checkpoints is logged as the generator."""
     tmp_path = tmp_path_factory.mktemp("sample")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking_store.check_tracking(uri)
-    parent = search_run.start_search_run(uri, "sample-test", "smoke", SPACE, {"space": "smoke"}, "none", "fifo",
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, "sample-test", "smoke", SPACE, {"space": "smoke"}, "none", "fifo",
                                          "random")
     cfg = TrainConfig(model="balanced", width=0.25, latent_dim=16)
     early, late = checkpoint_of(cfg, tmp_path / "ckpt1", 1), checkpoint_of(cfg, tmp_path / "ckpt2", 2)
@@ -37,7 +39,7 @@ def logged_search(tmp_path_factory):
     metrics = {"epoch": 2, "fid": 90.0, "trial_id": "abc_00001", "balance": "balanced", "config": config}
     result = tune.Result(metrics=metrics, checkpoint=late, error=None, path=str(tmp_path),
                          best_checkpoints=[(early, {**metrics, "epoch": 1, "fid": 80.0}), (late, metrics)])
-    search_run.finish_search_run(uri, parent, result, "fid", "min")
+    parent_run.finish_search_run(uri, parent, result, "fid", "min")
     return uri, parent
 
 
@@ -109,12 +111,12 @@ def test_sample_from_the_smoke_search(smoke_study, tmp_path):
 
 def test_an_unreadable_checkpoint_still_ends_the_parent_run(logged_search, tmp_path, capsys):
     uri, _ = logged_search
-    parent = search_run.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
+    parent = parent_run.start_search_run(uri, "sample-test", "smoke", SPACE, {}, "none", "fifo", "random")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / checkpoint.FILE).write_bytes(b"not a checkpoint")
     result = tune.Result(metrics={"trial_id": "t1", "fid": 50.0, "config": {}}, error=None, path=str(tmp_path),
                          checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "ckpt")))
-    search_run.finish_search_run(uri, parent, result, "fid", "min")
+    parent_run.finish_search_run(uri, parent, result, "fid", "min")
     run = MlflowClient(uri).get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["best.trial_id"] == "t1" and run.data.tags["tracking_error"]
     assert "could not record the best trial" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from gan_tune import search, spaces, train
-from gan_tune.config import load as load_config
+from gan_tune import search, train
+from gan_tune.training.config import load as load_config
+from gan_tune.tuning import space_values, spaces, storage, summary, trainable, tuner
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 
@@ -119,7 +120,7 @@ def test_gpus_requested_on_a_cpu_cluster_exit_2_without_hanging(ray_local, tmp_p
 def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_path):
     code, exp_dir, out = smoke_study
     assert code == 0
-    best = exp_dir / search.BEST_CONFIG
+    best = exp_dir / storage.BEST_CONFIG
     assert f"best config: {best}" in out and "best trial" in out
     # time to quality: when the best score arrived, within the smoke search's minute or two
     minutes, seconds = map(int, re.search(r"best trial .*, reported (\d+) min (\d+) s into the search", out).groups())
@@ -142,7 +143,7 @@ def test_smoke_search_rescored_its_finalists_and_kept_the_best_of_them(smoke_stu
     trial, epoch = rows[0][0], rows[0][1]
     assert re.search(rf"best trial {trial}: fid [\d.]+ on 1000 samples \([\d.]+ on 500 when reported\) "
                      rf"at epoch {epoch},", out), out
-    assert load_config(exp_dir / search.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
+    assert load_config(exp_dir / storage.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
 
 
 def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path):
@@ -160,7 +161,7 @@ def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, 
     started = len(re.findall(r"^trial \w+ started: ", out, re.MULTILINE))
     assert started > 2, out  # two run at a time on this 2-CPU cluster: the first batch
     used, ran = re.search(r"budget: (\S+) of 1m00s \(\d+%\), (\d+) trials ran", out).groups()
-    assert int(ran) == len(trial_frames(tmp_path / "rr" / "budget")) and spaces.parse_duration(used, "", "") >= 50
+    assert int(ran) == len(trial_frames(tmp_path / "rr" / "budget")) and space_values.parse_duration(used, "", "") >= 50
     queued = re.search(r"\((\d+) more never reported", out)
     assert not queued or int(queued.group(1)) <= 4, out  # one queued per slot plus the two cut, not 200 ahead
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # the next search in this process decides for itself
@@ -219,10 +220,13 @@ def donor_checkpoint_survives(space_path, tmp_path) -> bool:
     """Ray's checkpoint manager (the one each Tune trial has) with the search's CheckpointConfig: a donor
     reports a checkpoint per epoch, its FID improving with 1k-sample noise; PBT clones the one of epoch 4
     (its latest at that perturbation). Is it still on disk two epochs later, when the clone restores it?"""
-    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.train._internal.checkpoint_manager import (
+        _CheckpointManager,
+        _TrainingResult,
+    )
 
     space = spaces.load_space(space_path)
-    manager = _CheckpointManager(search.checkpoint_config(space))
+    manager = _CheckpointManager(tuner.checkpoint_config(space))
     fids = [90.0, 60.0, 45.0, 50.0, 38.0, 36.0, 35.0]  # epoch 4 (50.0) is worse than its neighbours
     for epoch, fid in enumerate(fids, start=1):
         folder = tmp_path / f"checkpoint_{epoch:06d}"
@@ -241,7 +245,7 @@ def test_a_pbt_donor_keeps_the_checkpoint_an_exploit_cloned(tmp_path):
     asha = smoke_variant(tmp_path, "asha", scheduler={"type": "asha"})
     assert donor_checkpoint_survives(pbt, tmp_path / "pbt_ckpt")
     assert not donor_checkpoint_survives(asha, tmp_path / "asha_ckpt")  # by score: the 4 best and the latest
-    assert search.checkpoint_config(spaces.load_space(asha)).checkpoint_score_attribute == "fid"
+    assert tuner.checkpoint_config(spaces.load_space(asha)).checkpoint_score_attribute == "fid"
 
 
 def test_hyperband_stops_the_worse_trial_of_a_halving_bracket(ray_local, tmp_path):
@@ -283,29 +287,29 @@ def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local,
 
 def test_a_uri_study_location_stays_a_uri_for_tune():
     # Path("s3://b/x").resolve() would be the local folder ./s3:/b/x, and checkpoints would never reach S3
-    location = search.study_location("s3://bucket/gan_tune/ray/", "NAME")
+    location = storage.study_location("s3://bucket/gan_tune/ray/", "NAME")
     assert location == "s3://bucket/gan_tune/ray/NAME"
-    assert search.tune_storage(location) == ("s3://bucket/gan_tune/ray", "NAME")
-    assert search.tune_storage(location + "/") == ("s3://bucket/gan_tune/ray", "NAME")
+    assert storage.tune_storage(location) == ("s3://bucket/gan_tune/ray", "NAME")
+    assert storage.tune_storage(location + "/") == ("s3://bucket/gan_tune/ray", "NAME")
 
 
 def test_a_local_study_location_is_the_absolute_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    location = search.study_location("rr", "NAME")
+    location = storage.study_location("rr", "NAME")
     assert location == str(tmp_path.resolve() / "rr" / "NAME")
-    assert search.tune_storage(location) == (str(tmp_path.resolve() / "rr"), "NAME")
+    assert storage.tune_storage(location) == (str(tmp_path.resolve() / "rr"), "NAME")
 
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
 def test_study_files_go_through_the_storage_filesystem(tmp_path, as_uri):
     folder = tmp_path / "rr" / "NAME"
     location = folder.as_uri() if as_uri else str(folder)
-    assert not search.study_exists(location) and search.study_mib(location) == 0
-    assert search.read_study_file(location, "flags.json") is None
-    assert search.write_study_file(location, "flags.json", "x" * 2**20) == f"{location}/flags.json"
+    assert not storage.study_exists(location) and storage.study_mib(location) == 0
+    assert storage.read_study_file(location, "flags.json") is None
+    assert storage.write_study_file(location, "flags.json", "x" * 2**20) == f"{location}/flags.json"
     assert (folder / "flags.json").read_text() == "x" * 2**20  # made the missing folders
-    assert search.read_study_file(location, "flags.json") == "x" * 2**20
-    assert search.study_exists(location) and search.study_mib(location) == 1.0
+    assert storage.read_study_file(location, "flags.json") == "x" * 2**20
+    assert storage.study_exists(location) and storage.study_mib(location) == 1.0
 
 
 def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_path):
@@ -315,9 +319,9 @@ def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_pat
     assert code == 0, out
     location = f"{storage}/uri"
     folder = tmp_path / "rr" / "uri"
-    assert f"results in {location} (" in out and f"best config: {location}/{search.BEST_CONFIG}" in out
-    assert load_config(folder / search.BEST_CONFIG).width == 0.25
-    assert json.loads((folder / search.SAVED_ARGS).read_text())["storage_path"] == storage
+    assert f"results in {location} (" in out and f"best config: {location}/{storage.BEST_CONFIG}" in out
+    assert load_config(folder / storage.BEST_CONFIG).width == 0.25
+    assert json.loads((folder / storage.SAVED_ARGS).read_text())["storage_path"] == storage
     assert len(trial_frames(folder)) == 3 and not list(tmp_path.glob("**/file:*"))
     assert run_search("--space", "smoke", "--storage-path", storage, "--name", "uri")[0] == 2  # taken
     parent = re.search(r"mlflow parent run: (\w+)", out).group(1)
@@ -327,8 +331,8 @@ def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_pat
 
 
 def test_time_to_quality_counts_from_this_sessions_start():
-    assert search.time_to(1_000_125, 1_000_000.4) == "reported 2 min 05 s into the search"
-    assert search.time_to(999_000, 1_000_000.4) == "reported before this session resumed the study"
+    assert summary.time_to(1_000_125, 1_000_000.4) == "reported 2 min 05 s into the search"
+    assert summary.time_to(999_000, 1_000_000.4) == "reported before this session resumed the study"
 
 
 def test_a_restored_tuner_takes_this_sessions_stopper_callbacks_and_console(smoke_study):
@@ -338,12 +342,12 @@ def test_a_restored_tuner_takes_this_sessions_stopper_callbacks_and_console(smok
     code, study, _ = smoke_study
     assert code == 0
     stopper, marker = tune.stopper.MaximumIterationStopper(1), tune.Callback()
-    tuner = search.restore_tuner(str(study), search.train_gan, restart_errored=False, stop=stopper,
-                                 callbacks=[marker], verbose=1)
-    run_config = tuner._local_tuner.get_run_config()
+    restored = tuner.restore_tuner(str(study), trainable.train_gan, restart_errored=False, stop=stopper,
+                                   callbacks=[marker], verbose=1)
+    run_config = restored._local_tuner.get_run_config()
     assert run_config.stop is stopper and run_config.callbacks == [marker] and run_config.verbose == 1
     with pytest.raises(AttributeError, match="no field 'stopper'"):
-        search.replace_restored_run_config(tuner, stopper=stopper)
+        tuner.replace_restored_run_config(restored, stopper=stopper)
 
 
 def test_the_console_shows_the_table_and_one_line_per_trial_event(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from gan_tune.trainable import REPORTED_METRICS
+from gan_tune.tuning.trainable import REPORTED_METRICS
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 TRIALS = 32

@@ -2,12 +2,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    HyperBandScheduler,
+    PopulationBasedTraining,
+)
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from gan_tune import spaces
-from gan_tune.config import DERIVED_PARAMS, FIELD_TYPES, ConfigError, from_dict, resolve_derived
+from gan_tune.training.config import (
+    DERIVED_PARAMS,
+    FIELD_TYPES,
+    ConfigError,
+    from_dict,
+    resolve_derived,
+)
+from gan_tune.tuning import schedulers, space_values, spaces
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")
@@ -29,19 +39,19 @@ def test_shipped_spaces_load_and_build_ray_objects(name):
     for variant in (space, spaces.for_cpu(space)):
         assert set(variant.base) <= set(FIELD_TYPES)
         assert set(variant.search) <= set(FIELD_TYPES) | set(DERIVED_PARAMS)
-        spaces.make_scheduler(variant)
-        spaces.make_search_alg(variant, seed=0)
-        assert "seed" in spaces.param_space(variant, seed=0)
+        schedulers.make_scheduler(variant)
+        schedulers.make_search_alg(variant, seed=0)
+        assert "seed" in schedulers.param_space(variant, seed=0)
         from_dict(variant.train_fields)
 
 
 def test_shipped_spaces_use_the_scheduler_and_search_alg_they_promise():
     load = lambda name: spaces.load_space(SPACES_DIR / f"{name}.yaml")  # noqa: E731
-    assert isinstance(spaces.make_scheduler(load("balanced")), ASHAScheduler)
-    assert isinstance(spaces.make_scheduler(load("pbt")), PopulationBasedTraining)
-    assert isinstance(spaces.make_scheduler(load("wide")), HyperBandScheduler)
-    assert isinstance(spaces.make_search_alg(load("ttur"), 0), OptunaSearch)
-    assert isinstance(spaces.make_search_alg(load("balanced"), 0), BasicVariantGenerator)
+    assert isinstance(schedulers.make_scheduler(load("balanced")), ASHAScheduler)
+    assert isinstance(schedulers.make_scheduler(load("pbt")), PopulationBasedTraining)
+    assert isinstance(schedulers.make_scheduler(load("wide")), HyperBandScheduler)
+    assert isinstance(schedulers.make_search_alg(load("ttur"), 0), OptunaSearch)
+    assert isinstance(schedulers.make_search_alg(load("balanced"), 0), BasicVariantGenerator)
     assert set(load("pbt").scheduler["hyperparam_mutations"]) == {"lr_d", "lr_g"}
 
 
@@ -57,17 +67,17 @@ def test_balanced_cpu_block_shrinks_the_study_for_a_laptop():
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])
 def test_durations(text, seconds):
-    assert spaces.parse_duration(text, "time_budget", "x") == seconds
+    assert space_values.parse_duration(text, "time_budget", "x") == seconds
 
 
 @pytest.mark.parametrize("text", ["15", "15x", "m", "", "-5m", "0s", "1 h"])
 def test_bad_durations_name_the_key(text):
     with pytest.raises(ConfigError, match="time_budget"):
-        spaces.parse_duration(text, "time_budget", "x")
+        space_values.parse_duration(text, "time_budget", "x")
 
 
 def test_randint_includes_both_bounds():
-    domain = spaces.DISTRIBUTIONS["randint"]([1, 5])
+    domain = space_values.DISTRIBUTIONS["randint"]([1, 5])
     assert {domain.sample() for _ in range(400)} == {1, 2, 3, 4, 5}
 
 
@@ -159,8 +169,8 @@ def test_finalists_default_and_override(tmp_path):
 
 def test_seed_is_drawn_per_trial_except_under_optuna():
     smoke = spaces.load_space(SPACES_DIR / "smoke.yaml")
-    assert spaces.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
-    assert spaces.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7
+    assert schedulers.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
+    assert schedulers.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7
 
 
 @pytest.mark.parametrize("lr_d, latent, warned", [

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from gan_tune.stopping import GanStopper
+from gan_tune.tuning.stopping import GanStopper
 
 # The README's numbers (Searches, Stopping), not the module's constants: a changed constant must fail here.
 D_DOMINATES_ACC = 0.95  # "D accuracy stays above 95 % ..."

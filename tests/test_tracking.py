@@ -17,8 +17,9 @@ from PIL import Image
 from ray import cloudpickle, tune
 
 import gan_tune
-from gan_tune import artifacts, search_run, tracking_store, trial_runs
-from gan_tune.config import ConfigError
+from gan_tune.tracking import child_runs, parent_run, store
+from gan_tune.training import artifacts
+from gan_tune.training.config import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 SPACE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
@@ -50,49 +51,49 @@ def one_line_error(check, uri) -> str:
 
 @pytest.mark.parametrize("uri", ["htp://localhost:5000", "s3://bucket/store", "ftp://host/db"])
 def test_check_rejects_an_unknown_scheme(uri):
-    assert "unknown scheme" in one_line_error(tracking_store.check_tracking, uri)
+    assert "unknown scheme" in one_line_error(store.check_tracking, uri)
 
 
 def test_check_rejects_an_unreachable_server():
     start = time.perf_counter()
-    message = one_line_error(tracking_store.check_tracking, f"http://127.0.0.1:{free_port()}")
+    message = one_line_error(store.check_tracking, f"http://127.0.0.1:{free_port()}")
     assert "no MLflow server answered" in message and time.perf_counter() - start < 10
 
 
 def test_check_rejects_an_unwritable_sqlite_path(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    assert "not writable" in one_line_error(tracking_store.check_tracking, f"sqlite:///{tmp_path}/a_file/mlflow.db")
+    assert "not writable" in one_line_error(store.check_tracking, f"sqlite:///{tmp_path}/a_file/mlflow.db")
     missing = f"sqlite:///{tmp_path}/missing/dir/mlflow.db"
-    assert "not writable" in one_line_error(tracking_store.check_tracking, missing)
-    assert "in-memory" in one_line_error(tracking_store.check_tracking, "sqlite://")
+    assert "not writable" in one_line_error(store.check_tracking, missing)
+    assert "in-memory" in one_line_error(store.check_tracking, "sqlite://")
     (tmp_path / "garbage.db").write_bytes(b"not a database" * 100)
     garbage = f"sqlite:///{tmp_path}/garbage.db"
-    assert "cannot open the sqlite store" in one_line_error(tracking_store.check_tracking, garbage)
+    assert "cannot open the sqlite store" in one_line_error(store.check_tracking, garbage)
 
 
 def test_check_refuses_the_file_store_and_creates_a_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    assert "MLFLOW_ALLOW_FILE_STORE" in one_line_error(tracking_store.check_tracking, str(tmp_path / "mlruns"))
-    tracking_store.check_tracking(f"sqlite:///{tmp_path}/mlflow.db")
+    assert "MLFLOW_ALLOW_FILE_STORE" in one_line_error(store.check_tracking, str(tmp_path / "mlruns"))
+    store.check_tracking(f"sqlite:///{tmp_path}/mlflow.db")
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # store made and migrated
 
 
 def test_tracking_uri_precedence(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_store.resolve_tracking_uri(None) == "sqlite:///mlflow.db"
+    assert store.resolve_tracking_uri(None) == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert tracking_store.resolve_tracking_uri(None) == "http://env:5000"
-    assert tracking_store.resolve_tracking_uri("sqlite:///flag.db") == "sqlite:///flag.db"
+    assert store.resolve_tracking_uri(None) == "http://env:5000"
+    assert store.resolve_tracking_uri("sqlite:///flag.db") == "sqlite:///flag.db"
 
 
 def test_fluent_calls_leave_the_process_tracking_uri_alone(monkeypatch):
     """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI: a later search in this process must not inherit it."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///outer.db")
-    with tracking_store.using_tracking_uri("sqlite:///inner.db"):
+    with store.using_tracking_uri("sqlite:///inner.db"):
         assert mlflow.get_tracking_uri() == "sqlite:///inner.db"
     assert os.environ["MLFLOW_TRACKING_URI"] == mlflow.get_tracking_uri() == "sqlite:///outer.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with tracking_store.using_tracking_uri("sqlite:///inner.db"):
+    with store.using_tracking_uri("sqlite:///inner.db"):
         pass
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
@@ -127,11 +128,11 @@ class ScriptedStopper(tune.Stopper):
 
 def tracked_search(uri, storage, values, cpu, experiment="test"):
     """Run `counting_trainable` over config a in `values`, tracked under a new parent; returns (parent, callback)."""
-    tracking_store.check_tracking(uri)
-    parent = search_run.start_search_run(uri, experiment, "smoke", SPACE,
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, experiment, "smoke", SPACE,
                                          {"space": "smoke", "num_samples": len(values)}, "none", "asha", "grid")
     stopper = ScriptedStopper()
-    callback = trial_runs.TrackingCallback(uri, parent, EPOCHS, stopper.reasons, scheduler="asha")
+    callback = child_runs.TrackingCallback(uri, parent, EPOCHS, stopper.reasons, scheduler="asha")
     tuner = tune.Tuner(tune.with_resources(counting_trainable, {"cpu": cpu}),
                        param_space={"a": tune.grid_search(values), "max_epochs": EPOCHS},
                        run_config=tune.RunConfig(storage_path=str(storage), name="study", stop=stopper,
@@ -231,8 +232,8 @@ def smoke_store(smoke_study):
     assert code == 0, out
     uri = f"sqlite:///{exp_dir.parent}/mlflow.db"
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking_store.DEFAULT_EXPERIMENT).experiment_id
-    parents = client.search_runs([experiment], f"tags.`{search_run.EXPERIMENT_PATH_TAG}` = '{exp_dir}'")
+    experiment = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT).experiment_id
+    parents = client.search_runs([experiment], f"tags.`{parent_run.EXPERIMENT_PATH_TAG}` = '{exp_dir}'")
     assert len(parents) == 1
     return client, uri, parents[0]
 
@@ -248,7 +249,7 @@ def test_smoke_search_parent_run(smoke_study):
     assert parent.data.params["best.lr_d"] and parent.data.metrics["fid"] > 0
     models = client.search_logged_models([parent.info.experiment_id],
                                          filter_string=f"source_run_id = '{parent.info.run_id}'")
-    assert [m.name for m in models] == [search_run.MODEL_NAME]
+    assert [m.name for m in models] == [parent_run.MODEL_NAME]
 
 
 def test_smoke_search_child_runs(smoke_study):

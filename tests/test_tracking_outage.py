@@ -17,9 +17,9 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-from gan_tune import tracking, tracking_store, write_queue
 from servers import MlflowServer, free_port
+
+from gan_tune.tracking import __main__, store, write_queue
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = "outage"
@@ -77,7 +77,7 @@ def finish_search(search: subprocess.Popen, tmp_path: Path) -> str:
 
 
 def trial_runs(uri: str) -> list:
-    with tracking_store.fail_fast_http():
+    with store.fail_fast_http():
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         return client.search_runs([experiment.experiment_id], "tags.run_kind = 'trial'") if experiment else []
@@ -93,7 +93,7 @@ def kill_after_first_metric(server: MlflowServer, search: subprocess.Popen) -> N
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
-    with tracking_store.fail_fast_http():
+    with store.fail_fast_http():
         return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
@@ -132,7 +132,7 @@ def test_queued_writes_keep_their_order_and_find_their_run(tmp_path, caplog):
     """Writes to a port nobody listens on wait, in order, behind one warning; once a store answers they arrive,
     the metrics under the run that the queued create_run made."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking_store.check_tracking(uri)
+    store.check_tracking(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("queue")
     parent = client.create_run(experiment).info.run_id
@@ -140,7 +140,7 @@ def test_queued_writes_keep_their_order_and_find_their_run(tmp_path, caplog):
     writes = write_queue.PendingWrites(MlflowClient(f"http://127.0.0.1:{free_port()}"), {}, warnings.append)
     create = {"experiment_id": experiment, "run_name": "t1", "start_time": 1,
               "tags": {MLFLOW_PARENT_RUN_ID: parent, "trial_id": "t1"}}
-    with tracking_store.fail_fast_http():
+    with store.fail_fast_http():
         writes.add("t1", "create_run", create)
         for step in (1, 2, 3):
             writes.add("t1", "log_batch", write_queue.batch([Metric("loss_d", step / 10, 1000 + step, step)]))
@@ -185,7 +185,7 @@ def test_writes_a_gone_server_never_took_are_saved_and_replayed(servers, tmp_pat
     assert err.count("mlflow tracking: store unreachable") == 1, err
     back.wait()
     assert_saved_or_logged(tmp_path / "ray" / "study", back.uri)
-    assert tracking.main(["replay", str(saved), "--tracking-uri", back.uri]) == 0
+    assert __main__.main(["replay", str(saved), "--tracking-uri", back.uri]) == 0
     assert not saved.exists()
     assert_every_epoch_logged(back.uri)
     client = MlflowClient(back.uri)

@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 
-from gan_tune import checkpoint, losses, train
-from gan_tune.config import TrainConfig
-from gan_tune.data import BUNDLED, load_mnist
+from gan_tune import train
+from gan_tune.training import checkpoint, loop, losses, step
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import BUNDLED, load_mnist
 
 CPU = torch.device("cpu")
 TINY = dict(width=0.25, batch_size=32, steps_per_epoch=4, data_source=BUNDLED, subset=256, eval_every=0)
@@ -27,10 +28,10 @@ def params(module):
 
 def test_one_iteration_changes_both_models_and_losses_are_finite(images):
     cfg = TrainConfig(**TINY)
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     g0, d0 = params(gan.g), params(gan.d)
-    sums = torch.zeros(len(train.D_STATS) + len(train.G_STATS))
-    train.train_iteration(gan, images, torch.arange(32).view(1, 32), gen, sums)
+    sums = torch.zeros(len(step.D_STATS) + len(step.G_STATS))
+    step.train_iteration(gan, images, torch.arange(32).view(1, 32), gen, sums)
     assert all(not torch.equal(a, b) for a, b in zip(g0, params(gan.g)))
     assert all(not torch.equal(a, b) for a, b in zip(d0, params(gan.d)))
     assert torch.isfinite(sums).all()
@@ -39,16 +40,16 @@ def test_one_iteration_changes_both_models_and_losses_are_finite(images):
 
 def test_n_disc_steps_d_more_often(images):
     cfg = TrainConfig(**{**TINY, "n_disc": 3, "steps_per_epoch": 6})
-    assert train.iterations_per_epoch(cfg, len(images)) == 2
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    train.train_epoch(gan, images, gen)
+    assert loop.iterations_per_epoch(cfg, len(images)) == 2
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    loop.train_epoch(gan, images, gen)
     assert gan.opt_d.state_dict()["state"][0]["step"] == 6
     assert gan.opt_g.state_dict()["state"][0]["step"] == 2
 
 
 def test_epoch_record_has_every_metric(images):
     cfg = TrainConfig(**TINY)
-    record = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))
+    record = loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))
     for key in ("loss_d", "loss_g", "d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob", "img_per_s", "epoch_time_s"):
         assert math.isfinite(record[key]), key
     assert record["d_acc"] == pytest.approx((record["d_acc_real"] + record["d_acc_fake"]) / 2)
@@ -61,8 +62,8 @@ def test_deterministic_on_cpu(images, model):
     cfg = TrainConfig(**{**TINY, "model": model})
     runs = []
     for _ in range(2):
-        gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-        runs.append([train.train_epoch(gan, images, gen)[k] for k in ("loss_d", "loss_g", "d_acc")])
+        gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+        runs.append([loop.train_epoch(gan, images, gen)[k] for k in ("loss_d", "loss_g", "d_acc")])
     assert runs[0] == runs[1]
 
 
@@ -70,35 +71,35 @@ def test_label_smoothing_changes_the_d_loss(images):
     losses = []
     for smoothing in (0.0, 0.2):
         cfg = TrainConfig(**{**TINY, "label_smoothing": smoothing})
-        losses.append(train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))["loss_d"])
+        losses.append(loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))["loss_d"])
     assert losses[0] != losses[1]
 
 
 def test_huge_learning_rate_diverges_and_fit_stops(images):
     cfg = TrainConfig(**{**TINY, "lr_d": 50.0, "lr_g": 50.0, "beta1": 0.0, "max_epochs": 5, "model": "mlp"})
-    records = list(train.fit(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU)))
+    records = list(loop.fit(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU)))
     assert records[-1]["balance"] == "diverged"
     assert len(records) < 5
 
 
 @pytest.mark.parametrize("acc,label", [(0.2, "D too weak"), (0.35, "borderline"), (0.5, "balanced"), (0.9, "D too strong")])
 def test_balance_bands(acc, label):
-    assert train.diagnose_balance({"loss_d": 1.0, "loss_g": 1.0, "d_acc": acc}) == label
-    assert train.diagnose_balance({"loss_d": math.nan, "loss_g": 1.0, "d_acc": acc}) == "diverged"
-    assert train.diagnose_balance({"loss_d": 1.0, "loss_g": 5.0e3, "d_acc": acc}) == "diverged"
+    assert loop.diagnose_balance({"loss_d": 1.0, "loss_g": 1.0, "d_acc": acc}) == label
+    assert loop.diagnose_balance({"loss_d": math.nan, "loss_g": 1.0, "d_acc": acc}) == "diverged"
+    assert loop.diagnose_balance({"loss_d": 1.0, "loss_g": 5.0e3, "d_acc": acc}) == "diverged"
 
 
 def test_state_round_trip_continues_identically(images):
     cfg = TrainConfig(**{**TINY, "max_epochs": 2})
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    straight = list(train.fit(gan, images, gen))
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    first = next(train.fit(gan, images, gen))
-    saved = checkpoint.state(gan, 1, train.fixed_noise(cfg, CPU), gen, [first])
-    gan2, gen2 = train.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 99}), CPU), torch.Generator()
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    straight = list(loop.fit(gan, images, gen))
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    first = next(loop.fit(gan, images, gen))
+    saved = checkpoint.state(gan, 1, loop.fixed_noise(cfg, CPU), gen, [first])
+    gan2, gen2 = step.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 99}), CPU), torch.Generator()
     gan2.cfg = cfg
     start, _, history = checkpoint.restore(gan2, saved, gen2)
-    resumed = list(train.fit(gan2, images, gen2, start_epoch=start))
+    resumed = list(loop.fit(gan2, images, gen2, start_epoch=start))
     assert start == 1 and len(history) == 1
     assert resumed[0]["loss_d"] == straight[1]["loss_d"] and resumed[0]["loss_g"] == straight[1]["loss_g"]
 
@@ -156,11 +157,11 @@ def test_cli_bad_yaml_key(tmp_path, capsys):
 
 def test_cpu_training_runs_eagerly_and_logs_why(images, caplog):
     cfg = TrainConfig(**TINY)  # cuda_graph defaults to on; a CPU cannot capture
-    assert train.graph_unavailable(cfg, CPU) == "CUDA graphs need a CUDA device (running on cpu)"
-    assert train.graph_unavailable(TrainConfig(**TINY, cuda_graph=False), torch.device("cuda")) == "cuda_graph is off"
-    assert train.graph_unavailable(cfg, torch.device("cuda")) is None
-    with caplog.at_level("INFO", logger="gan_tune.train"):
-        record = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))
+    assert step.graph_unavailable(cfg, CPU) == "CUDA graphs need a CUDA device (running on cpu)"
+    assert step.graph_unavailable(TrainConfig(**TINY, cuda_graph=False), torch.device("cuda")) == "cuda_graph is off"
+    assert step.graph_unavailable(cfg, torch.device("cuda")) is None
+    with caplog.at_level("INFO", logger="gan_tune.training.step"):
+        record = loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))
     assert record["step_mode"] == "eager"
     assert "training step runs eagerly: CUDA graphs need a CUDA device" in caplog.text
 
@@ -170,7 +171,7 @@ def test_bf16_precision_trains_close_to_fp32(images):
     records = {}
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(**{**TINY, "precision": precision, "steps_per_epoch": 2})
-        records[precision] = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))
+        records[precision] = loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))
     for key in ("loss_d", "loss_g", "d_fake_prob"):
         assert records["bf16"][key] != records["fp32"][key]  # autocast really ran in bf16
         assert records["bf16"][key] == pytest.approx(records["fp32"][key], rel=0.05), key
@@ -201,12 +202,12 @@ def batch_norms(module):
 
 def test_g_ema_is_the_hand_computed_average_of_g_after_each_step(images):
     cfg = TrainConfig(**TINY, g_ema=0.5)
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     expected = params(gan.g)  # the average starts at G's initial weights
-    sums = torch.zeros(train.N_STATS)
-    for step in range(12):
-        train.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * (step % 4), gen, sums)
-        decay = min(0.5, (1 + step) / (10 + step))  # the warm-up: 0.1, 0.18, ..., then 0.5 from the 9th update
+    sums = torch.zeros(step.N_STATS)
+    for n in range(12):
+        step.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * (n % 4), gen, sums)
+        decay = min(0.5, (1 + n) / (10 + n))  # the warm-up: 0.1, 0.18, ..., then 0.5 from the 9th update
         expected = [decay * e + (1 - decay) * p for e, p in zip(expected, params(gan.g))]
     averaged = params(gan.g_ema)
     assert all(torch.allclose(a, e, rtol=0, atol=1e-6) for a, e in zip(averaged, expected))
@@ -215,14 +216,14 @@ def test_g_ema_is_the_hand_computed_average_of_g_after_each_step(images):
 
 
 def test_g_ema_off_keeps_no_average_and_evaluates_g_itself():
-    gan = train.make_gan(TrainConfig(**TINY), CPU)
+    gan = step.make_gan(TrainConfig(**TINY), CPU)
     assert gan.g_ema is None and gan.eval_generator() is gan.g
 
 
 def test_averaged_g_gets_batch_norm_statistics_recomputed_for_its_weights(images):
     cfg = TrainConfig(**TINY, g_ema=0.9)
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-    train.train_epoch(gan, images, gen)
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    loop.train_epoch(gan, images, gen)
     before = [bn.running_var.clone() for bn in batch_norms(gan.g_ema)]
     evaluated = gan.eval_generator()
     assert evaluated is gan.g_ema and not evaluated.training
@@ -236,18 +237,18 @@ def test_averaged_g_gets_batch_norm_statistics_recomputed_for_its_weights(images
 
 def test_fit_scores_the_averaged_generator(images):
     cfg = TrainConfig(**{**TINY, "g_ema": 0.9, "eval_every": 1, "max_epochs": 1})
-    gan = train.make_gan(cfg, CPU)
+    gan = step.make_gan(cfg, CPU)
     scored = []
-    list(train.fit(gan, images, train.make_generator(cfg, CPU), scorer=lambda g, latent: scored.append(g) or {}))
+    list(loop.fit(gan, images, loop.make_generator(cfg, CPU), scorer=lambda g, latent: scored.append(g) or {}))
     assert scored == [gan.g_ema] and gan.g_ema_bn_fresh
 
 
 @pytest.mark.parametrize("loss", sorted(losses.LOSSES))
 def test_each_loss_family_trains_with_finite_losses_and_accuracies_in_range(images, loss):
     cfg = TrainConfig(**TINY, loss=loss, d_norm="none" if loss == "wgan-gp" else "batch")
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     for _ in range(2):
-        record = train.train_epoch(gan, images, gen)
+        record = loop.train_epoch(gan, images, gen)
         assert all(math.isfinite(record[k]) for k in ("loss_d", "loss_g")), record
         for key in ("d_acc_real", "d_acc_fake", "d_acc", "d_fake_prob"):
             assert 0 <= record[key] <= 1, key
@@ -258,22 +259,22 @@ def test_loss_families_differ_from_the_default(images):
     values = {}
     for loss in losses.LOSSES:
         cfg = TrainConfig(**TINY, loss=loss, d_norm="none")
-        values[loss] = train.train_epoch(train.make_gan(cfg, CPU), images, train.make_generator(cfg, CPU))["loss_d"]
+        values[loss] = loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))["loss_d"]
     assert len(set(values.values())) == len(values)
 
 
 def test_divergence_threshold_comes_from_the_loss_family():
     stats = {"loss_d": -40.0, "loss_g": 5.0e3, "d_acc": 0.5}
-    assert train.diagnose_balance(stats, "ns") == "diverged"
-    assert train.diagnose_balance(stats, "wgan-gp") == "balanced"  # a critic's level drifts; its losses may be large
-    assert train.diagnose_balance({**stats, "loss_d": -5.0e6}, "wgan-gp") == "diverged"
+    assert loop.diagnose_balance(stats, "ns") == "diverged"
+    assert loop.diagnose_balance(stats, "wgan-gp") == "balanced"  # a critic's level drifts; its losses may be large
+    assert loop.diagnose_balance({**stats, "loss_d": -5.0e6}, "wgan-gp") == "diverged"
 
 
 def test_spectral_norm_holds_each_d_weight_at_singular_value_one(images):
     cfg = TrainConfig(**TINY, model="dcgan", d_norm="spectral")
-    gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     assert not batch_norms(gan.d)
-    train.train_epoch(gan, images, gen)
+    loop.train_epoch(gan, images, gen)
     layers = [m for m in gan.d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(layers) == 3
     gan.d.eval()  # eval: read the weight with the power iteration's current estimate, no further iteration
@@ -290,10 +291,10 @@ def test_r1_penalty_changes_the_d_update(images):
     updated = []
     for gamma in (0.0, 10.0):
         cfg = TrainConfig(**TINY, r1_gamma=gamma)
-        gan, gen = train.make_gan(cfg, CPU), train.make_generator(cfg, CPU)
-        sums = torch.zeros(train.N_STATS)
-        for step in range(2):  # Adam's first update is about lr * sign(gradient): a second one shows magnitudes
-            train.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * step, gen, sums)
+        gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+        sums = torch.zeros(step.N_STATS)
+        for n in range(2):  # Adam's first update is about lr * sign(gradient): a second one shows magnitudes
+            step.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * n, gen, sums)
         updated.append((params(gan.d), sums[0].clone()))
     (d_off, loss_off), (d_on, loss_on) = updated
     assert all(not torch.equal(a, b) for a, b in zip(d_off, d_on))

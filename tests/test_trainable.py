@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from gan_tune.config import ConfigError
-from gan_tune.checkpoint import FILE as CHECKPOINT_FILE
-from gan_tune.metrics import DIVERGED_SCORES
-from gan_tune.trainable import REPORTED_METRICS, epoch_metrics, trial_config
+from gan_tune.quality.measures import DIVERGED_SCORES
+from gan_tune.training.checkpoint import FILE as CHECKPOINT_FILE
+from gan_tune.training.config import ConfigError
+from gan_tune.tuning.trainable import REPORTED_METRICS, epoch_metrics, trial_config
 
 
 def test_trial_config_is_built_once_and_rejects_unknown_keys():

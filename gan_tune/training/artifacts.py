@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from gan_tune.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW  # noqa: E402
+from gan_tune.training.config import BALANCED_BAND, WARN_ABOVE, WARN_BELOW  # noqa: E402
 
 GRID_ROWS = 8
 SAMPLES = "samples"  # the folder of per-epoch grids, in run folders, trial folders and MLflow

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from ray import tune
 
-from gan_tune.trial_runs import error_line
+from gan_tune.tracking.child_runs import error_line
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # read by Tune when fit() starts: "0" selects the CLIReporter engine
 TABLE_EVERY_S = 30  # Tune's own heartbeat period

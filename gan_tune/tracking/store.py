@@ -24,7 +24,7 @@ import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gan_tune.config import ConfigError, first_line
+from gan_tune.training.config import ConfigError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "gan_tune"

@@ -37,15 +37,16 @@ import ray
 import torch
 from ray import tune
 
-from gan_tune import artifacts, checkpoint, metrics, train
-from gan_tune.config import TrainConfig, from_dict, resolve_derived
-from gan_tune.data import DataError, Mnist
+from gan_tune.quality import measures, scorer
+from gan_tune.training import artifacts, checkpoint, loop, step
+from gan_tune.training.config import TrainConfig, from_dict, resolve_derived
+from gan_tune.training.data import DataError, Mnist
 
 log = logging.getLogger(__name__)  # a worker's warnings reach the driver's console through Ray's log forwarding
 
 CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{6}")  # Ray's name for the N-th checkpoint of a trial
 # Every key of a report (Tune adds time_total_s): the epoch record, the scores, and where they came from.
-REPORTED_METRICS = (*train.RECORD_KEYS, *metrics.SCORE_KEYS, "score_epoch", "lr_d", "lr_g",
+REPORTED_METRICS = (*loop.RECORD_KEYS, *measures.SCORE_KEYS, "score_epoch", "lr_d", "lr_g",
                     "node_id", "data_source", "restored_from", "restored_epoch", "restore_note")
 # Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
@@ -70,7 +71,7 @@ def trial_cpus() -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def restore(gan: train.Gan, generator: torch.Generator,
+def restore(gan: step.Gan, generator: torch.Generator,
             tune_checkpoint: tune.Checkpoint) -> tuple[int, torch.Tensor, list, dict]:
     """Load a checkpoint (own, or another trial's after a PBT exploit); lr_d/lr_g come from this trial."""
     with tune_checkpoint.as_directory() as folder:
@@ -92,7 +93,7 @@ def earlier_checkpoints(latest: tune.Checkpoint) -> list[tune.Checkpoint]:
     return [tune.Checkpoint(posixpath.join(folder, older), filesystem=latest.filesystem) for older in names]
 
 
-def restore_readable(gan: train.Gan, generator: torch.Generator, latest: tune.Checkpoint,
+def restore_readable(gan: step.Gan, generator: torch.Generator, latest: tune.Checkpoint,
                      noise: torch.Tensor) -> tuple[int, torch.Tensor, list, dict]:
     """`restore` the newest readable of `latest` and the ones saved before it; none readable: epoch 0.
 
@@ -118,9 +119,9 @@ def restore_readable(gan: train.Gan, generator: torch.Generator, latest: tune.Ch
                           "restore_note": f"unreadable {', '.join(unreadable)}; started fresh"}
 
 
-def report(result: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
+def report(result: dict, gan: step.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
     """tune.report, with a checkpoint when train.due says so (every `checkpoint_every` epochs, the last, never diverged)."""
-    if not train.due(gan.cfg, result["epoch"], result["balance"] == "diverged").checkpoint:
+    if not loop.due(gan.cfg, result["epoch"], result["balance"] == "diverged").checkpoint:
         tune.report(result)
         return
     saved = checkpoint.state(gan, result["epoch"], noise, generator, history, tune.get_context().get_trial_id())
@@ -132,22 +133,22 @@ def report(result: dict, gan: train.Gan, noise: torch.Tensor, generator: torch.G
 def epoch_metrics(record: dict, scores: dict, context: dict) -> dict:
     """One report: the epoch record, the latest scores (carried between evaluations) and the context."""
     if record["balance"] == "diverged":
-        scores.update(metrics.DIVERGED_SCORES, score_epoch=record["epoch"])
+        scores.update(measures.DIVERGED_SCORES, score_epoch=record["epoch"])
     elif "fid" in record:
-        scores.update({key: record[key] for key in metrics.SCORE_KEYS}, score_epoch=record["epoch"])
+        scores.update({key: record[key] for key in measures.SCORE_KEYS}, score_epoch=record["epoch"])
     return {**record, **scores, **context}
 
 
-def write_trial_files(trial_dir: Path, gan: train.Gan, noise: torch.Tensor, history: list) -> None:
+def write_trial_files(trial_dir: Path, gan: step.Gan, noise: torch.Tensor, history: list) -> None:
     """On sampling epochs (train.due; always the last and a diverged one): the grid and a finished run's files.
 
     Written before the epoch's report: a trial that Tune stops (ASHA, the GAN stopper, the time budget)
     runs no code after its last report, so its folder must be complete by then.
     """
     epoch = history[-1]["epoch"]
-    if not train.due(gan.cfg, epoch, history[-1]["balance"] == "diverged").sample:
+    if not loop.due(gan.cfg, epoch, history[-1]["balance"] == "diverged").sample:
         return
-    images = train.generate(gan.eval_generator(), noise)
+    images = loop.generate(gan.eval_generator(), noise)
     artifacts.save_grid(images, trial_dir / artifacts.SAMPLES / artifacts.grid_name(epoch))
     artifacts.write_summary(trial_dir, images, history)
 
@@ -156,7 +157,7 @@ def last_scores(history: list[dict]) -> dict:
     """The scores to carry forward after a restore: those of the checkpoint's last epoch, if any."""
     if not history or "score_epoch" not in history[-1]:
         return {}
-    return {key: history[-1][key] for key in (*metrics.SCORE_KEYS, "score_epoch")}
+    return {key: history[-1][key] for key in (*measures.SCORE_KEYS, "score_epoch")}
 
 
 def fault_gate(epoch: int) -> None:
@@ -186,10 +187,10 @@ def train_gan(config: dict[str, Any], data: Mnist, quiet: bool = False) -> None:
         logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     cfg = trial_config(config)
     torch.set_num_threads(trial_cpus())
-    device = train.resolve_device(cfg.device)  # cuda only when Ray gave this trial a GPU
+    device = step.resolve_device(cfg.device)  # cuda only when Ray gave this trial a GPU
     data = data.to(device)
-    gan, generator = train.make_gan(cfg, device), train.make_generator(cfg, device)
-    start_epoch, noise, history = 0, train.fixed_noise(cfg, device), []
+    gan, generator = step.make_gan(cfg, device), loop.make_generator(cfg, device)
+    start_epoch, noise, history = 0, loop.fixed_noise(cfg, device), []
     context = {"node_id": ray.get_runtime_context().get_node_id(), "data_source": data.source,
                "restored_from": "", "restored_epoch": 0, "restore_note": ""}
     latest = tune.get_checkpoint()
@@ -200,7 +201,7 @@ def train_gan(config: dict[str, Any], data: Mnist, quiet: bool = False) -> None:
     context.update(lr_d=gan.opt_d.param_groups[0]["lr"], lr_g=gan.opt_g.param_groups[0]["lr"])
     scores = last_scores(history)
     trial_dir = Path.cwd()  # the trial's working directory (see the module docstring)
-    for record in train.fit(gan, data.images, generator, start_epoch, train.build_scorer(cfg, data, device)):
+    for record in loop.fit(gan, data.images, generator, start_epoch, scorer.build_scorer(cfg, data, device)):
         result = epoch_metrics(record, scores, context)
         history.append(result)
         write_trial_files(trial_dir, gan, noise, history)

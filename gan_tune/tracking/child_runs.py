@@ -25,10 +25,20 @@ from ray import tune
 from ray.tune.result import TIME_TOTAL_S
 from ray.tune.utils import flatten_dict
 
-from gan_tune.search_run import MAX_PARAMS_PER_BATCH, NOT_METRICS, numeric_metrics, truncate
-from gan_tune.tracking_store import fail_fast_http, now_ms
-from gan_tune.trial_files import TrialFiles, trial_files, upload_files
-from gan_tune.write_queue import FINAL_PATIENCE_S, PendingWrites, batch, write_undelivered
+from gan_tune.tracking.parent_run import (
+    MAX_PARAMS_PER_BATCH,
+    NOT_METRICS,
+    numeric_metrics,
+    truncate,
+)
+from gan_tune.tracking.store import fail_fast_http, now_ms
+from gan_tune.tracking.trial_files import TrialFiles, trial_files, upload_files
+from gan_tune.tracking.write_queue import (
+    FINAL_PATIENCE_S,
+    PendingWrites,
+    batch,
+    write_undelivered,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ parent run before any trial starts, and the trials' child runs (trial_runs) hang
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -23,14 +24,24 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
-from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, TIME_THIS_ITER_S, TIME_TOTAL_S
+from ray.tune.result import (
+    AUTO_RESULT_KEYS,
+    DEBUG_METRICS,
+    TIME_THIS_ITER_S,
+    TIME_TOTAL_S,
+)
 from ray.tune.utils import flatten_dict
 
 import gan_tune
-from gan_tune import checkpoint
-from gan_tune.finalists import kept_checkpoints
-from gan_tune.tracking_store import fail_fast_http, first_line, is_outage, now_ms, using_tracking_uri
-from gan_tune.train import generate
+from gan_tune.tracking.store import (
+    fail_fast_http,
+    is_outage,
+    now_ms,
+    using_tracking_uri,
+)
+from gan_tune.training import checkpoint
+from gan_tune.training.config import first_line
+from gan_tune.training.loop import generate
 
 MODEL_NAME = "generator"
 EXPERIMENT_PATH_TAG = "ray.experiment_path"
@@ -240,3 +251,12 @@ def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 def truncate(text: str, limit: int = MAX_TAG_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def kept_checkpoints(result: tune.Result, metric: str) -> list[tuple[tune.Checkpoint, dict]]:
+    """The trial's kept checkpoints whose report has a finite score."""
+    return [(ckpt, reported) for ckpt, reported in (result.best_checkpoints or []) if finite(reported.get(metric))]

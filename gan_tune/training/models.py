@@ -7,15 +7,22 @@ BCE-with-logits loss, never Sigmoid + BCELoss). `d_norm` then sets D's normalisa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from gan_tune.config import TrainConfig
 
-Builder = Callable[["TrainConfig"], tuple[nn.Module, nn.Module]]
+class ModelSettings(Protocol):
+    """The TrainConfig fields a builder reads (config imports this module to validate names, not the reverse)."""
+
+    model: str
+    latent_dim: int
+    width: float
+    d_norm: str
+
+
+Builder = Callable[[ModelSettings], tuple[nn.Module, nn.Module]]
 MODELS: dict[str, Builder] = {}
 
 DCGAN_INIT_STD = 0.02  # Radford et al. 2015: all weights from N(0, 0.02), BN scales from N(1, 0.02)
@@ -33,7 +40,7 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return add
 
 
-def build_models(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: ModelSettings) -> tuple[nn.Module, nn.Module]:
     if cfg.model not in MODELS:
         raise KeyError(f"unknown model family {cfg.model!r} (known: {', '.join(sorted(MODELS))})")
     g, d = MODELS[cfg.model](cfg)
@@ -90,7 +97,7 @@ class Logit(nn.Module):
 
 
 @register_model("mlp")
-def mlp(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
+def mlp(cfg: ModelSettings) -> tuple[nn.Module, nn.Module]:
     """Goodfellow-style MLP GAN: G latent->256->512->1024->784, D 784->512->256->1."""
     h = [channels(c, cfg.width) for c in (256, 512, 1024)]
     g = nn.Sequential(
@@ -110,7 +117,7 @@ def mlp(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
 
 
 @register_model("dcgan")
-def dcgan(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
+def dcgan(cfg: ModelSettings) -> tuple[nn.Module, nn.Module]:
     """pytorch/examples DCGAN resized for 28x28: ConvTranspose 7 -> 14 -> 28, conv D 28 -> 14 -> 7 -> 1."""
     c1, c2 = channels(256, cfg.width), channels(128, cfg.width)
     g = nn.Sequential(
@@ -131,7 +138,7 @@ def dcgan(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
 
 
 @register_model("balanced")
-def balanced(cfg: "TrainConfig") -> tuple[nn.Module, nn.Module]:
+def balanced(cfg: ModelSettings) -> tuple[nn.Module, nn.Module]:
     """The TF-tutorial-style DCGAN with upsampling + conv G (no checkerboard from ConvTranspose).
 
     At latent 100, width 1: G has 1,649,089 parameters and D 373,761.

@@ -6,19 +6,20 @@ trial's config dict into a TrainConfig once) and the search spaces all name thes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import yaml
 
-from gan_tune.losses import LOSSES
-from gan_tune.models import D_NORMS, MODELS  # models imports this module for type hints only
+from gan_tune.training.losses import LOSSES
+from gan_tune.training.models import (  # models imports this module for type hints only
+    D_NORMS,
+    MODELS,
+)
 
 # Balanced-DCGAN recipe (TF DCGAN tutorial lineage): D learns twice as fast as G, Adam beta1 0.5.
 DEFAULT_LR_D = 2.0e-4
@@ -49,25 +50,6 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class CliParser(argparse.ArgumentParser):
-    """The parser of every gan_tune command: a bad flag is one `error: FLAG: why` line and exit 2, like every
-    other input mistake, instead of argparse's usage block (sub-commands inherit the class)."""
-
-    def error(self, message: str) -> NoReturn:
-        flag_first = re.sub(r"^argument ([^:]+): ", r"\1: ", message)  # "argument --seed: ..." -> "--seed: ..."
-        print(f"error: {flag_first}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def device_arg(text: str) -> str:
-    """argparse type of a --device flag: cpu, cuda[:N] or mps, present on this machine."""
-    if re.fullmatch(r"cpu|mps|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda[:N] or mps")
-    if not device_available(text):
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no such device")
-    return text
-
-
 def device_available(name: str) -> bool:
     """Whether a device name (TrainConfig.device's form) exists on this machine; auto always does."""
     import torch  # late: reading a config needs no torch
@@ -78,14 +60,6 @@ def device_available(name: str) -> bool:
     if kind == "mps":
         return torch.backends.mps.is_available()
     return True
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of a --seed flag: an integer numpy accepts as a seed."""
-    value = int(text)
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"{value} is out of range [0, {SEED_MAX}]")
-    return value
 
 
 @dataclass
@@ -256,7 +230,6 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConf
 
 def save(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
 
 
 @dataclass(frozen=True)

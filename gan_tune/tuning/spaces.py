@@ -11,18 +11,30 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ray import tune
-from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining,
-                                 TrialScheduler)
-from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
-
-from gan_tune.config import DERIVED_PARAMS, FIELD_TYPES, ConfigError, TrainConfig, coerce, from_dict, read_yaml
-from gan_tune.metrics import OBJECTIVES
+from gan_tune.quality.measures import OBJECTIVES
+from gan_tune.training.config import (
+    DERIVED_PARAMS,
+    FIELD_TYPES,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    from_dict,
+    read_yaml,
+)
+from gan_tune.tuning.space_values import (
+    BOUNDED,
+    check_int,
+    check_name,
+    check_number,
+    check_open_int,
+    parse_distribution,
+    parse_duration,
+    prefixed,
+)
 
 TOP_LEVEL = ("description", "base", "search", "metric", "mode", "num_samples", "max_epochs", "search_alg",
              "scheduler", "resources", "time_budget", "finalists", "cpu")
@@ -35,6 +47,8 @@ FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "ou
 PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
 # Bounded above ([0, 1)): PBT multiplies a continuous value by 1.2 again and again, a choice steps between values.
 PBT_CHOICE_ONLY = ("beta1",)
+# the searchers tuning.schedulers makes (SEARCH_ALGS); this module checks names only
+SEARCH_ALG_NAMES = ("random", "grid", "optuna")
 TIME_ATTR = "training_iteration"  # one report per epoch, restored with the checkpoint
 MAX_SEED = 2**31 - 1
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
@@ -42,14 +56,6 @@ DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 # (finalists.py): FID at 1,000 samples moves by several points between neighbouring epochs. trials 0: off.
 DEFAULT_FINALISTS = {"trials": 3, "samples": 10_000}
 
-DISTRIBUTIONS: dict[str, Callable[[list], Any]] = {
-    "loguniform": lambda a: tune.loguniform(a[0], a[1]),  # [low, high)
-    "uniform": lambda a: tune.uniform(a[0], a[1]),  # [low, high)
-    "randint": lambda a: tune.randint(a[0], a[1] + 1),  # [low, high], both ends, unlike tune.randint
-    "choice": tune.choice,
-    "grid": tune.grid_search,
-}
-BOUNDED = ("loguniform", "uniform", "randint")
 # Settings each scheduler accepts, with their defaults (None: required).
 SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
     "asha": {"grace_period": 1, "reduction_factor": 3, "brackets": 1},
@@ -156,35 +162,6 @@ def check_top_level(raw: dict[str, Any], where: str) -> None:
             raise ConfigError(key, "missing (required)", where=where)
 
 
-def check_int(value: Any, key: str, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(key, f"expected an integer >= {low}, got {value!r}", where=where)
-    return value
-
-
-def check_open_int(raw: dict[str, Any], key: str, time_budget_s: float | None, where: str) -> int | None:
-    """num_samples or max_epochs: a count >= 1, or absent (null) for "until the time budget ends"."""
-    if raw.get(key) is not None:
-        return check_int(raw[key], key, where, low=1)
-    if time_budget_s is None:
-        raise ConfigError(key, "missing: give a number, or a time_budget to run until", where=where)
-    return None
-
-
-def check_number(value: Any, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(key, f"expected a finite number, got {type(value).__name__} {value!r}"
-                          " (write floats with a dot: 1.0e-4)", where=where)
-    return value
-
-
-def check_name(value: Any, known: Any, key: str, what: str, where: str) -> str:
-    """A name from `known` (a registry); a list or mapping in its place is named, not a TypeError."""
-    if not isinstance(value, str) or value not in known:
-        raise ConfigError(key, f"unknown {what} {value!r} (known: {', '.join(known)})", where=where)
-    return value
-
-
 def parse_base(base: Any, max_epochs: int, where: str) -> dict[str, Any]:
     """Fixed TrainConfig values; the whole config is built once so every field is checked."""
     if not isinstance(base, dict):
@@ -196,14 +173,6 @@ def parse_base(base: Any, max_epochs: int, where: str) -> dict[str, Any]:
         values[key] = prefixed(lambda: coerce(key, value), "base", where)
     prefixed(lambda: from_dict({**values, "max_epochs": max_epochs}), "base", where)
     return values
-
-
-def prefixed(check: Callable[[], Any], prefix: str, where: str) -> Any:
-    """Run a config check, naming the key inside `prefix` (base.lr_d) and the file in any error."""
-    try:
-        return check()
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}.{err.key}", err.msg, where=where) from None
 
 
 def parse_search(search: Any, base: dict[str, Any], where: str) -> dict[str, tuple[str, list]]:
@@ -238,68 +207,6 @@ def check_pairs(search: dict[str, tuple[str, list]], base: dict[str, Any], where
                                       where=where) from None
 
 
-def parse_distribution(spec: Any, field: str, key: str, base: dict[str, Any], where: str,
-                       searched: set[str] = frozenset()) -> tuple[str, list]:
-    """{loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}, checked against the field's type."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        known = ", ".join(DISTRIBUTIONS)
-        raise ConfigError(key, f"expected one {{distribution: arguments}} (distributions: {known})", where=where)
-    (kind, args), = spec.items()
-    if kind not in DISTRIBUTIONS:
-        raise ConfigError(key, f"unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})", where=where)
-    if not isinstance(args, list) or not args:
-        raise ConfigError(key, f"{kind} takes a non-empty list", where=where)
-    field_type = FIELD_TYPES.get(field, "float")  # derived params are floats
-    if kind in BOUNDED:
-        low, high = check_bounds(kind, args, field, field_type, key, where)
-        # uniform and loguniform draw from [low, high): the largest value they can draw is the float below high
-        top = high if kind == "randint" else math.nextafter(high, low)
-        for value, bound in ((low, "low"), (top, "high")):
-            check_value(field, value, base, key, where, f"{kind} {bound} {value if value == low else high}", searched)
-        return kind, [low, high]
-    values = [check_value(field, value, base, key, where, searched=searched) for value in args]
-    return kind, values
-
-
-def check_bounds(kind: str, args: list, field: str, field_type: str, key: str, where: str) -> tuple:
-    if len(args) != 2:
-        raise ConfigError(key, f"{kind} takes [low, high], got {args!r}", where=where)
-    low, high = (check_number(value, key, where) for value in args)
-    if kind == "randint" and not all(isinstance(v, int) for v in args):
-        raise ConfigError(key, f"randint bounds must be integers, got {args!r}", where=where)
-    if field_type not in ("int", "float"):
-        raise ConfigError(key, f"{field} is {field_type}: use choice", where=where)
-    if kind != "randint" and field_type != "float":
-        raise ConfigError(key, f"{kind} samples floats but {field} is {field_type} (use randint or choice)",
-                          where=where)
-    if low > high:
-        raise ConfigError(key, f"low {low} > high {high}", where=where)
-    if kind != "randint" and low == high:
-        raise ConfigError(key, f"low == high ({low}): put a fixed value in base", where=where)
-    if kind == "loguniform" and low <= 0:
-        raise ConfigError(key, f"loguniform needs low > 0, got {low}", where=where)
-    return low, high
-
-
-def check_value(field: str, value: Any, base: dict[str, Any], key: str, where: str, shown: str = "",
-                searched: set[str] = frozenset()) -> Any:
-    """A value a trial may get: the field's type, and a valid TrainConfig together with base. A clash with
-    another searched field's default (loss wgan-gp, d_norm searched) is left to check_pairs."""
-    if field in DERIVED_PARAMS:  # each scales its target field (lr_d = lr_g * lr_ratio), which must stay > 0
-        if check_number(value, key, where) <= 0:
-            raise ConfigError(key, f"{value}: must be > 0", where=where)
-        return value
-    try:
-        value = coerce(field, value)
-        from_dict({**base, field: value})
-    except ConfigError as err:
-        if err.key != field and err.key in searched:
-            return value
-        other = f"{err.key} " if err.key != field else ""  # a clash with base: batch_size 4096 vs subset 1000
-        raise ConfigError(key, f"{shown or repr(value)}: {other}{err.msg}", where=where) from None
-    return value
-
-
 def check_derived(search: dict[str, tuple[str, list]], base: dict[str, Any], where: str) -> None:
     """A derived param sets its target field, which nothing else may set; its inputs must be given."""
     for name in search.keys() & DERIVED_PARAMS.keys():
@@ -324,7 +231,7 @@ def check_metric(metric: Any, mode: Any, fixed: TrainConfig, where: str) -> tupl
 
 
 def check_search_alg(name: Any, search: dict[str, tuple[str, list]], where: str) -> str:
-    check_name(name, SEARCH_ALGS, "search_alg", "search algorithm", where)
+    check_name(name, SEARCH_ALG_NAMES, "search_alg", "search algorithm", where)
     for key, (kind, _) in search.items():
         if name == "grid" and kind != "grid":
             raise ConfigError(f"search.{key}", f"search_alg grid takes only grid entries, got {kind}", where=where)
@@ -337,8 +244,8 @@ def check_search_alg(name: Any, search: dict[str, tuple[str, list]], where: str)
 
 def parse_scheduler(raw: Any, fixed: TrainConfig, search_alg: str, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or "type" not in raw:
-        raise ConfigError("scheduler", f"expected a mapping with type: ({', '.join(SCHEDULERS)})", where=where)
-    kind = check_name(raw["type"], SCHEDULERS, "scheduler.type", "scheduler", where)
+        raise ConfigError("scheduler", f"expected a mapping with type: ({', '.join(SCHEDULER_CHECKS)})", where=where)
+    kind = check_name(raw["type"], SCHEDULER_CHECKS, "scheduler.type", "scheduler", where)
     defaults = SCHEDULER_SETTINGS[kind]
     for key in raw:
         if key != "type" and key not in defaults:
@@ -444,21 +351,6 @@ def parse_resources(raw: Any, where: str) -> dict[str, float]:
     return resources
 
 
-DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms])")
-SECONDS = {"h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(text: Any, key: str, where: str) -> float:
-    """'90s', '15m', '1h', '1h30m' -> seconds."""
-    text = str(text).strip()
-    if not text or not re.fullmatch(f"(?:{DURATION.pattern})+", text):
-        raise ConfigError(key, f"bad duration {text!r} (use e.g. 90s, 15m, 1h, 1h30m)", where=where)
-    seconds = sum(float(number) * SECONDS[unit] for number, unit in DURATION.findall(text))
-    if seconds <= 0:
-        raise ConfigError(key, f"bad duration {text!r}: must be > 0", where=where)
-    return seconds
-
-
 def describe_trials(space: Space) -> str:
     """The plan's trial count and length, "until the budget" where the space leaves one open."""
     trials = "new trials until the budget ends" if space.num_samples is None else str(space.num_samples)
@@ -466,89 +358,9 @@ def describe_trials(space: Space) -> str:
     return f"{trials}, each {epochs}" if space.num_samples is None else f"{trials} x {epochs}"
 
 
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def param_space(space: Space, seed: int) -> dict[str, Any]:
-    """Tune's param_space: fixed fields, one domain per searched key, and a per-trial seed.
-
-    Without a seed in the space, random and grid searches draw one per trial from the search
-    algorithm's seeded generator (reproducible for a given --seed); optuna gives every trial the
-    study seed, so its model of the objective is not fitted to seed noise.
-    """
-    params: dict[str, Any] = dict(space.train_fields)
-    params.update({key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items()})
-    if "seed" not in params:
-        params["seed"] = seed if space.search_alg == "optuna" else tune.randint(0, MAX_SEED)
-    return params
-
-
-def make_asha(space: Space) -> TrialScheduler:
-    s = space.scheduler
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs, grace_period=s["grace_period"],
-                         reduction_factor=s["reduction_factor"], brackets=s["brackets"])
-
-
-def make_hyperband(space: Space) -> TrialScheduler:
-    return HyperBandScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs,
-                              reduction_factor=space.scheduler["reduction_factor"])
-
-
-def make_pbt(space: Space) -> TrialScheduler:
-    s = space.scheduler
-    # choice becomes a plain list: PBT then steps to a neighbouring value instead of scaling a number
-    mutations = {key: args if kind == "choice" else DISTRIBUTIONS[kind](args)
-                 for key, (kind, args) in s["hyperparam_mutations"].items()}
-    return PopulationBasedTraining(
-        time_attr=TIME_ATTR, perturbation_interval=s["perturbation_interval"], burn_in_period=s["burn_in_period"],
-        hyperparam_mutations=mutations, quantile_fraction=s["quantile_fraction"],
-        resample_probability=s["resample_probability"])
-
-
-def make_fifo(space: Space) -> TrialScheduler:
-    return FIFOScheduler()
-
-
-SCHEDULERS: dict[str, Callable[[Space], TrialScheduler]] = {
-    "asha": make_asha, "hyperband": make_hyperband, "pbt": make_pbt, "fifo": make_fifo,
-}
 SCHEDULER_CHECKS = {
     "asha": check_asha, "hyperband": check_hyperband, "pbt": check_pbt, "fifo": check_fifo,
 }
-
-
-def make_basic_variant(space: Space, seed: int) -> SearchAlgorithm:
-    return BasicVariantGenerator(random_state=seed)
-
-
-def make_optuna(space: Space, seed: int) -> Searcher:
-    from ray.tune.search.optuna import OptunaSearch  # late: optuna is an optional extra
-
-    return OptunaSearch(seed=seed)
-
-
-SEARCH_ALGS: dict[str, Callable[[Space, int], SearchAlgorithm | Searcher]] = {
-    "random": make_basic_variant, "grid": make_basic_variant, "optuna": make_optuna,
-}
-
-
-def make_scheduler(space: Space) -> TrialScheduler:
-    return SCHEDULERS[space.scheduler["type"]](space)
-
-
-def make_search_alg(space: Space, seed: int) -> SearchAlgorithm | Searcher:
-    return SEARCH_ALGS[space.search_alg](space, seed)
-
-
-def describe_scheduler(space: Space) -> str:
-    settings = {k: v for k, v in space.scheduler.items() if k not in ("type", "hyperparam_mutations")}
-    mutated = space.scheduler.get("hyperparam_mutations")
-    if mutated:
-        settings["mutates"] = "+".join(mutated)
-    return f"{space.scheduler['type']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
-
 
 
 EDGE_SHARE = 0.10  # a best value in the outer 10 % of its searched range (on its scale) suggests a wider range

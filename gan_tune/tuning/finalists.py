@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from ray import tune
 
-from gan_tune import checkpoint
-from gan_tune.data import DataError, Mnist
-from gan_tune.metrics import METRICS, make_scorer
+from gan_tune.quality.measures import METRICS
+from gan_tune.quality.scorer import make_scorer
+from gan_tune.tracking.parent_run import finite, kept_checkpoints
+from gan_tune.training import checkpoint
+from gan_tune.training.data import DataError, Mnist
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,6 @@ class Finalist:
     @property
     def epoch(self) -> int:
         return int(self.reported["epoch"])
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def kept_checkpoints(result: tune.Result, metric: str) -> list[tuple[tune.Checkpoint, dict]]:
-    """The trial's kept checkpoints whose report has a finite score."""
-    return [(ckpt, reported) for ckpt, reported in (result.best_checkpoints or []) if finite(reported.get(metric))]
 
 
 def candidates(results: tune.ResultGrid, metric: str, mode: str, trials: int

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from gan_tune.config import ConfigError
-from gan_tune.search_run import child_run_id
-from gan_tune.tracking_store import fail_fast_http, first_line, is_outage
-from gan_tune.trial_files import upload_folder
+from gan_tune.tracking.parent_run import child_run_id
+from gan_tune.tracking.store import fail_fast_http, is_outage
+from gan_tune.tracking.trial_files import upload_folder
+from gan_tune.training.config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from gan_tune import config
-from gan_tune.config import TrainConfig
-from gan_tune.data import DataError
-from gan_tune.models import build_models
+from gan_tune.training import config
+from gan_tune.training.config import TrainConfig
+from gan_tune.training.data import DataError
+from gan_tune.training.models import build_models
 
 if TYPE_CHECKING:  # train imports this module; the Gan type is only needed for annotations
-    from gan_tune.train import Gan
+    from gan_tune.training.step import Gan
 
 FILE = "checkpoint.pt"
 REQUIRED_KEYS = ("config", "epoch", "g")  # what rebuilding a generator needs; resuming needs all of state()'s

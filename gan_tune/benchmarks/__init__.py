@@ -1,0 +1,6 @@
+"""Measurements behind the README's numbers: `throughput` (images/s, FID time, packing, parity),
+`strategies` (which search strategy finds a good generator fastest), `quality_table` (what each setting
+buys at equal wall time).
+
+May import: training, quality, tracking, tuning.
+"""

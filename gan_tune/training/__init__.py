@@ -1,0 +1,6 @@
+"""One GAN run: `config` (TrainConfig, validated), `data` (MNIST on the device), `models` (the families and
+D's normalisations), `losses`, `step` (one capture-safe D + G iteration, the CUDA graph), `loop` (an epoch
+with one host sync, the end-of-epoch schedule), `checkpoint`, `artifacts` (grids, plots, GIF).
+
+The bottom layer: imports no other gan_tune sub-package.
+"""

@@ -1,0 +1,94 @@
+"""Ray Tune objects made from a Space: the param space, the scheduler, the search algorithm."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
+
+from gan_tune.tuning.space_values import DISTRIBUTIONS
+from gan_tune.tuning.spaces import MAX_SEED, TIME_ATTR, Space
+
+
+def param_space(space: Space, seed: int) -> dict[str, Any]:
+    """Tune's param_space: fixed fields, one domain per searched key, and a per-trial seed.
+
+    Without a seed in the space, random and grid searches draw one per trial from the search
+    algorithm's seeded generator (reproducible for a given --seed); optuna gives every trial the
+    study seed, so its model of the objective is not fitted to seed noise.
+    """
+    params: dict[str, Any] = dict(space.train_fields)
+    params.update({key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items()})
+    if "seed" not in params:
+        params["seed"] = seed if space.search_alg == "optuna" else tune.randint(0, MAX_SEED)
+    return params
+
+
+def make_asha(space: Space) -> TrialScheduler:
+    s = space.scheduler
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs, grace_period=s["grace_period"],
+                         reduction_factor=s["reduction_factor"], brackets=s["brackets"])
+
+
+def make_hyperband(space: Space) -> TrialScheduler:
+    return HyperBandScheduler(time_attr=TIME_ATTR, max_t=space.max_epochs,
+                              reduction_factor=space.scheduler["reduction_factor"])
+
+
+def make_pbt(space: Space) -> TrialScheduler:
+    s = space.scheduler
+    # choice becomes a plain list: PBT then steps to a neighbouring value instead of scaling a number
+    mutations = {key: args if kind == "choice" else DISTRIBUTIONS[kind](args)
+                 for key, (kind, args) in s["hyperparam_mutations"].items()}
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR, perturbation_interval=s["perturbation_interval"], burn_in_period=s["burn_in_period"],
+        hyperparam_mutations=mutations, quantile_fraction=s["quantile_fraction"],
+        resample_probability=s["resample_probability"])
+
+
+def make_fifo(space: Space) -> TrialScheduler:
+    return FIFOScheduler()
+
+
+SCHEDULERS: dict[str, Callable[[Space], TrialScheduler]] = {
+    "asha": make_asha, "hyperband": make_hyperband, "pbt": make_pbt, "fifo": make_fifo,
+}
+
+
+def make_basic_variant(space: Space, seed: int) -> SearchAlgorithm:
+    return BasicVariantGenerator(random_state=seed)
+
+
+def make_optuna(space: Space, seed: int) -> Searcher:
+    from ray.tune.search.optuna import OptunaSearch  # late: optuna is an optional extra
+
+    return OptunaSearch(seed=seed)
+
+
+SEARCH_ALGS: dict[str, Callable[[Space, int], SearchAlgorithm | Searcher]] = {
+    "random": make_basic_variant, "grid": make_basic_variant, "optuna": make_optuna,
+}
+
+
+def make_scheduler(space: Space) -> TrialScheduler:
+    return SCHEDULERS[space.scheduler["type"]](space)
+
+
+def make_search_alg(space: Space, seed: int) -> SearchAlgorithm | Searcher:
+    return SEARCH_ALGS[space.search_alg](space, seed)
+
+
+def describe_scheduler(space: Space) -> str:
+    settings = {k: v for k, v in space.scheduler.items() if k not in ("type", "hyperparam_mutations")}
+    mutated = space.scheduler.get("hyperparam_mutations")
+    if mutated:
+        settings["mutates"] = "+".join(mutated)
+    return f"{space.scheduler['type']}({', '.join(f'{k}={v}' for k, v in settings.items())})"
