@@ -21,6 +21,7 @@ from gan_tune.quality.scorer import GPU_FID_SAMPLES
 from gan_tune.training.config import ConfigError, TrainConfig
 from gan_tune.training.data import BUNDLED, load_mnist
 from gan_tune.training.models import MODELS
+from gan_tune.tuning.cluster import mps_running
 
 
 def counts(flag: str, text: str) -> list[int]:
@@ -96,6 +97,7 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
             packed_search(trials, device, data, steps=4, epochs=3)
         if len(reference):
             packed["x a"] = round(packed["aggregate_img_per_s"] / reference.item(), 1)
+        packed["mps"] = mps_running()  # without MPS, processes sharing a GPU take turns on it
         extra[f"packed {trials} trials"] = packed
     if args.packed:
         aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}

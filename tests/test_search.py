@@ -15,7 +15,7 @@ from ray import tune
 
 from gan_tune import search, train
 from gan_tune.training.config import load as load_config
-from gan_tune.tuning import space_values, spaces, storage, summary, trainable, tuner
+from gan_tune.tuning import cluster, space_values, spaces, storage, summary, trainable, tuner
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 
@@ -372,3 +372,12 @@ def test_the_console_shows_the_table_and_one_line_per_trial_event(tmp_path):
         assert noise not in quiet, noise
     verbose = search_output("verbose", "--verbose")
     assert "started with configuration" in verbose and "Checkpoint successfully created" in verbose
+
+
+def test_sharing_a_gpu_without_mps_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(cluster.MPS_PIPE_ENV, str(tmp_path))
+    note = cluster.sharing_note(0.25)
+    assert note.startswith("note: 0.25 GPU per trial shares each GPU between 4 trials") and "\n" not in note
+    assert cluster.sharing_note(1.0) is None and cluster.sharing_note(0) is None  # nothing shared
+    (tmp_path / "control").touch()  # an MPS control daemon's pipe
+    assert cluster.mps_running() and cluster.sharing_note(0.25) is None

@@ -25,7 +25,12 @@ from gan_tune.tracking import child_runs, parent_run, store
 from gan_tune.training.config import first_line, from_dict, resolve_derived
 from gan_tune.training.data import Mnist, load_mnist
 from gan_tune.tuning import console, finalists, schedulers, space_values, spaces
-from gan_tune.tuning.cluster import queue_lazily, trial_resources, trials_at_once
+from gan_tune.tuning.cluster import (
+    queue_lazily,
+    sharing_note,
+    trial_resources,
+    trials_at_once,
+)
 from gan_tune.tuning.finalists import Finalist
 from gan_tune.tuning.space_files import resolve_space
 from gan_tune.tuning.spaces import Space
@@ -62,6 +67,8 @@ def print_plan(space: Space, location: str, trial: dict[str, float], args: argpa
     print(f"  trials:    {spaces.describe_trials(space)}, {space.search_alg} search, seed {args.seed}")
     print(f"  scheduler: {schedulers.describe_scheduler(space)} on {space.metric} ({space.mode})")
     print(f"  resources: {trial['cpu']:g} CPU + {device} per trial; {at_once} at a time")
+    if (note := sharing_note(trial["gpu"])) is not None:
+        print(f"  {note}")
     print(f"  budget:    {budget} (--time-budget overrides)")
     print(f"  model:     {fixed.model}, width {fixed.width:g}, batch {fixed.batch_size}; "
           f"data {fixed.data_source}{subset}")
