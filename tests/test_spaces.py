@@ -62,7 +62,7 @@ def test_balanced_cpu_block_shrinks_the_study_for_a_laptop():
     assert cpu.num_samples is None and cpu.tune_num_samples == -1  # new trials until the budget ends
     assert cpu.time_budget_s <= 15 * 60 < space.time_budget_s
     assert cpu.base["model"] == "balanced"  # merged into base, not replacing it
-    assert cpu.resources == {"cpu": 1, "gpu": 0.25}
+    assert cpu.resources == {"cpu": 1, "gpu": 1}  # the cpu block sets the CPUs; a GPU share matters only on GPUs
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])
