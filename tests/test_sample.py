@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -120,3 +121,23 @@ def test_an_unreadable_checkpoint_still_ends_the_parent_run(logged_search, tmp_p
     run = MlflowClient(uri).get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["best.trial_id"] == "t1" and run.data.tags["tracking_error"]
     assert "could not record the best trial" in capsys.readouterr().err
+
+
+def test_a_model_logged_on_a_gpu_machine_validates_and_loads_on_the_cpu(tmp_path, monkeypatch, caplog):
+    """On a GPU machine MLflow validated the CPU-exported pt2 program on CUDA and printed "can't be loaded on
+    'cuda' device" (issue 23). Here torch reports a GPU that is not there, which is all MLflow reads."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, "gpu-log", "smoke", SPACE, {"space": "smoke"}, "none", "fifo", "random")
+    best = checkpoint_of(TrainConfig(model="balanced", width=0.25, latent_dim=16), tmp_path / "ckpt", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        parent_run.log_generator(uri, parent, best)
+    assert "can't be loaded on 'cuda'" not in caplog.text and "Failed to validate" not in caplog.text
+    assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ  # scoped to the logging
+    model_uri = f"runs:/{parent}/{parent_run.MODEL_NAME}"
+    with store.using_tracking_uri(uri):
+        g = sample.load_generator(model_uri)  # what `python -m gan_tune.sample` loads, on any machine
+        pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})  # README: pyfunc on a GPU host
+    z = torch.randn(3, 16)
+    assert g(z).shape == (3, 1, 28, 28) and pyfunc.predict(z.numpy()).shape == (3, 1, 28, 28)

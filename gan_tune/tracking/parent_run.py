@@ -7,20 +7,23 @@ parent run before any trial starts, and the trials' child runs (trial_runs) hang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_DEFAULT_PREDICTION_DEVICE
 from mlflow.models import infer_signature
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
@@ -233,9 +236,26 @@ def log_generator(tracking_uri: str, run_id: str, best: tune.Checkpoint) -> None
         g, cfg, _ = checkpoint.load_generator(directory)
     noise = torch.randn(MODEL_EXAMPLE_BATCH, cfg.latent_dim, generator=torch.Generator().manual_seed(0))
     signature = infer_signature(noise.numpy(), generate(g, noise).numpy())
-    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):  # the run's experiment gets the model
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), validated_on_the_cpu():
         mlflow.pytorch.log_model(g, name=MODEL_NAME, input_example=noise.numpy(), signature=signature,
                                  serialization_format="pt2", pip_requirements=model_requirements())
+
+
+@contextlib.contextmanager
+def validated_on_the_cpu() -> Iterator[None]:
+    """log_model checks the input example through pyfunc, which loads the model on CUDA when a GPU is present;
+    the pt2 program is exported on the CPU and cannot change device, so the check would fail on a GPU machine
+    ("can't be loaded on 'cuda' device"). The model is for the CPU: check it there."""
+    name = MLFLOW_DEFAULT_PREDICTION_DEVICE.name
+    before = os.environ.get(name)
+    os.environ[name] = "cpu"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def model_requirements() -> list[str]:
