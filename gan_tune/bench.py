@@ -14,6 +14,7 @@ from gan_tune.benchmarks.throughput import (
     fid_timing,
     packed_search,
     quality_parity,
+    trial_costs,
     trial_table,
 )
 from gan_tune.cli import CliParser
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
     parser.add_argument("--parity-epochs", type=int, default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
                         "FID comparison (default 20 on CUDA, 0 = skip on CPU)")
+    parser.add_argument("--cost-epochs", type=int, default=None, help="(i): epochs of one balanced trial with this "
+                        "device's settings, split into train / score / files / report (default 12 on CUDA, 3 on "
+                        "CPU; 0 = skip)")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -61,7 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.packed = counts("--packed", args.packed if args.packed is not None else "1,2,4,8" if on_gpu else "1,2")
     if args.parity_epochs is None:
         args.parity_epochs = 20 if on_gpu else 0
-    for flag, value in (("--parity-epochs", args.parity_epochs), ("--fid-samples", args.fid_samples)):
+    if args.cost_epochs is None:
+        args.cost_epochs = 12 if on_gpu else 3
+    for flag, value in (("--parity-epochs", args.parity_epochs), ("--fid-samples", args.fid_samples),
+                        ("--cost-epochs", args.cost_epochs)):
         if value < 0:
             raise ConfigError(flag, f"{value} is negative")
     if args.fid_samples == 1:
@@ -102,6 +109,9 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     if args.packed:
         aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}
         extra["best packing (trials per device)"] = best_packing(aggregates)
+    if args.cost_epochs:
+        extra["cost split per epoch (balanced, this device's settings)"] = \
+            trial_costs(device, data, args.cost_epochs, steps if args.quick and not on_gpu else 0)
     if args.parity_epochs:
         base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
                            fid_samples=args.fid_samples or GPU_FID_SAMPLES)

@@ -18,7 +18,8 @@ from gan_tune.training.data import BUNDLED, load_mnist
 
 def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--quick", "--packed", "", "--fid-samples", "200", "--json", str(out)]) == 0
+    assert bench.main(["--device", "cpu", "--quick", "--packed", "", "--fid-samples", "200", "--cost-epochs", "0",
+                       "--json", str(out)]) == 0
     numbers = json.loads(out.read_text())
     (row,) = numbers["trials"]
     assert row["model"] == "balanced" and row["batch"] == 128
@@ -118,3 +119,17 @@ def test_best_packing_skips_counts_whose_trials_never_overlapped():
     assert throughput.best_packing({1: 100.0, 2: 130.0, 4: 120.0}) == 2
     assert throughput.best_packing({1: math.nan, 2: 130.0, 4: 120.0}) == 2  # max() alone would return 1
     assert throughput.best_packing({8: math.nan}) is None
+
+
+def test_cost_split_means_the_epochs_after_the_first():
+    reports = pd.DataFrame({"epoch": [1, 2, 3], "epoch_time_s": [5.0, 1.0, 1.0], "score_s": [0.5, 0.5, 0.5],
+                            "files_s": [0.2, 0.0, 0.4], "report_s": [0.0, 0.3, 0.3]})
+    split = throughput.cost_split(reports)
+    assert split == {"train_s": 1.0, "score_s": 0.5, "files_s": 0.2, "report_s": 0.3, "train_share": 0.5}
+
+
+def test_the_bench_splits_a_real_balanced_trials_epoch(ray_local):
+    """The CPU settings of `balanced`, two short epochs through Tune: every part of the split was measured."""
+    split = throughput.trial_costs(torch.device("cpu"), load_mnist(BUNDLED, subset=1000), epochs=2, steps=4)
+    assert all(split[key] > 0 for key in ("train_s", "score_s", "files_s", "report_s")), split
+    assert 0 < split["train_share"] < 1 and split["checkpoint_every_s"] == 0 and split["fid_samples"] == 1000

@@ -15,7 +15,15 @@ from ray import tune
 
 from gan_tune import search, train
 from gan_tune.training.config import load as load_config
-from gan_tune.tuning import cluster, space_values, spaces, storage, summary, trainable, tuner
+from gan_tune.tuning import (
+    cluster,
+    space_values,
+    spaces,
+    storage,
+    summary,
+    trainable,
+    tuner,
+)
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 

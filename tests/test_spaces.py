@@ -188,3 +188,22 @@ def test_a_best_value_at_the_edge_of_its_range_is_flagged(tmp_path, lr_d, latent
     lines = spaces.edge_warnings(spaces.load_space(path), {"lr_d": lr_d, "latent_dim": latent, "seed": 1})
     assert [line.split(":")[0] for line in lines] == warned
     assert all(f"widen search.lr_d past it in {path}" in line for line in lines)
+
+
+@pytest.mark.parametrize("scheduler", ["pbt", "hyperband"])
+def test_schedulers_that_resume_trials_refuse_clock_checkpoints(tmp_path, scheduler):
+    """PBT and HyperBand restart a trial from its last checkpoint: one taken by the clock would lose epochs."""
+    raw = yaml.safe_load((SPACES_DIR / ("pbt.yaml" if scheduler == "pbt" else "smoke.yaml")).read_text())
+    raw["base"]["checkpoint_every_s"] = 30
+    if scheduler == "hyperband":
+        raw["scheduler"] = {"type": "hyperband"}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"base.checkpoint_every_s: must be 0 with scheduler {scheduler}"):
+        spaces.load_space(path)
+
+
+def test_balanced_gpu_settings_checkpoint_by_the_clock_and_the_cpu_block_by_epoch():
+    space = spaces.load_space(SPACES_DIR / "balanced.yaml")
+    assert space.base["checkpoint_every_s"] == 30 and space.max_epochs == 60
+    assert spaces.for_cpu(space).base["checkpoint_every_s"] == 0

@@ -247,3 +247,50 @@ def best_packing(aggregates: dict[int, float]) -> int | None:
     which max() alone would let happen (nothing compares greater than NaN)."""
     measured = {n: rate for n, rate in aggregates.items() if not math.isnan(rate)}
     return max(measured, key=measured.get) if measured else None
+
+
+COST_COLUMNS = {"train_s": "epoch_time_s", "score_s": "score_s", "files_s": "files_s", "report_s": "report_s"}
+
+
+def cost_split(reports: pd.DataFrame) -> dict:
+    """Mean seconds per epoch spent training, scoring, writing the trial's files and reporting (with the
+    checkpoints), and training's share of their sum. Epoch 1 (warm-up, graph capture) is left out; report_s is
+    the previous epoch's report, so the last report's own is not counted."""
+    later = reports[reports["epoch"] >= 2]
+    means = {name: float(later[column].mean()) for name, column in COST_COLUMNS.items()}
+    total = sum(means.values())
+    return {**{name: round(value, 4) for name, value in means.items()},
+            "train_share": round(means["train_s"] / total, 3) if total else float("nan")}
+
+
+def trial_costs(device: torch.device, data: Mnist, epochs: int, steps: int = 0) -> dict:
+    """One Tune trial of the balanced space with this device's settings (its cpu block without a GPU):
+    where an epoch's time goes (cost_split). `steps` > 0 shortens the epochs (a quick CPU run)."""
+    import tempfile
+
+    import ray
+
+    from gan_tune.training.config import from_dict
+    from gan_tune.tuning.space_files import resolve_space
+    from gan_tune.tuning.spaces import for_cpu, load_space
+    from gan_tune.tuning.trainable import train_gan
+
+    space = load_space(resolve_space("balanced"))
+    plan = space if device.type == "cuda" else for_cpu(space)
+    # the trial trains on `data` (the trainable takes it through the object store), whatever data_source says
+    cfg = from_dict({**plan.train_fields, "max_epochs": epochs, "steps_per_epoch": steps, "device": device.type})
+    resources = {"cpu": plan.resources["cpu"], "gpu": 1 if device.type == "cuda" else 0}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            trainable = tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=True), resources)
+            result = tune.Tuner(trainable, param_space=cfg.to_dict(),
+                                run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()[0]
+            reports = result.metrics_dataframe
+    finally:
+        if started:
+            ray.shutdown()
+    return {**cost_split(reports), "epochs": epochs, "checkpoint_every_s": cfg.checkpoint_every_s,
+            "sample_every": cfg.sample_every, "fid_samples": int(reports["fid_samples"].iloc[-1])}

@@ -16,7 +16,7 @@ from gan_tune.training.data import epoch_batches
 from gan_tune.training.step import D_STATS, G_STATS, Gan, build_step
 
 # Every key of an epoch record (fit adds the quality scores when they are due).
-RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode")
+RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode", "score_s")
 
 
 FIXED_NOISE_COUNT = 64  # one 8x8 grid
@@ -105,11 +105,17 @@ class Due:
     checkpoint: bool  # never of a diverged state: a restore would only diverge again
 
 
-def due(cfg: TrainConfig, epoch: int, diverged: bool = False) -> Due:
+def due(cfg: TrainConfig, epoch: int, diverged: bool = False, since_checkpoint_s: float | None = None) -> Due:
+    """`since_checkpoint_s`: seconds since the last checkpoint, which cfg.checkpoint_every_s > 0 goes by
+    (without it, or with checkpoint_every_s 0, checkpoints come every checkpoint_every epochs)."""
     last = epoch == cfg.max_epochs
+    if cfg.checkpoint_every_s > 0 and since_checkpoint_s is not None:
+        periodic = since_checkpoint_s >= cfg.checkpoint_every_s
+    else:
+        periodic = epoch % cfg.checkpoint_every == 0
     return Due(score=bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or last) and not diverged,
                sample=epoch % cfg.sample_every == 0 or last or diverged,
-               checkpoint=(epoch % cfg.checkpoint_every == 0 or last) and not diverged)
+               checkpoint=(periodic or last) and not diverged)
 
 
 def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int = 0, scorer: Scorer | None = None,
@@ -120,9 +126,11 @@ def fit(gan: Gan, images: Tensor, generator: torch.Generator, start_epoch: int =
     """
     cfg = gan.cfg
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
-        record = {"epoch": epoch, **train_epoch(gan, images, generator, wrap)}
+        record = {"epoch": epoch, **train_epoch(gan, images, generator, wrap), "score_s": 0.0}
         if scorer is not None and due(cfg, epoch, record["balance"] == "diverged").score:
+            started = time.perf_counter()
             record.update(scorer(gan.eval_generator(), cfg.latent_dim))
+            record["score_s"] = time.perf_counter() - started  # the scores' share of a trial (README, Performance)
         yield record
         if record["balance"] == "diverged":
             return

@@ -146,6 +146,10 @@ def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
     if epochs_until_budget and scheduler["type"] != "pbt":
         raise ConfigError("max_epochs", f"missing: only a pbt population may train until the time budget "
                           f"({scheduler['type']} needs an epoch limit)", where=where)
+    if fixed.checkpoint_every_s and scheduler["type"] in ("pbt", "hyperband"):
+        raise ConfigError("base.checkpoint_every_s", f"must be 0 with scheduler {scheduler['type']}: it resumes "
+                          "trials from their last checkpoint, so they checkpoint every checkpoint_every epochs",
+                          where=where)
     resources = parse_resources(raw.get("resources") or {}, where)
     description = str(raw.get("description") or "").strip()
     finalists = parse_finalists(raw.get("finalists") or {}, where)

@@ -45,8 +45,11 @@ from gan_tune.training.data import DataError, Mnist
 log = logging.getLogger(__name__)  # a worker's warnings reach the driver's console through Ray's log forwarding
 
 CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{6}")  # Ray's name for the N-th checkpoint of a trial
+# Seconds an epoch spent beside training (epoch_time_s) and scoring (score_s): writing its grid and files, and
+# the previous epoch's report with its checkpoint (an epoch's own is known only after it is sent).
+COST_KEYS = ("files_s", "report_s")
 # Every key of a report (Tune adds time_total_s): the epoch record, the scores, and where they came from.
-REPORTED_METRICS = (*loop.RECORD_KEYS, *measures.SCORE_KEYS, "score_epoch", "lr_d", "lr_g",
+REPORTED_METRICS = (*loop.RECORD_KEYS, *measures.SCORE_KEYS, "score_epoch", "lr_d", "lr_g", *COST_KEYS,
                     "node_id", "data_source", "restored_from", "restored_epoch", "restore_note")
 # Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
@@ -119,15 +122,18 @@ def restore_readable(gan: step.Gan, generator: torch.Generator, latest: tune.Che
                           "restore_note": f"unreadable {', '.join(unreadable)}; started fresh"}
 
 
-def report(result: dict, gan: step.Gan, noise: torch.Tensor, generator: torch.Generator, history: list) -> None:
-    """tune.report, with a checkpoint when train.due says so (every `checkpoint_every` epochs, the last, never diverged)."""
-    if not loop.due(gan.cfg, result["epoch"], result["balance"] == "diverged").checkpoint:
+def report(result: dict, gan: step.Gan, noise: torch.Tensor, generator: torch.Generator, history: list,
+           since_checkpoint_s: float) -> bool:
+    """tune.report, with a checkpoint when loop.due says so (every `checkpoint_every` epochs or
+    `checkpoint_every_s` seconds, the last epoch, never a diverged one); whether it checkpointed."""
+    if not loop.due(gan.cfg, result["epoch"], result["balance"] == "diverged", since_checkpoint_s).checkpoint:
         tune.report(result)
-        return
+        return False
     saved = checkpoint.state(gan, result["epoch"], noise, generator, history, tune.get_context().get_trial_id())
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.write(saved, folder)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
+    return True
 
 
 def epoch_metrics(record: dict, scores: dict, context: dict) -> dict:
@@ -201,10 +207,16 @@ def train_gan(config: dict[str, Any], data: Mnist, quiet: bool = False) -> None:
     context.update(lr_d=gan.opt_d.param_groups[0]["lr"], lr_g=gan.opt_g.param_groups[0]["lr"])
     scores = last_scores(history)
     trial_dir = Path.cwd()  # the trial's working directory (see the module docstring)
+    last_checkpoint, report_s = time.monotonic(), 0.0
     for record in loop.fit(gan, data.images, generator, start_epoch, scorer.build_scorer(cfg, data, device)):
         result = epoch_metrics(record, scores, context)
         history.append(result)
+        started = time.perf_counter()
         write_trial_files(trial_dir, gan, noise, history)
-        report(result, gan, noise, generator, history)
+        result.update(files_s=time.perf_counter() - started, report_s=report_s)
+        started = time.perf_counter()
+        if report(result, gan, noise, generator, history, time.monotonic() - last_checkpoint):
+            last_checkpoint = time.monotonic()
+        report_s = time.perf_counter() - started
         fault_gate(record["epoch"])
 
