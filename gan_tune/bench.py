@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from gan_tune.benchmarks import gpu_check
 from gan_tune.benchmarks.throughput import (
     best_packing,
     fid_timing,
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         from gan_tune import bench_search
 
         return bench_search.main(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        return gpu_check_main(argv[1:])
     try:
         args = parse_args(argv)
     except ConfigError as err:
@@ -139,6 +143,32 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"device": args.device, "trials": table.to_dict("records"), **extra}, fh, indent=2, default=str)
     return 0
+
+
+def gpu_check_main(argv: list[str]) -> int:
+    """python -m gan_tune.bench gpu-check --out DIR [--dry-run]: benchmarks/gpu_check.py."""
+    parser = CliParser(prog="python -m gan_tune.bench gpu-check",
+                       description="The CUDA tests, the quick bench (1 and 4 packed trials), a 4-minute balanced "
+                                   "search with MLflow and 5,000 samples of its best generator, in under 8 minutes")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the logs, bench.json, mlflow.db, "
+                                                                "ray_results/, samples.npz and gpu_check.json")
+    parser.add_argument("--dry-run", action="store_true", help="print the parts and their limits, run nothing")
+    args = parser.parse_args(argv)
+    plan = gpu_check.parts(args.out.resolve())
+    if args.dry_run:
+        print(gpu_check.describe(plan))
+        return 0
+    if not torch.cuda.is_available():
+        print("error: gpu-check: this machine has no CUDA device (--dry-run shows the plan)", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out: {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
+    records = gpu_check.run_check(args.out.resolve(), plan)
+    failed = [r["part"] for r in records if r.get("rc") != 0]
+    print(f"gpu-check: {len(records) - len(failed)} of {len(records)} parts passed; "
+          f"record in {args.out / gpu_check.RECORD}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gan_tune import bench
-from gan_tune.benchmarks import throughput
+from gan_tune.benchmarks import gpu_check, throughput
 from gan_tune.training.config import TrainConfig
 from gan_tune.training.data import BUNDLED, load_mnist
 
@@ -133,3 +133,39 @@ def test_the_bench_splits_a_real_balanced_trials_epoch(ray_local):
     split = throughput.trial_costs(torch.device("cpu"), load_mnist(BUNDLED, subset=1000), epochs=2, steps=4)
     assert all(split[key] > 0 for key in ("train_s", "score_s", "files_s", "report_s")), split
     assert 0 < split["train_share"] < 1 and split["checkpoint_every_s"] == 0 and split["fid_samples"] == 1000
+
+
+def test_gpu_check_dry_run_prints_every_part_within_eight_minutes(tmp_path, capsys):
+    assert bench.main(["gpu-check", "--out", str(tmp_path / "gc"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for part in ("cuda tests", "bench", "search", "samples"):
+        assert f"\n{part}" in f"\n{out}"
+    assert "--space balanced --time-budget 4m" in out and "-n 5000" in out and "--packed 1,4" in out
+    assert sum(part.limit_s for part in gpu_check.parts(tmp_path)) < 8 * 60
+    assert not (tmp_path / "gc").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_stops_a_part_at_its_limit_and_goes_on(tmp_path):
+    """Real subprocesses: the search part prints a parent run, the next part overruns its limit and is
+    stopped with its process group, the samples part still gets the parent run; the record is saved."""
+    py = sys.executable
+    plan = [gpu_check.Part("search", [py, "-c", "print('mlflow parent run: abc123 (experiment x)')"], 30, "s.log"),
+            gpu_check.Part("slow", [py, "-c", "import subprocess, sys, time; "
+                                    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                                    "time.sleep(60)"], 1, "slow.log"),
+            gpu_check.Part("samples", [py, "-c", "import sys; print(sys.argv[1])", "{parent}"], 30, "p.log")]
+    records = gpu_check.run_check(tmp_path, plan)
+    assert [(r["part"], r["rc"], r["timed_out"]) for r in records] == \
+        [("search", 0, False), ("slow", -15, True), ("samples", 0, False)]
+    assert records[1]["seconds"] < 15
+    assert (tmp_path / "p.log").read_text().strip() == "abc123"
+    saved = json.loads((tmp_path / gpu_check.RECORD).read_text())
+    assert [r["part"] for r in saved["parts"]] == ["search", "slow", "samples"]
+
+
+def test_gpu_check_skips_the_samples_without_a_search_run(tmp_path):
+    py = sys.executable
+    plan = [gpu_check.Part("search", [py, "-c", "raise SystemExit(1)"], 30, "s.log"),
+            gpu_check.Part("samples", [py, "-c", "print(1)", "{parent}"], 30, "p.log")]
+    records = gpu_check.run_check(tmp_path, plan)
+    assert records[1] == {"part": "samples", "rc": None, "skipped": "the search printed no MLflow parent run"}

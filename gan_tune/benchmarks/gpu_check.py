@@ -1,0 +1,117 @@
+"""One GPU check in one call (`python -m gan_tune.bench gpu-check --out DIR`): the CUDA tests, the quick bench
+with 1 and 4 packed trials, a 4-minute `--space balanced` search tracked in MLflow, and 5,000 samples of its
+best generator, each part a subprocess under its own time limit, the record saved after every part.
+
+A GPU is lent for minutes at a time: a part that hangs must not eat the others' time, and what finished
+must survive a later part's failure, hence one process group per part and DIR/gpu_check.json rewritten as
+each part ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gan_tune.benchmarks.strategies import parent_run_id
+
+RECORD = "gpu_check.json"
+TERM_GRACE_S = 10  # after SIGTERM (Ray's and Tune's own shutdown), SIGKILL
+TESTS = Path(__file__).resolve().parents[2] / "tests"  # the repository's tests, when run from a checkout
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    command: list[str]
+    limit_s: float
+    log: str  # file in DIR for the part's stdout and stderr
+
+
+def parts(out: Path, python: str = sys.executable) -> list[Part]:
+    """The check's parts in order; limits sum to 7 min 45 s, the search's 4-minute budget included."""
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    return [
+        Part("cuda tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                            str(TESTS / "test_cuda.py"), str(TESTS / "test_capture.py")], 60, "tests.log"),
+        Part("bench", [python, "-m", "gan_tune.bench", "--device", "cuda", "--quick", "--packed", "1,4",
+                       "--parity-epochs", "5", "--cost-epochs", "6", "--json", str(out / "bench.json")],
+             100, "bench.log"),
+        Part("search", [python, "-m", "gan_tune.search", "--space", "balanced", "--time-budget", "4m",
+                        "--storage-path", str(out / "ray_results"), "--name", "gpu_check", "--tracking-uri", uri],
+             285, "search.log"),
+        Part("samples", [python, "-m", "gan_tune.sample", "--run-id", "{parent}", "-n", "5000",
+                         "--out", str(out / "samples.npz"), "--tracking-uri", uri], 20, "samples.log"),
+    ]
+
+
+def run_part(part: Part, out: Path) -> dict:
+    """Run one part in a process group of its own; past its limit the whole group is stopped."""
+    started = time.monotonic()
+    with open(out / part.log, "w") as log:
+        child = subprocess.Popen(part.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code, timed_out = child.wait(timeout=part.limit_s), False
+        except subprocess.TimeoutExpired:
+            code, timed_out = stop_group(child), True
+    return {"part": part.name, "rc": code, "timed_out": timed_out, "seconds": round(time.monotonic() - started, 1),
+            "limit_s": part.limit_s, "log": part.log, "command": " ".join(part.command)}
+
+
+def stop_group(child: subprocess.Popen) -> int:
+    """SIGTERM to the part's own process group (its Ray too), SIGKILL after TERM_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return child.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return child.wait()
+
+
+def run_check(out: Path, plan: list[Part]) -> list[dict]:
+    """Every part in order, DIR/gpu_check.json rewritten after each; the samples part needs the search's run."""
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    parent = None
+    for part in plan:
+        if "{parent}" in part.command:
+            if parent is None:
+                records.append({"part": part.name, "rc": None, "skipped": "the search printed no MLflow parent run"})
+                save(out, records)
+                continue
+            part = Part(part.name, [arg.replace("{parent}", parent) for arg in part.command], part.limit_s, part.log)
+        print(f"gpu-check: {part.name} (at most {part.limit_s:g} s) ...", flush=True)
+        record = run_part(part, out)
+        records.append(record)
+        save(out, records)
+        print(f"gpu-check: {part.name}: rc {record['rc']}{' (timed out)' if record['timed_out'] else ''}, "
+              f"{record['seconds']} s; log {out / part.log}", flush=True)
+        if part.name == "search":
+            parent = parent_run_id((out / part.log).read_text(errors="replace"))
+    return records
+
+
+def save(out: Path, records: list[dict]) -> None:
+    tmp = out / f"{RECORD}.tmp"
+    tmp.write_text(json.dumps({"parts": records, "device": device_name()}, indent=1))
+    tmp.replace(out / RECORD)
+
+
+def device_name() -> str:
+    import torch  # late: the dry run needs no CUDA
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+
+
+def describe(plan: list[Part]) -> str:
+    lines = [f"{part.name:11} at most {part.limit_s:>4g} s: {' '.join(part.command)}" for part in plan]
+    return "\n".join(lines + [f"in all at most {sum(p.limit_s for p in plan) / 60:.1f} min"])
