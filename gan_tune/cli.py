@@ -35,3 +35,10 @@ def seed_arg(text: str) -> int:
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"{value} is out of range [0, {SEED_MAX}]")
     return value
+
+
+def name_arg(text: str) -> str:
+    """argparse type of a name flag (--experiment, --name): not empty, not only spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gan_tune.cli import CliParser
+from gan_tune.cli import CliParser, name_arg
 from gan_tune.tracking.html_report import write_report
 from gan_tune.tracking.store import DEFAULT_EXPERIMENT, resolve_tracking_uri
 from gan_tune.training.config import ConfigError
@@ -15,7 +15,7 @@ from gan_tune.training.config import ConfigError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.report", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
+    which.add_argument("--experiment", type=name_arg, help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
     which.add_argument("--parent-run", help="report this search's parent run id")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--out", default=".", help="folder for the HTML file (default: .)")

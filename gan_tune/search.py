@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from gan_tune.cli import CliParser, seed_arg
+from gan_tune.cli import CliParser, name_arg, seed_arg
 from gan_tune.tracking import store
 from gan_tune.training.config import ConfigError, first_line
 from gan_tune.training.data import DataError
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-is-shared", action="store_true",
                         help="the --storage-path folder is on a filesystem every node mounts (NFS); "
                              "needed for a local path on a multi-node cluster")
-    parser.add_argument("--name", help="study name (default: SPACE-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--name", type=name_arg, help="study name (default: SPACE-YYYYmmdd-HHMMSS)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seeds the search algorithm and the per-trial seeds")
     parser.add_argument("--resume", nargs="?", const="", metavar="PATH_OR_NAME",
                         help="continue an interrupted study: its folder, or its name under --storage-path "
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume: run errored trials again from scratch (default: from their last checkpoint)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///mlflow.db in the working directory)")
-    parser.add_argument("--experiment", help=f"MLflow experiment name (default: {store.DEFAULT_EXPERIMENT})")
+    parser.add_argument("--experiment", type=name_arg,
+                        help=f"MLflow experiment name (default: {store.DEFAULT_EXPERIMENT})")
     return parser
 
 

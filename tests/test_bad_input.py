@@ -116,6 +116,11 @@ def replay_case(text, uri="sqlite:///{tmp}/mlflow.db"):
     return argv
 
 
+def text_checkpoint(tmp_path):
+    (tmp_path / "text.pt").write_text("hello, not a checkpoint\n")
+    return "metrics", ["--device", "cpu", "score", str(tmp_path / "text.pt")]
+
+
 WRITE = {"trial_id": None, "run_id": "abc", "kind": "set_terminated", "payload": {"status": "FINISHED", "end_time": 1}}
 NOT_UTF8 = b"base:\n  model: \xff\xfe balanced\n"
 
@@ -165,10 +170,10 @@ CASES = {
                       ["--space", "no-such-space", "smoke", "balanced", "pbt"]),
     "space path missing": (command("search", "--space", "{tmp}/gone/space.yaml"), ["--space", "{tmp}/gone/space.yaml"]),
     # search: flags
-    "num_samples 0 flag": (search_case(None, "--num-samples", "0"), ["num_samples"]),
+    "num_samples 0 flag": (search_case(None, "--num-samples", "0"), ["--num-samples", ">= 1"]),
     "num_samples not a number": (search_case(None, "--num-samples", "many"), ["--num-samples", "many"]),
     "unknown flag": (search_case(None, "--colour", "red"), ["unrecognized", "--colour"]),
-    "time budget soon": (search_case(None, "--time-budget", "soon"), ["command line", "time_budget", "soon"]),
+    "time budget soon": (search_case(None, "--time-budget", "soon"), ["--time-budget", "soon"]),
     "seed negative": (search_case(None, "--seed", "-1"), ["--seed", "-1", "4294967295"]),
     "seed past numpy": (search_case(None, "--seed", str(2**40)), ["--seed", str(2**40)]),
     "cpus per trial above the machine": (search_case(None, "--cpus-per-trial", "1000"), ["--cpus-per-trial", "1000"]),
@@ -247,6 +252,23 @@ CASES = {
     "classifier epochs 0": (command("classifier", "train", "--epochs", "0"), ["--epochs"]),
     "classifier seed past numpy": (command("classifier", "train", "--seed", str(2**40)), ["--seed"]),
     "classifier device missing here": (command("classifier", "train", "--device", "cuda:7"), ["--device", "cuda:7"]),
+    # round four (issue 25): absurd numbers, empty names, a database that is down, a text file named .pt
+    "num_samples 20 digits": (search_case(None, "--num-samples", "9" * 20), ["--num-samples", "100,000"]),
+    "max_epochs 20 digits": (search_case(None, "--max-epochs", "9" * 20), ["--max-epochs", "100,000"]),
+    "max_epochs negative": (search_case(None, "--max-epochs", "-2"), ["--max-epochs", ">= 1"]),
+    "num_samples 20 digits in a space": (search_case({"num_samples": 10**19}), ["{space}", "num_samples", "100,000"]),
+    "time budget unknown unit": (search_case(None, "--time-budget", "5 weeks"), ["--time-budget", "5 weeks"]),
+    "experiment empty": (search_case(None, "--experiment", ""), ["--experiment", "empty"]),
+    "study name blank": (search_case(None, "--name", "  "), ["--name", "empty"]),
+    "tracking uri postgresql down": (search_case(None, "--tracking-uri", "postgresql://gan:pw@127.0.0.1:1/mlflow"),
+                                     ["--tracking-uri", "127.0.0.1:1", "did not accept a connection"]),
+    "report postgresql down": (command("report", "--tracking-uri", "postgresql://gan@127.0.0.1:1/mlflow"),
+                               ["--tracking-uri", "did not accept a connection"]),
+    "report experiment empty": (command("report", "--experiment", "", "--tracking-uri", "sqlite:///{tmp}/m.db"),
+                                ["--experiment", "empty"]),
+    "metrics score a text file named .pt": (text_checkpoint, ["{tmp}/text.pt", "not a torch file"]),
+    "bench cost epochs negative": (command("bench", "--device", "cpu", "--cost-epochs", "-1"), ["--cost-epochs"]),
+    "bench gpu-check without a gpu": (command("bench", "gpu-check", "--out", "{tmp}/gc"), ["gpu-check", "CUDA"]),
 }
 SKIPS = {
     "gpus on a cpu cluster": (not NO_GPU, "this machine has a GPU"),

@@ -154,3 +154,21 @@ def test_a_failed_capture_trains_on_eagerly_with_the_same_results(images, monkey
         assert [r[key] for r in fallen_records] == [r[key] for r in eager_records], key
     for a, b in zip(eager.g_ema.parameters(), fallen.g_ema.parameters()):
         assert torch.equal(a, b)
+
+
+AUGMENTS = [dict(augment="translation,cutout"), dict(augment="color,translation,cutout", augment_p=0.5),
+            dict(augment="translation,cutout", augment_p=0.0, augment_target=0.6)]
+
+
+@pytest.mark.parametrize("loss", list(losses.LOSSES))
+@pytest.mark.parametrize("r1", [0.0, 1.0])
+@pytest.mark.parametrize("aug", AUGMENTS, ids=["always", "p0.5", "adaptive"])
+def test_augmented_iterations_read_nothing_on_the_host(images, monkeypatch, loss, r1, aug):
+    cfg = TrainConfig(**TINY, loss=loss, d_norm="none" if loss == "wgan-gp" else "batch", r1_gamma=r1, g_ema=0.999,
+                      **aug)
+    gan, gen = capturable_gan(cfg, monkeypatch), loop.make_generator(cfg, CPU)
+    sums, idx = torch.zeros(step.N_STATS), torch.arange(cfg.batch_size).view(1, cfg.batch_size)
+    step.train_iteration(gan, images, idx, gen, sums)
+    with HostReads() as detector:
+        step.train_iteration(gan, images, idx + cfg.batch_size, gen, sums)
+    assert detector.seen == [], f"host reads in the augmented step: {sorted(set(detector.seen))}"

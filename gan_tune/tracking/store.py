@@ -60,6 +60,7 @@ def check_tracking(uri: str) -> None:
         check_server(uri)
     elif scheme in SQL_SERVERS:
         check_driver(uri, scheme)
+        check_database(uri, scheme)
     elif scheme == "sqlite":
         check_sqlite(uri)
     elif scheme in ("file", "") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
@@ -86,6 +87,24 @@ def check_driver(uri: str, scheme: str) -> None:
                                             f"pip install '{package}'") from None
     except sqlalchemy.exc.ArgumentError as err:  # an unparsable URL or an unknown +driver
         raise ConfigError("--tracking-uri", f"{uri}: {first_line(err)}") from None
+
+
+def check_database(uri: str, scheme: str) -> None:
+    """A database server must accept a connection within SERVER_CHECK_TIMEOUT_S: MLflow's own engine retries a
+    refused or silent one for minutes before its first error (a search of a stopped PostgreSQL hung > 60 s)."""
+    timeout = int(SERVER_CHECK_TIMEOUT_S)
+    connect_args = {"mssql": {"timeout": timeout}}.get(scheme, {"connect_timeout": timeout})
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        shown = sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+        reason = first_line(getattr(err, "orig", None) or err)
+        raise ConfigError("--tracking-uri", f"{shown}: the database did not accept a connection within "
+                                            f"{timeout} s ({reason})") from None
+    finally:
+        engine.dispose()
 
 
 def check_server(uri: str) -> None:
@@ -131,6 +150,7 @@ def open_client(uri: str) -> MlflowClient:
         check_server(uri)
     elif scheme in SQL_SERVERS:
         check_driver(uri, scheme)
+        check_database(uri, scheme)
     return MlflowClient(uri)
 
 

@@ -49,6 +49,7 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
         "history": history,
         "trial_id": trial_id,
         **averaged,
+        **({} if gan.augment_p is None else {"augment_p": float(gan.augment_p.item())}),
     }
 
 
@@ -74,8 +75,10 @@ def read(file_or_folder: str | Path, device: torch.device | str = "cpu") -> dict
         raise DataError(f"{path}: no such checkpoint file")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch.load raises on bad bytes
+    except Exception as err:  # bad bytes reach the unpickler, which raises anything (KeyError for a text file)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (RuntimeError, EOFError, OSError, pickle.UnpicklingError)):
+            reason = f"not a torch file: {type(err).__name__} while unpickling"
         raise DataError(f"{path}: unreadable checkpoint ({reason})") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(saved, dict) or key not in saved]
     if missing:
@@ -95,6 +98,8 @@ def restore(gan: Gan, saved: dict, generator: torch.Generator) -> tuple[int, Ten
         gan.g_ema.load_state_dict(saved["g_ema"] if "g_ema" in saved else saved["g"])
         gan.g_ema_updates.fill_(saved.get("g_ema_updates", 0))  # the warm-up goes on where it was
         gan.g_ema_bn_fresh = False
+    if gan.augment_p is not None and "augment_p" in saved:  # an adaptive p goes on where it was
+        gan.augment_p.fill_(saved["augment_p"])
     gan.opt_g.load_state_dict(saved["opt_g"])
     gan.opt_d.load_state_dict(saved["opt_d"])
     generator.set_state(saved["generator_state"])

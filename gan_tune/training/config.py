@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
+from gan_tune.training import augment
 from gan_tune.training.losses import LOSSES
 from gan_tune.training.models import (  # models imports this module for type hints only
     D_NORMS,
@@ -81,6 +82,11 @@ class TrainConfig:
     d_norm: str = "batch"  # a key of gan_tune.models.D_NORMS; batch: the family's own D (BatchNorm where it has it)
     r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(real)||^2 on every D step (Mescheder et al. 2018); 0 = off
     g_ema: float = 0.0  # decay of the moving average of G's weights that is scored and exported; 0 = off
+    # DiffAugment on every image D sees, real and generated (README: Losses and regularisation): none, or a
+    # comma-separated list of color, translation, cutout
+    augment: str = "none"
+    augment_p: float = 1.0  # the chance an image is augmented; with augment_target > 0, where the adaptive p starts
+    augment_target: float = 0.0  # ADA: > 0 moves p so E[sign(D(real))] stays near it (the paper: 0.6); 0 = fixed p
     max_epochs: int = 20
     steps_per_epoch: int = 0  # 0: one pass over the data (len(data) // batch_size D steps)
     seed: int = 0
@@ -125,6 +131,11 @@ class TrainConfig:
              "of a batch (use spectral or none)"),
             ("r1_gamma", math.isfinite(self.r1_gamma) and self.r1_gamma >= 0, "must be >= 0 (0 = off)"),
             ("g_ema", 0.0 <= self.g_ema < 1.0, "must be in [0, 1) (0 = off)"),
+            ("augment", augment_error(self.augment) is None, augment_error(self.augment) or ""),
+            ("augment_p", 0.0 <= self.augment_p <= 1.0, "must be in [0, 1]"),
+            ("augment_target", 0.0 <= self.augment_target < 1.0, "must be in [0, 1) (0 = a fixed augment_p)"),
+            ("augment_target", self.augment_target == 0 or self.augment != "none",
+             "needs augment (an adaptive probability of no augmentation does nothing)"),
             ("max_epochs", self.max_epochs >= 1, "must be >= 1"),
             ("steps_per_epoch", self.steps_per_epoch >= 0, "must be >= 0"),
             ("subset", self.subset >= 0, "must be >= 0"),
@@ -152,6 +163,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def augment_error(text: str) -> str | None:
+    try:
+        augment.parse(text)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}

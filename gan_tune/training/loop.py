@@ -16,7 +16,8 @@ from gan_tune.training.data import epoch_batches
 from gan_tune.training.step import D_STATS, G_STATS, Gan, build_step
 
 # Every key of an epoch record (fit adds the quality scores when they are due).
-RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode", "score_s")
+RECORD_KEYS = ("epoch", *D_STATS, *G_STATS, "d_acc", "img_per_s", "epoch_time_s", "balance", "step_mode", "augment_p",
+               "score_s")
 
 
 FIXED_NOISE_COUNT = 64  # one 8x8 grid
@@ -43,7 +44,8 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     gan.sums.zero_()
     for it in wrap(range(iters)):
         gan.step(idx[it])
-    values = gan.sums.tolist()  # the epoch's one host sync
+    readback = gan.sums if gan.augment_p is None else torch.cat([gan.sums, gan.augment_p.reshape(1)])
+    values = readback.tolist()  # the epoch's one host sync
     elapsed = time.perf_counter() - start
     stats = {k: v / (iters * cfg.n_disc) for k, v in zip(D_STATS, values)}
     stats.update({k: v / iters for k, v in zip(G_STATS, values[len(D_STATS):])})
@@ -52,6 +54,7 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
     stats["epoch_time_s"] = elapsed
     stats["balance"] = diagnose_balance(stats, cfg.loss)
     stats["step_mode"] = gan.step_mode
+    stats["augment_p"] = values[-1] if gan.augment_p is not None else float(cfg.augment != "none")
     return stats
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from gan_tune.training import losses
+from gan_tune.training import augment, losses
 from gan_tune.training.config import TrainConfig, first_line
 from gan_tune.training.data import to_float
 from gan_tune.training.models import build_models
@@ -50,6 +50,7 @@ class Gan:
     g_ema: nn.Module | None = None  # the moving average of G's weights when cfg.g_ema > 0 (eval mode, no grad)
     g_ema_bn_fresh: bool = False  # whether g_ema's BatchNorm statistics were recomputed since the last step
     g_ema_updates: Tensor | None = None  # how many updates the average has had, on the device (its warm-up)
+    augment_p: Tensor | None = None  # the augmentation probability on the device (None: every image, or no augment)
 
     def eval_generator(self) -> nn.Module:
         """The generator to score, sample, checkpoint for export and log: G itself, or with g_ema on the
@@ -97,7 +98,14 @@ def make_gan(cfg: TrainConfig, device: torch.device) -> Gan:
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, **adam)
     g_ema = copy.deepcopy(g).eval().requires_grad_(False) if cfg.g_ema else None  # the average starts at G's init
     updates = torch.zeros((), device=device) if cfg.g_ema else None
-    return Gan(g, d, opt_g, opt_d, cfg, device, g_ema=g_ema, g_ema_updates=updates)
+    return Gan(g, d, opt_g, opt_d, cfg, device, g_ema=g_ema, g_ema_updates=updates, augment_p=initial_augment_p(cfg, device))
+
+
+def initial_augment_p(cfg: TrainConfig, device: torch.device) -> Tensor | None:
+    """The augmentation probability as a device tensor when it can be below 1 (fixed p < 1, or adaptive)."""
+    if cfg.augment == "none" or (cfg.augment_p == 1.0 and not cfg.augment_target):
+        return None
+    return torch.tensor(cfg.augment_p, device=device)
 
 
 def autocast(gan: Gan) -> contextlib.AbstractContextManager:
@@ -111,17 +119,22 @@ def d_step(gan: Gan, real: Tensor, z: Tensor, generator: torch.Generator) -> tup
     """One D update on a real batch and G(z) with cfg.loss's D loss plus the penalties that are on;
     returns (stats over D_STATS as a (4,) tensor, fake). `generator` draws the gradient penalty's points."""
     cfg, family = gan.cfg, losses.LOSSES[gan.cfg.loss]
+    ops = augment.parse(cfg.augment)
     if cfg.r1_gamma:
         real.requires_grad_(True)  # R1 differentiates D(real) with respect to the pixels
     with autocast(gan):
         fake = gan.g(z)
-        out_real = gan.d(real).float()
-        out_fake = gan.d(fake.detach()).float()  # detach: the D update must not reach G's weights
+        seen_real = augment.augment(real, ops, gan.augment_p, generator)  # D sees both sides augmented
+        seen_fake = augment.augment(fake.detach(), ops, gan.augment_p, generator)  # detach: D's update spares G
+        out_real = gan.d(seen_real).float()
+        out_fake = gan.d(seen_fake).float()
         loss_d = family.d_loss(out_real, out_fake, 1.0 - cfg.label_smoothing)  # one-sided: only real labels move
         if cfg.r1_gamma:
             loss_d = loss_d + cfg.r1_gamma / 2 * losses.r1_penalty(out_real, real)
         if family.gradient_penalty:
-            loss_d = loss_d + cfg.gp_weight * losses.gradient_penalty(gan.d, real, fake.detach(), generator)
+            loss_d = loss_d + cfg.gp_weight * losses.gradient_penalty(gan.d, seen_real, seen_fake, generator)
+    if cfg.augment_target:
+        augment.adapt(gan.augment_p, out_real, family.real_threshold, cfg.augment_target)
     gan.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     gan.opt_d.step()
@@ -134,11 +147,12 @@ def d_step(gan: Gan, real: Tensor, z: Tensor, generator: torch.Generator) -> tup
     return stats, fake
 
 
-def g_step(gan: Gan, fake: Tensor) -> Tensor:
-    """One G update on the same fake batch with cfg.loss's G loss (ns: G maximises log D(G(z))),
-    then the weight average's update when g_ema is on."""
+def g_step(gan: Gan, fake: Tensor, generator: torch.Generator) -> Tensor:
+    """One G update on the same fake batch with cfg.loss's G loss (ns: G maximises log D(G(z))), through the
+    same augmentation D trained on, then the weight average's update when g_ema is on."""
+    seen = augment.augment(fake, augment.parse(gan.cfg.augment), gan.augment_p, generator)
     with autocast(gan):
-        loss_g = losses.LOSSES[gan.cfg.loss].g_loss(gan.d(fake).float())
+        loss_g = losses.LOSSES[gan.cfg.loss].g_loss(gan.d(seen).float())
     gan.opt_g.zero_grad(set_to_none=True)
     loss_g.backward(inputs=list(gan.g.parameters()))  # D's weight gradients are not needed here
     gan.opt_g.step()
@@ -176,7 +190,7 @@ def train_iteration(gan: Gan, images: Tensor, idx: Tensor, generator: torch.Gene
         z = torch.randn(batch, gan.cfg.latent_dim, device=gan.device, generator=generator)
         stats, fake = d_step(gan, real, z, generator)
         sums[: len(D_STATS)] += stats
-    sums[len(D_STATS):] += g_step(gan, fake)
+    sums[len(D_STATS):] += g_step(gan, fake, generator)
 
 
 def build_step(gan: Gan, images: Tensor, generator: torch.Generator) -> None:

@@ -51,5 +51,10 @@ def load_plans(args: argparse.Namespace) -> dict[bool, Space]:
         raise ConfigError("--cpus-per-trial", f"{cpu:g}: must be > 0")
     check_storage_path(args.storage_path)
     check_address(args.address)
-    return {gpu: spaces.with_values(plan, flags, where="command line") if flags else plan
-            for gpu, plan in ((True, space), (False, spaces.for_cpu(space)))}
+    try:
+        return {gpu: spaces.with_values(plan, flags, where="command line") if flags else plan
+                for gpu, plan in ((True, space), (False, spaces.for_cpu(space)))}
+    except ConfigError as err:  # name the flag the user typed, not the space's key
+        if err.where == "command line" and err.key in flags:
+            raise ConfigError(f"--{err.key.replace('_', '-')}", err.msg) from None
+        raise

@@ -34,10 +34,19 @@ def check_int(value: Any, key: str, where: str, low: int) -> int:
     return value
 
 
+# Beyond these a search never ends in any budget, and Tune would first try to build them (a 20-digit
+# num_samples hung the search before its first trial)
+MAX_COUNTS = {"num_samples": 100_000, "max_epochs": 100_000}
+
+
 def check_open_int(raw: dict[str, Any], key: str, time_budget_s: float | None, where: str) -> int | None:
-    """num_samples or max_epochs: a count >= 1, or absent (null) for "until the time budget ends"."""
+    """num_samples or max_epochs: a count in [1, MAX_COUNTS[key]], or absent (null) for "until the time budget
+    ends"."""
     if raw.get(key) is not None:
-        return check_int(raw[key], key, where, low=1)
+        value = check_int(raw[key], key, where, low=1)
+        if value > MAX_COUNTS[key]:
+            raise ConfigError(key, f"{value} is more than {MAX_COUNTS[key]:,} (absurdly large)", where=where)
+        return value
     if time_budget_s is None:
         raise ConfigError(key, "missing: give a number, or a time_budget to run until", where=where)
     return None
