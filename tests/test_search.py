@@ -93,8 +93,8 @@ def test_bad_space_exits_2_naming_file_and_key_before_ray_starts(tmp_path, capsy
 
 @pytest.mark.parametrize("argv, key", [
     (["--space", "no-such-space"], "smoke"),  # lists the known names
-    (["--space", "smoke", "--time-budget", "15x"], "time_budget"),
-    (["--space", "smoke", "--num-samples", "0"], "num_samples"),
+    (["--space", "smoke", "--time-budget", "15x"], "--time-budget"),
+    (["--space", "smoke", "--num-samples", "0"], "--num-samples"),
     (["--space", "smoke", "--cpus-per-trial", "0"], "--cpus-per-trial"),
     (["--space", "smoke", "--resume"], "--name"),
 ])
