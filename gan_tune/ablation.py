@@ -10,6 +10,8 @@ from pathlib import Path
 
 from gan_tune.benchmarks.quality_table import (
     ABLATIONS,
+    AUGMENT,
+    CAPACITY,
     LONG,
     LONG_MARKS,
     SAMPLES,
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=14.0, help="budget of each search and the seed row")
     parser.add_argument("--ablation-minutes", type=float, default=5.0, help="wall time of each ablation row")
     parser.add_argument("--rows", default="ablations,seed-alone,search-before,search-now",
-                        help="which blocks to run, comma-separated (also: long, LONG's configs for --minutes each)")
+                        help="which blocks to run, comma-separated (also: long, augment, capacity: configs trained "
+                             "for --minutes each, scored along the way)")
     parser.add_argument("--json", help="also write the rows as JSON")
     parser.add_argument("--keep", help="keep the searches' logs, studies and MLflow store in this folder "
                                        "(default: a temporary folder, removed at the end)")
@@ -46,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if "ablations" in blocks:
             rows += side_by_side(ABLATIONS, "", args.ablation_minutes * 60, cpus)
             print(format_rows(rows[-len(ABLATIONS):]), flush=True)
-        if "long" in blocks:
-            marks = tuple(args.minutes * 60 * share for share in LONG_MARKS)
-            rows += side_by_side(LONG, "long: ", args.minutes * 60, cpus, marks)
-            print(format_rows(rows[-len(LONG):]), flush=True)
+        marks = tuple(args.minutes * 60 * share for share in LONG_MARKS)
+        for block, configs in (("long", LONG), ("augment", AUGMENT), ("capacity", CAPACITY)):
+            if block in blocks:
+                rows += side_by_side(configs, f"{block}: ", args.minutes * 60, cpus, marks)
+                print(format_rows(rows[-len(configs):]), flush=True)
         if "seed-alone" in blocks:
             rows.append(training_row("seed recipe alone", SEED_RECIPE, args.minutes * 60, cpus))
             print(format_rows(rows[-1:]), flush=True)

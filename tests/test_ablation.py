@@ -40,3 +40,14 @@ def test_the_trial_count_is_read_from_either_form_of_the_search_summary():
     """search.summarise prints "N trials, ..." or, when queued trials never reported, "N trials (M more ...), ..."."""
     assert quality_table.trials_ran("x\n23 trials, 0 errored; results in rr (1 MiB)\nbudget: ...") == 23
     assert quality_table.trials_ran("2 trials (2 more never reported: queued, or cut by the budget), 0 errored; ...") == 2
+
+
+def test_the_augment_and_capacity_blocks_are_valid_configs_of_the_cpu_default():
+    from dataclasses import replace
+
+    for block in (quality_table.AUGMENT, quality_table.CAPACITY):
+        for change in block.values():
+            cfg = replace(quality_table.ABLATION_BASE, **change)  # TrainConfig validates in __post_init__
+            assert (cfg.loss, cfg.g_ema, cfg.r1_gamma) == ("hinge", 0.999, 1.0)
+    assert {cfg["augment"] for cfg in quality_table.AUGMENT.values() if "augment" in cfg} == {"translation,cutout"}
+    assert len(quality_table.CAPACITY) == 9  # width 0.25 / 0.375 / 0.5 x batch 32 / 64 / 128

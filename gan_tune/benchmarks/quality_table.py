@@ -59,6 +59,17 @@ LONG = {
     "hinge + ema + r1 1.0": {"loss": "hinge", "g_ema": 0.999, "r1_gamma": 1.0},
 }
 LONG_MARKS = (1 / 3, 2 / 3)  # shares of --minutes at which the long rows are also scored
+# Issue 26: the CPU default's config (hinge, g_ema, R1) for the whole --minutes, with and without DiffAugment on
+# every image D sees, and with ADA's adaptive probability; then its capacity (width, batch) at equal wall time.
+CPU_DEFAULT = {"loss": "hinge", "g_ema": 0.999, "r1_gamma": 1.0}
+AUGMENT = {
+    "hinge + ema + r1": CPU_DEFAULT,
+    "+ diffaugment translation,cutout": {**CPU_DEFAULT, "augment": "translation,cutout"},
+    "+ diffaugment, adaptive p (ada 0.6)": {**CPU_DEFAULT, "augment": "translation,cutout", "augment_p": 0.0,
+                                            "augment_target": 0.6},
+}
+CAPACITY = {f"width {width:g}, batch {batch}": {**CPU_DEFAULT, "width": width, "batch_size": batch}
+            for width in (0.25, 0.375, 0.5) for batch in (32, 64, 128)}
 # The balanced CPU default before issue 16: 10 trials of up to 20 epochs, the ns loss, no G averaging, no R1,
 # no finalists.
 BEFORE = {"num_samples": 10, "max_epochs": 20, "finalists": {"trials": 0}}
