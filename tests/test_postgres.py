@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from gan_tune import report, sample, search
+from gan_tune import report, sample
 from servers import MlflowServer
 from test_tracking_outage import EXPERIMENT, assert_every_epoch_logged, finish_search, kill_after_first_metric, \
     running_search
@@ -28,20 +28,6 @@ def tracking_server(postgres, s3_server, tmp_path_factory):
     server.start()
     yield server, bucket
     server.stop()
-
-
-def test_postgresql_without_its_driver_exits_2_naming_the_extra(monkeypatch, capsys):
-    """The test extra installs the driver (so test_bad_input's rows for this skip), so it is hidden here: a None in
-    sys.modules makes its import fail."""
-    monkeypatch.setattr(search, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
-    for module in ("psycopg", "psycopg2"):
-        monkeypatch.setitem(sys.modules, module, None)
-    assert search.main(["--space", "smoke", "--tracking-uri", "postgresql://u@127.0.0.1:1/db"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("error: --tracking-uri: postgresql://u@127.0.0.1:1/db: its driver psycopg is not installed: "
-                   "pip install 'gan_tune[postgres]'"), err
-    assert report.main(["--tracking-uri", "postgresql://u@127.0.0.1:1/db"]) == 2  # readers say the same
-    assert "pip install 'gan_tune[postgres]'" in capsys.readouterr().err
 
 
 def runs_in_postgres(postgres) -> dict[str, list[tuple[str, str]]]:
