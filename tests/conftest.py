@@ -99,3 +99,18 @@ def postgres():
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, s3_server, tmp_path_factory):
+    """cluster.yaml's PostgreSQL head, one per test module: `mlflow server` on PostgreSQL database `mlflow`, its
+    artifacts proxied to s3://mlflow-artifacts/mlflow; (server, bucket)."""
+    from servers import MlflowServer
+
+    bucket = s3_server.make_bucket("mlflow-artifacts")
+    postgres.query("CREATE DATABASE mlflow")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), postgres.uri("mlflow"), f"s3://{bucket}/mlflow",
+                          s3_server.env())
+    server.start()
+    yield server, bucket
+    server.stop()

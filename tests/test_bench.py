@@ -57,9 +57,9 @@ def test_packed_aggregate_of_trials_that_never_overlap_is_not_a_number():
 
 PACKED_TWO_MLP_TRIALS = """
 import json, torch
-from gan_tune import bench
-from gan_tune.data import BUNDLED, load_mnist
-print(json.dumps(bench.packed_search(2, torch.device("cpu"), load_mnist(BUNDLED), steps=40, epochs=5, model="mlp")))
+from gan_tune.benchmarks.throughput import packed_search
+from gan_tune.training.data import BUNDLED, load_mnist
+print(json.dumps(packed_search(2, torch.device("cpu"), load_mnist(BUNDLED), steps=40, epochs=5, model="mlp")))
 """
 
 
@@ -82,14 +82,13 @@ def parity_config(device: str, data) -> TrainConfig:
                        data_source=data.source)
 
 
-def test_quality_parity_on_cpu_compares_eager_with_eager_and_says_so():
-    """On a CPU there is no graph: path c (cuda_graph: true) falls back to eager and the report says so. Its loss
-    'parity' is eager vs eager, which only shows that the flag changes nothing where it cannot apply; the real
-    eager-vs-graph comparison is the CUDA test below."""
+def test_quality_parity_on_cpu_reports_every_path_eager_and_trains_d_in_bf16():
+    """On a CPU there is no graph: paths c and d (cuda_graph: true) fall back to eager and the report says so. Their
+    losses are not compared here (eager against eager agrees by construction); the eager-vs-graph loss comparison is
+    the CUDA test below. What a CPU can show: no path claims a graph, and d's bf16 training is a different GAN."""
     data = load_mnist(BUNDLED)
     numbers = throughput.quality_parity(torch.device("cpu"), data, parity_config("cpu", data))
     assert numbers["step_mode b"] == numbers["step_mode c"] == numbers["step_mode d"] == "eager"  # no pretend graph
-    assert numbers["loss_d rel diff c vs b"] == 0.0 and numbers["loss_g rel diff c vs b"] == 0.0
     assert numbers["parity_epochs"] == 2
     for key in ("fid b eager fp32", "fid d graph bf16", "fid d / fid b"):
         assert math.isfinite(numbers[key]) and numbers[key] > 0, (key, numbers)

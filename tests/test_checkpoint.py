@@ -1,4 +1,5 @@
-"""The checkpoint format with G weight averaging: restore brings back both generators exactly, export gives the average."""
+"""The checkpoint format, with and without G weight averaging: restore brings back both generators exactly and a
+resumed run continues as an uninterrupted one; export gives the average."""
 
 import pytest
 import torch
@@ -39,15 +40,20 @@ def test_restore_brings_back_the_averaged_generator_exactly(images):
     assert other.g_ema_updates.item() == gan.g_ema_updates.item() == saved["g_ema_updates"] > 0  # warm-up goes on
 
 
-def test_a_resumed_run_averages_as_an_uninterrupted_one(images):
-    cfg = TrainConfig(**{**TINY, "max_epochs": 2})
+@pytest.mark.parametrize("g_ema", [0.0, 0.9], ids=["plain", "averaged"])
+def test_a_resumed_run_continues_as_an_uninterrupted_one(images, g_ema):
+    """Restored into a GAN built with another seed, epoch 2 has the uninterrupted run's losses, and its evaluated
+    generator (the average when g_ema is on, G otherwise) the same weights."""
+    cfg = TrainConfig(**{**TINY, "max_epochs": 2, "g_ema": g_ema})
     gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     straight = list(loop.fit(gan, images, gen))
     first_gan, first_gen, history = trained(cfg, images)
     saved = checkpoint.state(first_gan, 1, loop.fixed_noise(cfg, CPU), first_gen, history)
-    resumed, gen2 = step.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "seed": 7}), CPU), torch.Generator()
+    resumed, gen2 = step.make_gan(TrainConfig(**{**TINY, "max_epochs": 2, "g_ema": g_ema, "seed": 7}), CPU), \
+        torch.Generator()
     resumed.cfg = cfg
-    start, _, _ = checkpoint.restore(resumed, saved, gen2)
+    start, _, restored_history = checkpoint.restore(resumed, saved, gen2)
+    assert start == 1 and len(restored_history) == 1
     record = next(loop.fit(resumed, images, gen2, start_epoch=start))
     assert (record["loss_d"], record["loss_g"]) == (straight[1]["loss_d"], straight[1]["loss_g"])
     assert tensors_equal(resumed.eval_generator().state_dict(), gan.eval_generator().state_dict())

@@ -58,7 +58,9 @@ def test_local_storage_on_a_multinode_cluster_is_refused(cluster, tmp_path):
     assert "--storage-path" in done.stderr and "--storage-is-shared" in done.stderr
 
 
-def test_smoke_search_spreads_over_nodes_and_packs_gpu_shares(cluster, tmp_path):
+def test_smoke_search_spreads_over_nodes_and_ray_schedules_quarter_gpu_shares_on_fake_gpus(cluster, tmp_path):
+    """Ray's fractional GPU scheduling, not GPU sharing: the workers' GPUs are fake (torch sees no CUDA device and
+    every trial trains on the CPU), so this proves that Ray places four 0.25-GPU trials at once on a 2-GPU node."""
     cluster, gpu_node_id = cluster
     done = run_search(cluster, tmp_path, "--storage-is-shared", "--num-samples", str(TRIALS))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -72,7 +74,7 @@ def test_smoke_search_spreads_over_nodes_and_packs_gpu_shares(cluster, tmp_path)
 
     on_gpu_node = [frame for frame in progress.values() if frame["node_id"].iloc[-1] == gpu_node_id]
     intervals = [((frame["timestamp"] - frame["time_total_s"]).min(), frame["timestamp"].max()) for frame in on_gpu_node]
-    assert max_concurrent(intervals) >= 4  # four 0.25-GPU trials at once on the fake-GPU node
+    assert max_concurrent(intervals) >= 4  # four 0.25-GPU trials at once on the fake-GPU node (its 4 CPUs)
 
     checkpoints = list(study.glob("*/checkpoint_*/checkpoint.pt"))
     assert len({path.parents[1] for path in checkpoints}) == TRIALS  # every trial checkpointed to shared storage

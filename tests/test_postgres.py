@@ -5,48 +5,10 @@
 import os
 import subprocess
 import sys
-import time
-import types
 
-import pytest
-from servers import MlflowServer
-from test_tracking_outage import (
-    EXPERIMENT,
-    assert_every_epoch_logged,
-    finish_search,
-    kill_after_first_metric,
-    running_search,
-)
-
-from gan_tune import report, sample, search
+from gan_tune import report, sample
 
 SEARCH_TIMEOUT_S = 600
-
-
-@pytest.fixture(scope="module")
-def tracking_server(postgres, s3_server, tmp_path_factory):
-    """The MLflow server: runs in PostgreSQL database `mlflow`, artifacts proxied to s3://mlflow-artifacts/mlflow."""
-    bucket = s3_server.make_bucket("mlflow-artifacts")
-    postgres.query("CREATE DATABASE mlflow")
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), postgres.uri("mlflow"), f"s3://{bucket}/mlflow",
-                          s3_server.env())
-    server.start()
-    yield server, bucket
-    server.stop()
-
-
-def test_postgresql_without_its_driver_exits_2_naming_the_extra(monkeypatch, capsys):
-    """The test extra installs the driver (so test_bad_input's rows for this skip), so it is hidden here: a None in
-    sys.modules makes its import fail."""
-    monkeypatch.setattr(search, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
-    for module in ("psycopg", "psycopg2"):
-        monkeypatch.setitem(sys.modules, module, None)
-    assert search.main(["--space", "smoke", "--tracking-uri", "postgresql://u@127.0.0.1:1/db"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("error: --tracking-uri: postgresql://u@127.0.0.1:1/db: its driver psycopg is not installed: "
-                   "pip install 'gan_tune[postgres]'"), err
-    assert report.main(["--tracking-uri", "postgresql://u@127.0.0.1:1/db"]) == 2  # readers say the same
-    assert "pip install 'gan_tune[postgres]'" in capsys.readouterr().err
 
 
 def runs_in_postgres(postgres) -> dict[str, list[tuple[str, str]]]:
@@ -89,23 +51,6 @@ def test_a_search_tracked_on_postgresql_keeps_its_artifacts_in_the_bucket(tracki
     grid = tmp_path / "grid.png"
     assert sample.main(["--run-id", parent, "--tracking-uri", server.uri, "-n", "16", "--out", str(grid)]) == 0
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_writes_wait_for_a_restarted_postgresql(tracking_server, postgres, tmp_path):
-    """Item 5: PostgreSQL stopped under the MLflow server mid-search; the server answers 500 until it is back, the
-    driver's outage queue holds the writes, and every epoch of every trial reaches the store once."""
-    server, _ = tracking_server
-    database = types.SimpleNamespace(uri=server.uri, stop=postgres.stop)  # what kill_after_first_metric stops
-    with running_search(tmp_path, server.uri) as search_process:
-        kill_after_first_metric(database, search_process)
-        time.sleep(10)  # the queue's first retries (after 5 s, then 10 s) meet a store still down
-        postgres.start()
-        err = finish_search(search_process, tmp_path)
-    assert err.count("mlflow tracking: store unreachable") == 1, err
-    assert err.count("mlflow tracking: store back, delivered") == 1, err
-    assert "writes never reached" not in err
-    assert_every_epoch_logged(server.uri)
-    assert EXPERIMENT in {row[0] for row in postgres.query("SELECT name FROM experiments", "mlflow")}
 
 
 def test_cluster_yaml_postgresql_head_passes_rays_schema():

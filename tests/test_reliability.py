@@ -1,5 +1,6 @@
 """Issue 9, faults: a truncated checkpoint, and a trial's worker process killed mid-search."""
 
+import io
 import json
 import os
 import signal
@@ -14,11 +15,12 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from ray import tune
+from ray.tune.experiment import Experiment
 
 from gan_tune import train
 from gan_tune.training import checkpoint, config, loop, step
 from gan_tune.training.data import DataError
-from gan_tune.tuning import trainable
+from gan_tune.tuning import schedulers, spaces, trainable
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128, "max_epochs": 2,
@@ -235,55 +237,109 @@ def outcome(files: list[tuple[pd.DataFrame, dict]], experiment_path: str, uri: s
     return {"trials": trials, "parents": len(parents), "children": len(children), "steps": steps, "configs": configs}
 
 
-def unfinished_mid_study(uri: str) -> bool:
-    """A trial's child run has ended and another's has metrics but is still running: the moment to kill."""
+KILL_TRIALS, KILL_EPOCHS = 3, 4
+
+
+def uninterrupted_configs(space_path: Path, seed: int = 0) -> list[tuple[float, float, int]]:
+    """The (lr_d, lr_g, seed) of every trial an uninterrupted search of the space runs with --seed `seed`, sorted:
+    drawn by the search algorithm and param_space the search builds (spaces.make_search_alg, spaces.param_space),
+    without running a trial."""
+    space = spaces.load_space(space_path)
+    alg = schedulers.make_search_alg(space, seed)
+    alg.add_configurations([Experiment("uninterrupted", run=lambda config: None, num_samples=space.tune_num_samples,
+                                       config=schedulers.param_space(space, seed))])
+    configs = []
+    while (trial := alg.next_trial()) is not None:
+        configs.append((trial.config["lr_d"], trial.config["lr_g"], trial.config["seed"]))
+    return sorted(configs)
+
+
+@pytest.fixture(scope="module")
+def kill_study(tmp_path_factory) -> tuple[Path, list[tuple[float, float, int]]]:
+    """The driver-kill study (slow_d_space: KILL_TRIALS FIFO trials of KILL_EPOCHS epochs) and the trial configs an
+    uninterrupted search of it runs (uninterrupted_configs: the grid and the seed fix them)."""
+    space = slow_d_space(tmp_path_factory.mktemp("kill_study"), "fifo", steps=10, epochs=KILL_EPOCHS,
+                         trials=KILL_TRIALS)
+    return space, uninterrupted_configs(space)
+
+
+def finished_trial_stored(frames: list[pd.DataFrame], epochs: int) -> bool:
+    """A trial's progress.csv in the study's storage has all its epochs: Tune's upload of it is done."""
+    return any(len(frame) and frame["epoch"].max() == epochs for frame in frames)
+
+
+def folder_frames(exp_dir: Path) -> list[pd.DataFrame]:
+    frames = []
+    for path in exp_dir.glob("*/progress.csv"):
+        try:
+            frames.append(pd.read_csv(path))
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):  # Tune is writing it
+            pass
+    return frames
+
+
+def bucket_frames(s3_server, bucket: str, name: str) -> list[pd.DataFrame]:
+    return [pd.read_csv(io.BytesIO(s3_server.read(bucket, key)))
+            for key in s3_server.keys(bucket, f"studies/{name}/") if key.endswith("/progress.csv")]
+
+
+def s3_study_outcome(s3_server, bucket: str, name: str, uri: str) -> dict:
+    """study_outcome for a study in the bucket, its files read through the S3 API."""
+    files = [(pd.read_csv(io.BytesIO(s3_server.read(bucket, key)), dtype={"trial_id": str}),
+              json.loads(s3_server.read(bucket, key.replace("/progress.csv", "/params.json"))))
+             for key in s3_server.keys(bucket, f"studies/{name}/") if key.endswith("/progress.csv")]
+    return outcome(files, f"s3://{bucket}/studies/{name}", uri)
+
+
+@pytest.mark.parametrize("storage", ["folder", "s3"])
+def test_a_killed_driver_resumes_to_the_study_an_uninterrupted_search_runs(storage, kill_study, request, tmp_path):
+    """SIGKILL of the driver mid-study, then `--resume FOLDER` or `--resume s3://BUCKET/studies/NAME` (the
+    AWS_ENDPOINT_URL form) alone finishes it: one parent run, one child run per trial with every epoch once, and
+    the trials of an uninterrupted search (kill_study's configs).
+
+    The kill lands while one trial waits at the fault gate after epoch 2 and another has finished with its
+    progress.csv in the storage: Tune's state and trial folders travel in one upload that is not atomic (README,
+    Reliability), so a kill before that file is there could leave a finished trial without its Tune files."""
+    space, expected = kill_study
+    env, name, gate = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, "killed", tmp_path / "gate"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    if storage == "s3":
+        s3_server = request.getfixturevalue("s3_server")
+        env.update(s3_server.env())
+        bucket = s3_server.make_bucket("resume")
+        root, location = f"s3://{bucket}/studies", f"s3://{bucket}/studies/{name}"
+        frames = lambda: bucket_frames(s3_server, bucket, name)  # noqa: E731
+    else:
+        root, location = str(tmp_path / "rr"), str(tmp_path / "rr" / name)
+        frames = lambda: folder_frames(Path(location))  # noqa: E731
+    (tmp_path / "cwd").mkdir()
+    driver = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path", root,
+                               "--name", name, "--tracking-uri", uri], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**env, trainable.FAULT_GATE_ENV: f"2:{gate}"},
+                              cwd=tmp_path / "cwd")
     try:
-        client = MlflowClient(uri)
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
-    except Exception:  # the store is not made yet, or the driver holds the sqlite write lock
-        return False
-    ended = any(run.info.status == "FINISHED" for run in runs)
-    return ended and any(run.info.status == "RUNNING" and "loss_d" in run.data.metrics for run in runs)
-
-
-def test_a_killed_driver_resumes_to_the_same_study_as_an_uninterrupted_one(tmp_path):
-    trials, epochs = 3, 4
-    space = slow_d_space(tmp_path, "fifo", steps=10, epochs=epochs, trials=trials)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path", str(tmp_path / "rr")]
-    straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
-    done = subprocess.run([*command, "--name", "straight", "--tracking-uri", straight_uri], capture_output=True,
-                          text=True, env=env, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-
-    exp_dir = tmp_path / "rr" / "killed"
-    # the first trial to report epoch 2 waits there, so the study cannot finish before the test kills it
-    gated = {**env, trainable.FAULT_GATE_ENV: f"2:{tmp_path / 'gate'}"}
-    driver = subprocess.Popen([*command, "--name", "killed", "--tracking-uri", killed_uri],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=gated)
-    try:
+        wait_for_gate(driver, gate, timeout_s=300)  # the study cannot end before the kill
         deadline = time.monotonic() + 300
-        while not unfinished_mid_study(killed_uri) and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert driver.poll() is None, "the search finished before the test could kill it"
+        while not finished_trial_stored(frames(), KILL_EPOCHS):
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial finished beside the held one"
+            time.sleep(0.5)
         driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    resumed = subprocess.run([sys.executable, "-m", "gan_tune.search", "--resume", str(exp_dir)],
-                             capture_output=True, text=True, env=env, timeout=400)
+    resumed = subprocess.run([sys.executable, "-m", "gan_tune.search", "--resume", location], capture_output=True,
+                             text=True, env=env, cwd=tmp_path / "cwd", timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
 
-    straight = study_outcome(tmp_path / "rr" / "straight", straight_uri)
-    killed = study_outcome(exp_dir, killed_uri)
-    assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
-    assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
-    assert sorted(t["config"] for t in killed["trials"].values()) == sorted(t["config"] for t in straight["trials"].values())
+    killed = s3_study_outcome(s3_server, bucket, name, uri) if storage == "s3" else study_outcome(Path(location), uri)
+    assert killed["parents"] == 1  # the parent run was reused
+    assert killed["children"] == KILL_TRIALS and killed["configs"] == expected  # one child run per trial
+    assert sorted(trial["config"] for trial in killed["trials"].values()) == expected  # and one Tune trial each
     for trial_id, trial in killed["trials"].items():
-        assert trial["epochs"][-1] == epochs, (trial_id, trial)  # every trial finished
-        assert sorted(killed["steps"][trial_id]) == list(range(1, epochs + 1)), (trial_id, killed["steps"])
+        assert trial["epochs"][-1] == KILL_EPOCHS, (trial_id, trial)  # every trial finished
+        assert sorted(killed["steps"][trial_id]) == list(range(1, KILL_EPOCHS + 1)), (trial_id, killed["steps"])
 
 
 def trial_seed(folder: Path) -> int:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 from servers import AWS_ENV, free_port
-from test_reliability import outcome, slow_d_space, unfinished_mid_study, wait_for_gate
+from test_reliability import slow_d_space, wait_for_gate
 
 from gan_tune import search
 from gan_tune.tuning import storage, trainable
@@ -163,57 +162,6 @@ def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, ray_tmp, tmp_pa
         assert "progress.gif" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def s3_study_outcome(s3_server, bucket: str, name: str, uri: str) -> dict:
-    """test_reliability.study_outcome for a study in the bucket, its files read through the S3 API."""
-    files = [(pd.read_csv(io.BytesIO(s3_server.read(bucket, key)), dtype={"trial_id": str}),
-              json.loads(s3_server.read(bucket, key.replace("/progress.csv", "/params.json"))))
-             for key in s3_server.keys(bucket, f"studies/{name}/") if key.endswith("/progress.csv")]
-    return outcome(files, f"s3://{bucket}/studies/{name}", uri)
-
-
-def test_a_killed_driver_resumes_from_the_bucket_to_the_same_study(s3_server, s3_env, ray_tmp, tmp_path):
-    """Item 2: test_reliability's driver-kill test on S3 (AWS_ENDPOINT_URL form): SIGKILL mid-study, then
-    `--resume s3://BUCKET/studies/NAME` alone finishes it with the trials and child runs of an uninterrupted search."""
-    trials, epochs = 3, 4
-    bucket = s3_server.make_bucket("resume")
-    space = slow_d_space(tmp_path, "fifo", steps=10, epochs=epochs, trials=trials)
-    env = search_env(tmp_path, s3_env, ray_tmp)
-    command = ["--space", str(space), "--storage-path", f"s3://{bucket}/studies"]
-    straight_uri, killed_uri = f"sqlite:///{tmp_path}/straight.db", f"sqlite:///{tmp_path}/killed.db"
-    run_search([*command, "--name", "straight", "--tracking-uri", straight_uri], env, tmp_path / "cwd")
-
-    gated = {**env, trainable.FAULT_GATE_ENV: f"2:{tmp_path / 'gate'}"}  # the study cannot end before the kill
-    driver = subprocess.Popen([sys.executable, "-m", "gan_tune.search", *command, "--name", "killed",
-                               "--tracking-uri", killed_uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=gated, cwd=tmp_path / "cwd")
-    try:
-        deadline = time.monotonic() + 300
-        while not unfinished_mid_study(killed_uri) and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert driver.poll() is None, "the search finished before the test could kill it"
-        driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved to the bucket
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    run_search(["--resume", f"s3://{bucket}/studies/killed"], env, tmp_path / "cwd")
-
-    straight = s3_study_outcome(s3_server, bucket, "straight", straight_uri)
-    killed = s3_study_outcome(s3_server, bucket, "killed", killed_uri)
-    assert killed["parents"] == straight["parents"] == 1  # the parent run was reused
-    assert killed["children"] == straight["children"] == trials  # one child run per trial, none duplicated
-    assert killed["configs"] == straight["configs"] == sorted(t["config"] for t in straight["trials"].values())
-    for trial_id, steps in killed["steps"].items():
-        assert sorted(steps) == list(range(1, epochs + 1)), (trial_id, killed["steps"])  # every trial finished
-    # Tune's files on the bucket: a trial that finished just before the kill can lack them (README, Reliability:
-    # the kill can cut Tune's upload of the study folder after the study state, seen once in CI), never worse
-    assert set(killed["trials"]) <= set(killed["steps"]) and len(killed["trials"]) >= trials - 1, \
-        s3_server.keys(bucket, "studies/killed/")
-    for trial_id, trial in killed["trials"].items():
-        assert trial["epochs"][-1] == epochs, (trial_id, trial)
-
-
 @pytest.fixture(scope="module")
 def s3_cluster(s3_server, tmp_path_factory):
     """test_multinode's three-node loopback cluster, its raylets (and so the trial workers) started with the S3 keys
@@ -326,8 +274,13 @@ def test_a_stopped_s3_server_errors_the_trials_keeping_their_checkpoints_and_res
     assert frame.drop_duplicates("epoch", keep="last")["epoch"].tolist() == list(range(1, epochs + 1)), \
         frame[["epoch", "restored_epoch"]]
     assert (frame["epoch"] > frame["restored_epoch"]).all()
-    # trained on from a kept checkpoint: epoch 2's, or epoch 1's when Tune's saved state had not yet recorded epoch 2's
-    # before the outage (seen once in a CI rehearsal)
+    # Trained on from one kept checkpoint: epoch 2's, or epoch 1's. Both are true outcomes, not a race in this test:
+    # Tune's controller handles a report in two events, the result (its callbacks write progress.csv) and then the
+    # checkpoint (registered when the save event is processed), and it may save and upload its experiment state
+    # between the two. The last upload before the outage can therefore carry epoch 2's progress.csv with a state whose
+    # latest checkpoint is epoch 1's (seen once in a CI rehearsal); nothing is uploaded after the outage, so `--resume`
+    # restores what that state names. What is exact: one restore, from a checkpoint the bucket kept, and every epoch
+    # after it trained again (above).
     restored = set(frame["restored_epoch"]) - {0}
     assert len(restored) == 1 and restored <= {1, 2}, frame[["epoch", "restored_epoch"]]
 

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import requests
 import torch
+import urllib3
 from mlflow import MlflowClient
 from PIL import Image
 from ray import cloudpickle, tune
@@ -54,10 +55,18 @@ def test_check_rejects_an_unknown_scheme(uri):
     assert "unknown scheme" in one_line_error(store.check_tracking, uri)
 
 
-def test_check_rejects_an_unreachable_server():
-    start = time.perf_counter()
-    message = one_line_error(store.check_tracking, f"http://127.0.0.1:{free_port()}")
-    assert "no MLflow server answered" in message and time.perf_counter() - start < 10
+def test_check_rejects_an_unreachable_server_after_one_connection_attempt(monkeypatch):
+    """Fast because nothing is retried: one refused connection, no backoff to wait out (urllib3's connect counted)."""
+    attempts, connect = [], urllib3.util.connection.create_connection
+
+    def counted(address, *args, **kwargs):
+        attempts.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    port = free_port()
+    message = one_line_error(store.check_tracking, f"http://127.0.0.1:{port}")
+    assert "no MLflow server answered" in message and attempts == [("127.0.0.1", port)], attempts
 
 
 def test_check_rejects_an_unwritable_sqlite_path(tmp_path):
@@ -202,8 +211,8 @@ def test_search_tracked_on_a_real_server(ray_local, tmp_path, mlflow_server):
     parent, callback = tracked_search(mlflow_server, tmp_path / "ray", ["ok", "collapse", "cut", "crash"], cpu=0.5,
                                       experiment="server-test")
     client = MlflowClient(mlflow_server)
-    parent_run = client.get_run(parent)
-    assert parent_run.data.tags["space"] == "smoke" and parent_run.data.tags["scheduler"] == "asha"
+    parent_record = client.get_run(parent)
+    assert parent_record.data.tags["space"] == "smoke" and parent_record.data.tags["scheduler"] == "asha"
     assert {a.path for a in client.list_artifacts(parent)} == {"search_args.json", "space"}
     runs = children(client, parent)
     assert sorted(runs) == ["collapse", "crash", "cut", "ok"] and not callback.failures
@@ -222,7 +231,7 @@ def test_search_tracked_on_a_real_server(ray_local, tmp_path, mlflow_server):
     assert {"final_grid.png", "history.csv", "samples"} <= top
     local = Path(client.download_artifacts(runs["ok"].info.run_id, "final_grid.png", str(tmp_path)))
     assert local.read_bytes() == GRID_PNG and Image.open(local).size == (8 * 30 + 2, 30 + 2)  # 8 per row
-    assert json.loads(parent_run.data.tags["trial_outcomes"]) == {
+    assert json.loads(parent_record.data.tags["trial_outcomes"]) == {
         "completed": 1, "mode collapse": 1, "asha early stop": 1, "error": 1}
 
 

@@ -18,8 +18,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from servers import MlflowServer, free_port
+from test_reliability import wait_for_gate
 
-from gan_tune.tracking import __main__, store, write_queue
+from gan_tune.tracking import store, write_queue
+from gan_tune.tracking.__main__ import main as replay_main
+from gan_tune.tuning import trainable
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = "outage"
@@ -43,8 +46,8 @@ def servers(tmp_path):
 
 
 @contextlib.contextmanager
-def running_search(tmp_path: Path, uri: str) -> subprocess.Popen:
-    search = start_search(tmp_path, uri)
+def running_search(tmp_path: Path, uri: str, gate: Path | None = None) -> subprocess.Popen:
+    search = start_search(tmp_path, uri, gate)
     try:
         yield search
     finally:
@@ -52,8 +55,12 @@ def running_search(tmp_path: Path, uri: str) -> subprocess.Popen:
             os.killpg(search.pid, signal.SIGKILL)  # whatever a failed test left running, its Ray included
 
 
-def start_search(tmp_path: Path, uri: str) -> subprocess.Popen:
-    """`python -m gan_tune.search` on the smoke space with FIFO, so only the GAN stopper ends a trial early."""
+def start_search(tmp_path: Path, uri: str, gate: Path | None = None) -> subprocess.Popen:
+    """`python -m gan_tune.search` on the smoke space with FIFO, so only the GAN stopper ends a trial early; with a
+    gate, trial _00000 waits at the fault gate after epoch 1 (trainable.fault_gate) until the test releases it."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if gate is not None:
+        env.update({trainable.FAULT_GATE_ENV: f"1:{gate}", trainable.FAULT_GATE_TRIAL_ENV: "_00000"})
     space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
     space["scheduler"] = {"type": "fifo"}
     (tmp_path / "outage.yaml").write_text(yaml.safe_dump(space))
@@ -61,7 +68,7 @@ def start_search(tmp_path: Path, uri: str) -> subprocess.Popen:
                "--num-samples", str(TRIALS), "--max-epochs", str(EPOCHS), "--storage-path", str(tmp_path / "ray"),
                "--name", "study", "--tracking-uri", uri, "--experiment", EXPERIMENT]
     with open(tmp_path / "search.out", "w") as out, open(tmp_path / "search.err", "w") as err:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=env, start_new_session=True)
 
 
 def finish_search(search: subprocess.Popen, tmp_path: Path) -> str:
@@ -90,6 +97,14 @@ def kill_after_first_metric(server: MlflowServer, search: subprocess.Popen) -> N
         assert search.poll() is None and time.monotonic() < deadline, "the search ended before any metric"
         time.sleep(0.5)
     server.stop()
+
+
+def wait_for_line(tmp_path: Path, text: str, search: subprocess.Popen) -> None:
+    """Until the search's stderr has `text` (e.g. the driver's one outage line)."""
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+    while text not in (tmp_path / "search.err").read_text():
+        assert search.poll() is None and time.monotonic() < deadline, f"the search ended without {text!r}"
+        time.sleep(0.2)
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
@@ -159,18 +174,35 @@ def test_queued_writes_keep_their_order_and_find_their_run(tmp_path, caplog):
     assert len(client.search_runs([experiment], "tags.trial_id = 't1'")) == 1
 
 
-def test_writes_wait_for_a_restarted_server(servers, tmp_path):
-    server = servers()
-    server.start()
-    with running_search(tmp_path, server.uri) as search:
-        kill_after_first_metric(server, search)
-        time.sleep(5)  # the restart adds its own ~15 s: the server is away for ~20 s
+@pytest.mark.parametrize("store", ["mlflow server", "postgresql"])
+def test_writes_wait_for_a_store_that_comes_back(store, servers, request, tmp_path):
+    """The store goes away mid-search: the `mlflow server` itself is killed, or PostgreSQL stops under a live
+    server (cluster.yaml's PostgreSQL head, which answers 5xx until the database is back). It goes while trial
+    _00000 waits at the fault gate after epoch 1 and comes back before the gate opens; trial _00001 trains through
+    the outage, so its writes meet the dead store. They wait in order in the driver's queue: every epoch of every
+    trial reaches the store once, the outage and its end are each logged once, nothing is saved for later."""
+    if store == "postgresql":
+        server, _ = request.getfixturevalue("tracking_server")
+        postgres = request.getfixturevalue("postgres")
+        stop, start = postgres.stop, postgres.start
+    else:
+        server = servers()
         server.start()
+        stop, start = server.stop, server.start
+    gate = tmp_path / "gate"
+    with running_search(tmp_path, server.uri, gate) as search:
+        wait_for_gate(search, gate)
+        stop()
+        wait_for_line(tmp_path, "mlflow tracking: store unreachable", search)  # a write met the dead store
+        start()  # until the store answers again
+        Path(f"{gate}.release").touch()  # trial _00000 trains on, its writes behind the queued ones
         err = finish_search(search, tmp_path)
     assert err.count("mlflow tracking: store unreachable") == 1, err
     assert err.count("mlflow tracking: store back, delivered") == 1, err
     assert "writes never reached" not in err and not (tmp_path / "ray" / "study" / write_queue.UNDELIVERED).exists()
     assert_every_epoch_logged(server.uri)
+    if store == "postgresql":  # the runs are in PostgreSQL's tables
+        assert EXPERIMENT in {row[0] for row in postgres.query("SELECT name FROM experiments", "mlflow")}
 
 
 def test_writes_a_gone_server_never_took_are_saved_and_replayed(servers, tmp_path):
@@ -185,7 +217,7 @@ def test_writes_a_gone_server_never_took_are_saved_and_replayed(servers, tmp_pat
     assert err.count("mlflow tracking: store unreachable") == 1, err
     back.wait()
     assert_saved_or_logged(tmp_path / "ray" / "study", back.uri)
-    assert __main__.main(["replay", str(saved), "--tracking-uri", back.uri]) == 0
+    assert replay_main(["replay", str(saved), "--tracking-uri", back.uri]) == 0
     assert not saved.exists()
     assert_every_epoch_logged(back.uri)
     client = MlflowClient(back.uri)
