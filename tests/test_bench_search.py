@@ -102,8 +102,8 @@ def test_bad_flags_exit_2_with_one_line(argv, key, capsys, tmp_path):
 
 def test_a_short_run_writes_the_curves_the_json_and_the_table(ray_local, tmp_path, capsys, monkeypatch):
     smoke = yaml.safe_load(resolve_space("smoke").read_text())
-    space = tmp_path / "tiny.yaml"  # the smoke space with 200-sample scores; its 3 trials end before the budget
-    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "fid_samples": 200}}))
+    space = tmp_path / "tiny.yaml"  # smoke with 200-sample scores and 2 trials (one wave on 2 CPUs): ends before the budget
+    space.write_text(yaml.safe_dump({**smoke, "base": {**smoke["base"], "fid_samples": 200}, "num_samples": 2}))
     out = tmp_path / "out"
     code = bench.main(["search", "--space", str(space), "--strategies", "random-fifo,random-asha", "--seeds", "1",
                        "--budget", "40s", "--out", str(out)])
