@@ -268,6 +268,17 @@ def finished_trial_stored(frames: list[pd.DataFrame], epochs: int) -> bool:
     return any(len(frame) and frame["epoch"].max() == epochs for frame in frames)
 
 
+def every_trial_run_has_params(uri: str, trials: int) -> bool:
+    """Each trial's child run exists with its params. A SIGKILL between a run's create and its params would leave
+    a run without params that --resume does not fill in (the resumed driver reuses the run as it finds it)."""
+    try:
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    except Exception:  # the driver holds the sqlite write lock
+        return False
+    return len(runs) == trials and all("lr_d" in run.data.params for run in runs)
+
+
 def folder_frames(exp_dir: Path) -> list[pd.DataFrame]:
     frames = []
     for path in exp_dir.glob("*/progress.csv"):
@@ -297,9 +308,10 @@ def test_a_killed_driver_resumes_to_the_study_an_uninterrupted_search_runs(stora
     AWS_ENDPOINT_URL form) alone finishes it: one parent run, one child run per trial with every epoch once, and
     the trials of an uninterrupted search (kill_study's configs).
 
-    The kill lands while one trial waits at the fault gate after epoch 2 and another has finished with its
-    progress.csv in the storage: Tune's state and trial folders travel in one upload that is not atomic (README,
-    Reliability), so a kill before that file is there could leave a finished trial without its Tune files."""
+    The kill lands while one trial waits at the fault gate after epoch 2, another has finished with its
+    progress.csv in the storage (Tune's state and trial folders travel in one upload that is not atomic: README,
+    Reliability; a kill before that file is there could leave a finished trial without its Tune files), and the
+    third has its child run with its params (every_trial_run_has_params)."""
     space, expected = kill_study
     env, name, gate = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, "killed", tmp_path / "gate"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -320,8 +332,8 @@ def test_a_killed_driver_resumes_to_the_study_an_uninterrupted_search_runs(stora
     try:
         wait_for_gate(driver, gate, timeout_s=300)  # the study cannot end before the kill
         deadline = time.monotonic() + 300
-        while not finished_trial_stored(frames(), KILL_EPOCHS):
-            assert driver.poll() is None and time.monotonic() < deadline, "no trial finished beside the held one"
+        while not (finished_trial_stored(frames(), KILL_EPOCHS) and every_trial_run_has_params(uri, KILL_TRIALS)):
+            assert driver.poll() is None and time.monotonic() < deadline, "no finished trial stored, or a run lacks params"
             time.sleep(0.5)
         driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved
         driver.wait()
