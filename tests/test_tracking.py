@@ -278,3 +278,30 @@ def test_smoke_search_child_runs(smoke_study):
         grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
         assert {"final_grid.png", "progress.gif", "history.png", "history.csv", "samples"} <= files
         assert grids == {f"samples/epoch_{e:03d}.png" for e in epochs}
+
+
+def test_a_resumed_search_logs_the_params_a_killed_driver_never_wrote(tmp_path):
+    """A driver killed between a trial's create_run and its params left a run without params; --resume reuses
+    the run (one per trial) and now logs them when the trial starts again, instead of leaving it bare."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store.check_tracking(uri)
+    parent = parent_run.start_search_run(uri, "resume-test", "smoke", SPACE, {"space": "smoke"}, "none", "asha",
+                                         "random")
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    bare = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial_id": "t_00000"}).info.run_id
+    done = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial_id": "t_00001"}).info.run_id
+    client.log_param(done, "lr_d", "0.0002")
+    callback = child_runs.TrackingCallback(uri, parent, max_epochs=2)
+    callback.setup()
+
+    class Trial:  # what the callback reads of Tune's Trial
+        def __init__(self, trial_id, config):
+            self.trial_id, self.config, self.path = trial_id, config, str(tmp_path / trial_id)
+
+    callback.on_trial_start(0, [], Trial("t_00000", {"lr_d": 1.0e-4, "lr_g": 3.0e-4}))
+    callback.on_trial_start(0, [], Trial("t_00001", {"lr_d": 5.0e-4}))  # a PBT-explored config: not logged again
+    assert callback.failures == []
+    assert client.get_run(bare).data.params == {"lr_d": "0.0001", "lr_g": "0.0003"}
+    assert client.get_run(done).data.params == {"lr_d": "0.0002"}
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")) == 2  # reused, none made

@@ -82,6 +82,7 @@ class TrackingCallback(tune.Callback):
         self.client: MlflowClient | None = None  # made in setup(): the callback is pickled into tuner.pkl
         self.writes: PendingWrites | None = None  # made in setup(), on the client
         self.run_ids: dict[str, str] = {}  # trial_id -> child run id, once the store made the run
+        self.without_params: set[str] = set()  # reused runs a killed driver left between create_run and params
         self.logged_steps: dict[str, int] = {}  # trial_id -> last epoch logged, in this or an earlier session
         self.open_trials: set[str] = set()
         self.outcomes: dict[str, str] = {}  # trial_id -> stop reason
@@ -105,6 +106,8 @@ class TrackingCallback(tune.Callback):
                 if "trial_id" in run.data.tags:
                     self.run_ids.setdefault(run.data.tags["trial_id"], run.info.run_id)
                     self.logged_steps[run.data.tags["trial_id"]] = last_step(self.client, run.info.run_id)
+                    if not run.data.params:
+                        self.without_params.add(run.data.tags["trial_id"])
 
     def warn(self, message: str) -> None:
         self.failures.append(message)
@@ -116,13 +119,19 @@ class TrackingCallback(tune.Callback):
         if trial.trial_id in self.open_trials:
             return
         self.open_trials.add(trial.trial_id)
-        if trial.trial_id in self.run_ids:  # finished in an earlier session of a resumed search
+        if trial.trial_id in self.run_ids:  # started in an earlier session of a resumed search
             self.writes.add(trial.trial_id, "update_run", {"status": "RUNNING"})
+            if trial.trial_id in self.without_params:  # that session's driver died before the params
+                self.without_params.discard(trial.trial_id)
+                self.log_params(trial)
             return
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial.trial_id, "run_kind": "trial",
                 "ray.trial_path": trial.path}
         self.writes.add(trial.trial_id, "create_run", {"experiment_id": self.experiment_id, "run_name": str(trial),
                                                        "tags": tags, "start_time": now_ms()})
+        self.log_params(trial)
+
+    def log_params(self, trial: Any) -> None:
         params = [Param(k, truncate(str(v))) for k, v in sorted(flatten_dict(trial.config).items())]
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.writes.add(trial.trial_id, "log_batch", batch(params=params[start:start + MAX_PARAMS_PER_BATCH]))
