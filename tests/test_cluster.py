@@ -45,3 +45,11 @@ def test_a_schema_violation_is_caught():
     with pytest.raises(jsonschema.ValidationError, match="'many' is not of type 'integer'") as err:
         validate_config(prepare_config(broken))
     assert list(err.value.path) == ["available_node_types", "gpu_worker", "min_workers"]
+
+
+def test_gpu_workers_start_the_mps_daemon_before_ray():
+    """Trials sharing a GPU run their kernels at once only under NVIDIA MPS (README, Performance)."""
+    commands = load()["worker_start_ray_commands"]
+    mps = [i for i, command in enumerate(commands) if command.startswith("nvidia-cuda-mps-control -d")]
+    start = [i for i, command in enumerate(commands) if "ray start" in command]
+    assert mps and start and mps[0] < start[0]
