@@ -17,7 +17,7 @@ from gan_tune.training.data import DataError
 from gan_tune.tuning import spaces
 from gan_tune.tuning.cluster import check_local_cpus, check_local_gpus, start_ray
 from gan_tune.tuning.space_files import known_spaces, load_plans
-from gan_tune.tuning.storage import (
+from gan_tune.tuning.study_storage import (
     DEFAULT_STORAGE,
     check_storage_uri,
     join_uri,

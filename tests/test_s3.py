@@ -20,7 +20,7 @@ from servers import AWS_ENV, free_port
 from test_reliability import slow_d_space, wait_for_gate
 
 from gan_tune import search
-from gan_tune.tuning import storage, trainable
+from gan_tune.tuning import study_storage, trainable
 
 SEARCH_TIMEOUT_S = 600
 # What a study keeps in its folder, by key suffix under s3://BUCKET/studies/NAME/ (Tune's state, gan_tune's files)
@@ -31,14 +31,14 @@ TRIAL_FILES = ("progress.csv", "result.json", "params.json", "final_grid.png", "
 def test_a_storage_uri_keeps_its_query_when_names_are_joined():
     """pyarrow reads the endpoint from the query; a study name appended after it made `scheme=http/NAME`."""
     storage = "s3://bucket/studies/?endpoint_override=127.0.0.1:9000&scheme=http"
-    location = storage.study_location(storage, "NAME")
+    location = study_storage.study_location(storage, "NAME")
     assert location == "s3://bucket/studies/NAME?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert storage.tune_storage(location) == ("s3://bucket/studies?endpoint_override=127.0.0.1:9000&scheme=http",
+    assert study_storage.tune_storage(location) == ("s3://bucket/studies?endpoint_override=127.0.0.1:9000&scheme=http",
                                              "NAME")
-    assert storage.join_uri(location, "best_config.yaml") == \
+    assert study_storage.join_uri(location, "best_config.yaml") == \
         "s3://bucket/studies/NAME/best_config.yaml?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert storage.study_location("s3://bucket?region=eu-west-1", "NAME") == "s3://bucket/NAME?region=eu-west-1"
-    assert storage.tune_storage("s3://bucket/NAME?region=eu-west-1") == ("s3://bucket?region=eu-west-1", "NAME")
+    assert study_storage.study_location("s3://bucket?region=eu-west-1", "NAME") == "s3://bucket/NAME?region=eu-west-1"
+    assert study_storage.tune_storage("s3://bucket/NAME?region=eu-west-1") == ("s3://bucket?region=eu-west-1", "NAME")
     fs, path = pafs.FileSystem.from_uri(location)  # the query parses (no request is made: no server needed)
     assert fs.type_name == "s3" and path == "bucket/studies/NAME"
 
@@ -46,14 +46,14 @@ def test_a_storage_uri_keeps_its_query_when_names_are_joined():
 def test_study_files_go_to_the_bucket_through_either_endpoint_form(s3_server, s3_env):
     bucket = s3_server.make_bucket("files")
     for location in (s3_server.query_uri(bucket, "studies/q"), f"s3://{bucket}/studies/env"):
-        assert not storage.study_exists(location)
-        assert storage.write_study_file(location, "flags.json", "{}") == storage.join_uri(location, "flags.json")
-        assert storage.read_study_file(location, "flags.json") == "{}"
-        assert storage.study_exists(location) and storage.study_mib(location) > 0
+        assert not study_storage.study_exists(location)
+        assert study_storage.write_study_file(location, "flags.json", "{}") == study_storage.join_uri(location, "flags.json")
+        assert study_storage.read_study_file(location, "flags.json") == "{}"
+        assert study_storage.study_exists(location) and study_storage.study_mib(location) > 0
     files = [key for key in s3_server.keys(bucket) if not key.endswith("/")]  # pyarrow's create_dir makes "d/" keys
     assert files == ["studies/env/flags.json", "studies/q/flags.json"]
-    storage.check_storage_path(f"s3://{bucket}/studies")  # writes and removes its probe
-    assert storage.STORAGE_PROBE not in " ".join(s3_server.keys(bucket))
+    study_storage.check_storage_path(f"s3://{bucket}/studies")  # writes and removes its probe
+    assert study_storage.STORAGE_PROBE not in " ".join(s3_server.keys(bucket))
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def exit_2_line(capsys, argv: list[str]) -> str:
 def test_a_missing_bucket_wrong_keys_or_a_dead_endpoint_exit_2_before_ray_starts(s3_server, s3_env, no_ray, capsys,
                                                                                   tmp_path):
     bucket = s3_server.make_bucket("refusing")
-    storage.write_study_file(f"s3://{bucket}/studies/old", "flags.json", "{}")
+    study_storage.write_study_file(f"s3://{bucket}/studies/old", "flags.json", "{}")
     common = ["--space", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
     err = exit_2_line(capsys, [*common, "--storage-path", "s3://no-such-bucket/studies"])
     assert err.startswith("error: --storage-path: s3://no-such-bucket/studies: cannot write there") and \
@@ -124,8 +124,8 @@ def test_a_search_on_s3_keeps_its_study_in_the_bucket(s3_server, ray_tmp, tmp_pa
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = run_search(["--space", "smoke", "--storage-path", storage, "--name", "s3study", "--tracking-uri", uri],
                       env, tmp_path / "cwd")
-    location = storage.study_location(storage, "s3study")
-    assert f"results:   {location}" in done.stdout and f"best config: {storage.join_uri(location, 'best_config.yaml')}" \
+    location = study_storage.study_location(storage, "s3study")
+    assert f"results:   {location}" in done.stdout and f"best config: {study_storage.join_uri(location, 'best_config.yaml')}" \
         in done.stdout, done.stdout[-3000:]
 
     keys = s3_server.keys(bucket, "studies/s3study/")

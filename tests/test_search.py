@@ -19,7 +19,7 @@ from gan_tune.tuning import (
     cluster,
     space_values,
     spaces,
-    storage,
+    study_storage,
     summary,
     trainable,
     tuner,
@@ -128,7 +128,7 @@ def test_gpus_requested_on_a_cpu_cluster_exit_2_without_hanging(ray_local, tmp_p
 def test_smoke_search_writes_a_best_config_that_train_accepts(smoke_study, tmp_path):
     code, exp_dir, out = smoke_study
     assert code == 0
-    best = exp_dir / storage.BEST_CONFIG
+    best = exp_dir / study_storage.BEST_CONFIG
     assert f"best config: {best}" in out and "best trial" in out
     # time to quality: when the best score arrived, within the smoke search's minute or two
     minutes, seconds = map(int, re.search(r"best trial .*, reported (\d+) min (\d+) s into the search", out).groups())
@@ -151,7 +151,7 @@ def test_smoke_search_rescored_its_finalists_and_kept_the_best_of_them(smoke_stu
     trial, epoch = rows[0][0], rows[0][1]
     assert re.search(rf"best trial {trial}: fid [\d.]+ on 1000 samples \([\d.]+ on 500 when reported\) "
                      rf"at epoch {epoch},", out), out
-    assert load_config(exp_dir / storage.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
+    assert load_config(exp_dir / study_storage.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
 
 
 def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path):
@@ -297,29 +297,29 @@ def test_a_diverging_trial_stops_as_diverged_while_the_other_finishes(ray_local,
 
 def test_a_uri_study_location_stays_a_uri_for_tune():
     # Path("s3://b/x").resolve() would be the local folder ./s3:/b/x, and checkpoints would never reach S3
-    location = storage.study_location("s3://bucket/gan_tune/ray/", "NAME")
+    location = study_storage.study_location("s3://bucket/gan_tune/ray/", "NAME")
     assert location == "s3://bucket/gan_tune/ray/NAME"
-    assert storage.tune_storage(location) == ("s3://bucket/gan_tune/ray", "NAME")
-    assert storage.tune_storage(location + "/") == ("s3://bucket/gan_tune/ray", "NAME")
+    assert study_storage.tune_storage(location) == ("s3://bucket/gan_tune/ray", "NAME")
+    assert study_storage.tune_storage(location + "/") == ("s3://bucket/gan_tune/ray", "NAME")
 
 
 def test_a_local_study_location_is_the_absolute_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    location = storage.study_location("rr", "NAME")
+    location = study_storage.study_location("rr", "NAME")
     assert location == str(tmp_path.resolve() / "rr" / "NAME")
-    assert storage.tune_storage(location) == (str(tmp_path.resolve() / "rr"), "NAME")
+    assert study_storage.tune_storage(location) == (str(tmp_path.resolve() / "rr"), "NAME")
 
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
 def test_study_files_go_through_the_storage_filesystem(tmp_path, as_uri):
     folder = tmp_path / "rr" / "NAME"
     location = folder.as_uri() if as_uri else str(folder)
-    assert not storage.study_exists(location) and storage.study_mib(location) == 0
-    assert storage.read_study_file(location, "flags.json") is None
-    assert storage.write_study_file(location, "flags.json", "x" * 2**20) == f"{location}/flags.json"
+    assert not study_storage.study_exists(location) and study_storage.study_mib(location) == 0
+    assert study_storage.read_study_file(location, "flags.json") is None
+    assert study_storage.write_study_file(location, "flags.json", "x" * 2**20) == f"{location}/flags.json"
     assert (folder / "flags.json").read_text() == "x" * 2**20  # made the missing folders
-    assert storage.read_study_file(location, "flags.json") == "x" * 2**20
-    assert storage.study_exists(location) and storage.study_mib(location) == 1.0
+    assert study_storage.read_study_file(location, "flags.json") == "x" * 2**20
+    assert study_storage.study_exists(location) and study_storage.study_mib(location) == 1.0
 
 
 def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_path):
@@ -329,9 +329,9 @@ def test_a_search_and_its_resume_keep_a_file_uri_storage_path(ray_local, tmp_pat
     assert code == 0, out
     location = f"{storage}/uri"
     folder = tmp_path / "rr" / "uri"
-    assert f"results in {location} (" in out and f"best config: {location}/{storage.BEST_CONFIG}" in out
-    assert load_config(folder / storage.BEST_CONFIG).width == 0.25
-    assert json.loads((folder / storage.SAVED_ARGS).read_text())["storage_path"] == storage
+    assert f"results in {location} (" in out and f"best config: {location}/{study_storage.BEST_CONFIG}" in out
+    assert load_config(folder / study_storage.BEST_CONFIG).width == 0.25
+    assert json.loads((folder / study_storage.SAVED_ARGS).read_text())["storage_path"] == storage
     assert len(trial_frames(folder)) == 3 and not list(tmp_path.glob("**/file:*"))
     assert run_search("--space", "smoke", "--storage-path", storage, "--name", "uri")[0] == 2  # taken
     parent = re.search(r"mlflow parent run: (\w+)", out).group(1)

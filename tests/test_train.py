@@ -68,11 +68,11 @@ def test_deterministic_on_cpu(images, model):
 
 
 def test_label_smoothing_changes_the_d_loss(images):
-    losses = []
+    d_losses = []
     for smoothing in (0.0, 0.2):
         cfg = TrainConfig(**{**TINY, "label_smoothing": smoothing})
-        losses.append(loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))["loss_d"])
-    assert losses[0] != losses[1]
+        d_losses.append(loop.train_epoch(step.make_gan(cfg, CPU), images, loop.make_generator(cfg, CPU))["loss_d"])
+    assert d_losses[0] != d_losses[1]
 
 
 def test_huge_learning_rate_diverges_and_fit_stops(images):

@@ -1,6 +1,6 @@
 """A Ray Tune search: `spaces` (the YAML schema, validated), `space_files` (spaces by name), `schedulers`
 (Tune's param space, schedulers and searchers from a Space), `trainable` (one trial), `stopping`, `finalists`
-(the best trials scored again), `storage` (where a study lives), `cluster` (Ray start-up, trial resources),
+(the best trials scored again), `study_storage` (where a study lives), `cluster` (Ray start-up, trial resources),
 `console`, `tuner` (build, fit, restore), `summary` (what a finished search prints).
 
 May import: training, quality, tracking.

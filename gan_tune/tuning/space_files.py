@@ -10,7 +10,7 @@ from gan_tune.training.config import ConfigError
 from gan_tune.tuning import spaces
 from gan_tune.tuning.cluster import check_address
 from gan_tune.tuning.spaces import Space
-from gan_tune.tuning.storage import check_storage_path
+from gan_tune.tuning.study_storage import check_storage_path
 
 
 def known_spaces() -> dict[str, Path]:

@@ -12,7 +12,7 @@ from gan_tune.tuning import console, space_values, spaces
 from gan_tune.tuning.finalists import Finalist
 from gan_tune.tuning.spaces import Space
 from gan_tune.tuning.stopping import GanStopper
-from gan_tune.tuning.storage import study_mib
+from gan_tune.tuning.study_storage import study_mib
 
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 

@@ -35,7 +35,7 @@ from gan_tune.tuning.finalists import Finalist
 from gan_tune.tuning.space_files import resolve_space
 from gan_tune.tuning.spaces import Space
 from gan_tune.tuning.stopping import FailingTrials, GanStopper
-from gan_tune.tuning.storage import (
+from gan_tune.tuning.study_storage import (
     BEST_CONFIG,
     check_storage,
     join_uri,
