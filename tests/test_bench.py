@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -144,19 +145,30 @@ def test_gpu_check_dry_run_prints_every_part_within_eight_minutes(tmp_path, caps
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie left for init to reap is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_gpu_check_stops_a_part_at_its_limit_and_goes_on(tmp_path):
     """Real subprocesses: the search part prints a parent run, the next part overruns its limit and is
-    stopped with its process group, the samples part still gets the parent run; the record is saved."""
+    stopped with its process group (the child it started too), the samples part still gets the parent run;
+    the record is saved."""
     py = sys.executable
+    grandchild = tmp_path / "grandchild.pid"
     plan = [gpu_check.Part("search", [py, "-c", "print('mlflow parent run: abc123 (experiment x)')"], 30, "s.log"),
-            gpu_check.Part("slow", [py, "-c", "import subprocess, sys, time; "
-                                    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-                                    "time.sleep(60)"], 1, "slow.log"),
+            gpu_check.Part("slow", [py, "-c", "import pathlib, subprocess, sys, time; "
+                                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                                    f"pathlib.Path({str(grandchild)!r}).write_text(str(child.pid)); "
+                                    "time.sleep(600)"], 5, "slow.log"),  # 5 s: time to start the child
             gpu_check.Part("samples", [py, "-c", "import sys; print(sys.argv[1])", "{parent}"], 30, "p.log")]
     records = gpu_check.run_check(tmp_path, plan)
     assert [(r["part"], r["rc"], r["timed_out"]) for r in records] == \
         [("search", 0, False), ("slow", -15, True), ("samples", 0, False)]
-    assert records[1]["seconds"] < 15
+    assert not running(int(grandchild.read_text()))  # the part's whole group was stopped
     assert (tmp_path / "p.log").read_text().strip() == "abc123"
     saved = json.loads((tmp_path / gpu_check.RECORD).read_text())
     assert [r["part"] for r in saved["parts"]] == ["search", "slow", "samples"]

@@ -8,6 +8,7 @@ of checkpoints): Tune's restore unpickles tuner.pkl and reads the experiment sta
 """
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_a_study_saved_before_the_layout_change_restores(ray_local, tmp_path):
 def test_the_old_module_paths_unpickle_to_todays_classes():
     tuner.alias_moved_modules()
     names = {b"gan_tune.console", b"gan_tune.stopping", b"gan_tune.trial_runs"}
-    assert names <= set(__import__("re").findall(rb"gan_tune[\w.]*", (STUDY / "tuner.pkl").read_bytes()))
+    assert names <= set(re.findall(rb"gan_tune[\w.]*", (STUDY / "tuner.pkl").read_bytes()))
     # a callback pickled by the layout before the tracking split (gan_tune.tracking.TrackingCallback)
     assert pickle.loads(pickle.dumps(TrackingCallback, protocol=0).replace(b"gan_tune.tracking.child_runs", b"gan_tune.tracking")) \
         is TrackingCallback

@@ -125,8 +125,8 @@ def find_search_run(tracking_uri: str, experiment: str, experiment_path: str | P
     return runs[0].info.run_id if runs else None
 
 
-EDGE_TAG = "best.edge_warning"
-RESCORED_TAG = "best.rescored_samples"  # the samples the kept generator was scored again on (finalists.py)  # the best values at the edge of their searched range (spaces.edge_warnings)
+EDGE_TAG = "best.edge_warning"  # the best values at the edge of their searched range (spaces.edge_warnings)
+RESCORED_TAG = "best.rescored_samples"  # the samples the kept generator was scored again on (finalists.py)
 
 
 def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, metric: str, mode: str,

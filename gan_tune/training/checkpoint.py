@@ -49,7 +49,7 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
         "history": history,
         "trial_id": trial_id,
         **averaged,
-        **({} if gan.augment_p is None else {"augment_p": float(gan.augment_p.item())}),
+        **({} if gan.augment_p is None else {"augment_p": gan.augment_p.item()}),
     }
 
 
@@ -75,11 +75,11 @@ def read(file_or_folder: str | Path, device: torch.device | str = "cpu") -> dict
         raise DataError(f"{path}: no such checkpoint file")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # bad bytes reach the unpickler, which raises anything (KeyError for a text file)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not isinstance(err, (RuntimeError, EOFError, OSError, pickle.UnpicklingError)):
-            reason = f"not a torch file: {type(err).__name__} while unpickling"
-        raise DataError(f"{path}: unreadable checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # torch.load's own on bad bytes
+        raise DataError(f"{path}: unreadable checkpoint ({config.first_line(err)})") from None
+    except Exception as err:  # foreign bytes reach the unpickler, which raises anything (KeyError for a text file)
+        raise DataError(f"{path}: unreadable checkpoint (not a torch file: {type(err).__name__} while unpickling)") \
+            from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(saved, dict) or key not in saved]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}; not a gan_tune checkpoint")
