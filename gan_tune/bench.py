@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="balanced model at batch 128 only, fewer steps")
     parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    parser.add_argument("--steps", type=int, default=None, help="(a)-(d): timed steps of batch 128 per cell (default "
+                        "500 on CUDA, 200 with --quick; 20 on CPU); fewer gives noisier numbers")
     parser.add_argument("--models", default=None, help="(a)-(d): model families, comma-separated "
                         "(default balanced,dcgan,mlp; balanced with --quick; '' to skip the table)")
     parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
@@ -73,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("--cost-epochs", args.cost_epochs)):
         if value < 0:
             raise ConfigError(flag, f"{value} is negative")
+    if args.steps is None:
+        args.steps = (200 if args.quick else 500) if on_gpu else 20
+    if args.steps < 2:
+        raise ConfigError("--steps", f"{args.steps}: the first step warms up, so at least 2 are needed")
     if args.fid_samples == 1:
         raise ConfigError("--fid-samples", "1: use 0 (skip) or >= 2 (one sample has no covariance)")
     if args.json:
@@ -92,7 +98,7 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     device, on_gpu = torch.device(args.device), args.device == "cuda"
     data = load_mnist(BUNDLED)
     batches = [128] if args.quick or not on_gpu else [128, 1024]
-    steps = (200 if on_gpu else 8) if args.quick else (500 if on_gpu else 8)
+    steps = args.steps
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, {steps * 128:,} timed images per cell", file=sys.stderr)
     table = trial_table(device, data, args.models, batches, steps)
@@ -113,7 +119,7 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
         extra["best packing (trials per device)"] = best_packing(aggregates)
     if args.cost_epochs:
         extra["cost split per epoch (balanced, this device's settings)"] = \
-            trial_costs(device, data, args.cost_epochs, steps if args.quick and not on_gpu else 0)
+            trial_costs(device, data, args.cost_epochs, 8 if args.quick and not on_gpu else 0)  # 8: short CPU epochs
     if args.parity_epochs:
         base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
                            fid_samples=args.fid_samples or GPU_FID_SAMPLES)

@@ -93,7 +93,7 @@ def trial_table(device: torch.device, data: Mnist, models: list[str], batches: l
     for model in models:
         for batch in batches:
             cfg = TrainConfig(model=model, batch_size=batch, device=str(device))
-            row, cell_steps = {"model": model, "batch": batch}, max(20, steps * 128 // batch)  # same images per cell
+            row, cell_steps = {"model": model, "batch": batch}, max(2, steps * 128 // batch)  # same images per cell
             for mode, overrides in MODES.items():
                 if mode in CUDA_ONLY and device.type != "cuda":
                     continue
