@@ -19,9 +19,9 @@ from gan_tune.benchmarks.throughput import (
     trial_costs,
     trial_table,
 )
-from gan_tune.cli import CliParser
+from gan_tune.cli import CliParser, count_arg, out_file, out_folder
 from gan_tune.quality.scorer import GPU_FID_SAMPLES
-from gan_tune.training.config import ConfigError, TrainConfig
+from gan_tune.training.config import MAX_COUNT, ConfigError, TrainConfig
 from gan_tune.training.data import BUNDLED, load_mnist
 from gan_tune.training.models import MODELS
 from gan_tune.tuning.cluster import mps_running
@@ -33,8 +33,8 @@ def counts(flag: str, text: str) -> list[int]:
         values = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
         values = [0]
-    if any(n < 1 for n in values):
-        raise ConfigError(flag, f"{text!r} is not a comma-separated list of integers >= 1")
+    if any(not 1 <= n <= MAX_COUNT for n in values):
+        raise ConfigError(flag, f"{text!r} is not a comma-separated list of integers in [1, {MAX_COUNT:,}]")
     return values
 
 
@@ -42,18 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="balanced model at batch 128 only, fewer steps")
-    parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
-    parser.add_argument("--steps", type=int, default=None, help="(a)-(d): timed steps of batch 128 per cell (default "
-                        "500 on CUDA, 200 with --quick; 20 on CPU); fewer gives noisier numbers")
+    parser.add_argument("--json", metavar="OUT", type=out_file(".json"), help="also write the numbers as JSON")
+    parser.add_argument("--steps", type=count_arg(2), default=None, help="(a)-(d): timed steps of batch 128 per cell "
+                        "(default 500 on CUDA, 200 with --quick; 20 on CPU; the first warms up); fewer: noisier")
     parser.add_argument("--models", default=None, help="(a)-(d): model families, comma-separated "
                         "(default balanced,dcgan,mlp; balanced with --quick; '' to skip the table)")
     parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
                         "(default 1,2,4,8 on CUDA, 1,2 on CPU; '' to skip)")
-    parser.add_argument("--fid-samples", type=int, default=GPU_FID_SAMPLES,
+    # 0 skips each of these three parts (their help says so); 1 FID sample has no covariance
+    parser.add_argument("--fid-samples", type=count_arg(2, off=True), default=GPU_FID_SAMPLES,
                         help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
-    parser.add_argument("--parity-epochs", type=int, default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
+    parser.add_argument("--parity-epochs", type=count_arg(1, off=True), default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
                         "FID comparison (default 20 on CUDA, 0 = skip on CPU)")
-    parser.add_argument("--cost-epochs", type=int, default=None, help="(i): epochs of one balanced trial with this "
+    parser.add_argument("--cost-epochs", type=count_arg(1, off=True), default=None, help="(i): epochs of one balanced trial with this "
                         "device's settings, split into train / score / files / report (default 12 on CUDA, 3 on "
                         "CPU; 0 = skip)")
     args = parser.parse_args(argv)
@@ -71,16 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.parity_epochs = 20 if on_gpu else 0
     if args.cost_epochs is None:
         args.cost_epochs = 12 if on_gpu else 3
-    for flag, value in (("--parity-epochs", args.parity_epochs), ("--fid-samples", args.fid_samples),
-                        ("--cost-epochs", args.cost_epochs)):
-        if value < 0:
-            raise ConfigError(flag, f"{value} is negative")
     if args.steps is None:
         args.steps = (200 if args.quick else 500) if on_gpu else 20
-    if args.steps < 2:
-        raise ConfigError("--steps", f"{args.steps}: the first step warms up, so at least 2 are needed")
-    if args.fid_samples == 1:
-        raise ConfigError("--fid-samples", "1: use 0 (skip) or >= 2 (one sample has no covariance)")
     if args.json:
         check_writable(args.json)
     return args
@@ -156,19 +149,17 @@ def gpu_check_main(argv: list[str]) -> int:
     parser = CliParser(prog="python -m gan_tune.bench gpu-check",
                        description="The CUDA tests, the quick bench (1 and 4 packed trials), a 4-minute balanced "
                                    "search with MLflow and 5,000 samples of its best generator, in under 8 minutes")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the logs, bench.json, mlflow.db, "
+    parser.add_argument("--out", required=True, type=out_folder, help="folder for the logs, bench.json, mlflow.db, "
                                                                 "ray_results/, samples.npz and gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="print the parts and their limits, run nothing")
     args = parser.parse_args(argv)
+    args.out = Path(args.out)
     plan = gpu_check.parts(args.out.resolve())
     if args.dry_run:
         print(gpu_check.describe(plan))
         return 0
     if not torch.cuda.is_available():
         print("error: gpu-check: this machine has no CUDA device (--dry-run shows the plan)", file=sys.stderr)
-        return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out: {args.out} is a file, not a folder", file=sys.stderr)
         return 2
     records = gpu_check.run_check(args.out.resolve(), plan)
     failed = [r["part"] for r in records if r.get("rc") != 0]

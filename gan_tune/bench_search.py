@@ -18,7 +18,7 @@ from gan_tune.benchmarks.strategies import (
     strategy_raw,
     write_report,
 )
-from gan_tune.cli import CliParser
+from gan_tune.cli import CliParser, count_arg, duration_arg, out_folder
 from gan_tune.training.config import ConfigError, read_yaml
 from gan_tune.tuning import space_values, spaces
 from gan_tune.tuning.space_files import resolve_space
@@ -27,20 +27,18 @@ from gan_tune.tuning.space_files import resolve_space
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.bench search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default="balanced", help="space name or file the strategies vary (default balanced)")
-    parser.add_argument("--budget", default="5m", help="time budget of every search, e.g. 90s, 5m (default 5m)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
+    parser.add_argument("--budget", default="5m", type=duration_arg, help="time budget of every search, e.g. 90s, 5m (default 5m)")
+    parser.add_argument("--seeds", type=count_arg(1), default=3, help="seeds per strategy (default 3)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated: {', '.join(STRATEGIES)}, or space files (default: all six)")
-    parser.add_argument("--out", default="bench_search", help="output folder (default ./bench_search)")
+    parser.add_argument("--out", default="bench_search", type=out_folder, help="output folder (default ./bench_search)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: draw curves.png, table.txt and the verdict again from OUT/curves.json")
     return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace, gpu: bool) -> tuple[dict, float, list[str]]:
-    budget_s = space_values.parse_duration(args.budget, "--budget", "command line")
-    if args.seeds < 1:
-        raise ConfigError("--seeds", f"{args.seeds}: must be >= 1")
+    budget_s = space_values.parse_duration(args.budget, "--budget", "command line")  # checked by the parser
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     for name in strategies:
         if name not in STRATEGIES and not Path(name).is_file():

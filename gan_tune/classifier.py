@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from gan_tune.cli import CliParser, device_arg, seed_arg
+from gan_tune.cli import CliParser, count_arg, device_arg, out_file, out_folder, seed_arg
 from gan_tune.quality.mnist_classifier import (
     FEATURE_DIM,
     WEIGHTS_FILE,
@@ -51,23 +51,16 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.classifier", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the classifier and write weights + sidecar")
     train.add_argument("--data-source", default="auto", choices=("auto", FULL, BUNDLED))
-    train.add_argument("--data-dir", default="~/.cache/gan_tune")
-    train.add_argument("--epochs", type=positive_int, default=10)
+    train.add_argument("--data-dir", default="~/.cache/gan_tune", type=out_folder)  # MNIST is downloaded into it
+    train.add_argument("--epochs", type=count_arg(1), default=10)
     train.add_argument("--seed", type=seed_arg, default=0)
     train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--out", default=str(asset_path(WEIGHTS_FILE)))
+    train.add_argument("--out", default=str(asset_path(WEIGHTS_FILE)), type=out_file(".pt"))
     return parser.parse_args(argv)
 
 

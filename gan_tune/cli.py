@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Callable, NoReturn
 
-from gan_tune.training.config import SEED_MAX, device_available
+from gan_tune.training.config import MAX_COUNT, SEED_MAX, ConfigError, device_available
 
 
 class CliParser(argparse.ArgumentParser):
@@ -42,3 +44,76 @@ def name_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def count_arg(low: int, high: int = MAX_COUNT, off: bool = False) -> Callable[[str], int]:
+    """argparse type of a count flag: an integer in [low, high]; with `off`, 0 too (the help says what 0 means).
+    A 20-digit count is refused here, not after minutes of trying to run it."""
+    def int_(text: str) -> int:
+        value = int(text)  # ValueError: argparse's "invalid int value: 'many'"
+        if value < low and not (off and value == 0):
+            allowed = ">= 0" if off and low == 1 else f"0 or >= {low}" if off else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value}: must be {allowed}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high:,} (absurdly large)")
+        return value
+    int_.__name__ = "int"
+    return int_
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float flag: nan and inf are refused (every comparison with nan is False)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g}: must be > 0")
+    return value
+
+
+def duration_arg(text: str) -> str:
+    """argparse type of a time budget (90s, 15m, 1h30m): checked here, kept as text for the space's time_budget."""
+    from gan_tune.tuning.space_values import parse_duration  # late: only search and bench search take budgets (Ray)
+
+    try:
+        parse_duration(text, "", "")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.msg) from None
+    return text
+
+
+def out_folder(text: str) -> str:
+    """argparse type of a folder a command writes into: not a file, and not under one (made later if missing)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a folder")
+    check_ancestors(path, text)
+    return text
+
+
+def out_file(*suffixes: str) -> Callable[[str], str]:
+    """argparse type of a file a command writes: a known suffix, not a folder, not under a file."""
+    def out_file(text: str) -> str:
+        path = Path(text).expanduser()
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: unknown format {path.suffix or '(none)'} "
+                                             f"(use {', '.join(suffixes)})")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
+        check_ancestors(path, text)
+        return text
+    return out_file
+
+
+def check_ancestors(path: Path, text: str) -> None:
+    """The nearest existing folder above `path` must be a folder: a path under a file can never be made."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+            return

@@ -12,7 +12,7 @@ from gan_tune.quality.baselines import BASELINE_REFERENCE, baseline_table, forma
 from gan_tune.quality.mnist_classifier import ClassifierError
 from gan_tune.quality.scorer import CPU_FID_SAMPLES, make_scorer
 from gan_tune.training import checkpoint
-from gan_tune.training.config import ConfigError
+from gan_tune.training.config import MAX_COUNT, ConfigError
 from gan_tune.training.data import BUNDLED, DataError, load_mnist
 
 
@@ -43,6 +43,8 @@ def sample_count(text: str) -> int:
     value = int(text)
     if value < 0 or value == 1:
         raise argparse.ArgumentTypeError(f"must be 0 (the device default) or >= 2, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT:,} (absurdly large)")
     return value
 
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from gan_tune.cli import CliParser, name_arg
+from gan_tune.cli import CliParser, name_arg, out_folder
 from gan_tune.tracking.html_report import write_report
 from gan_tune.tracking.store import DEFAULT_EXPERIMENT, resolve_tracking_uri
 from gan_tune.training.config import ConfigError
+
+
+def report_folder(text: str) -> str:
+    """--out is the folder the report goes in (OUT/<run name>.html): a new one named .html is a file name mistaken
+    for it."""
+    if Path(text).suffix.lower() == ".html" and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a folder, not the report's file name (it is written as "
+                                         "OUT/<parent run name>.html)")
+    return out_folder(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--experiment", type=name_arg, help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
     which.add_argument("--parent-run", help="report this search's parent run id")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--out", default=".", help="folder for the HTML file (default: .)")
+    parser.add_argument("--out", default=".", type=report_folder, help="folder for the HTML file (default: .)")
     return parser.parse_args(argv)
 
 

@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gan_tune.cli import CliParser, seed_arg
+from gan_tune.cli import CliParser, count_arg, out_file, seed_arg
 from gan_tune.tracking.parent_run import MODEL_NAME
 from gan_tune.tracking.store import (
     is_outage,
@@ -33,14 +33,17 @@ from gan_tune.training.config import ConfigError, first_line
 from gan_tune.training.data import to_uint8
 
 
+OUT_FORMATS = (".png", ".npy", ".npz")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.sample", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="a search's parent run id (the run the generator was logged on)")
     which.add_argument("--model-uri", help="any MLflow model URI, e.g. models:/m-... or runs:/ID/generator")
-    parser.add_argument("-n", type=int, default=64, help="number of samples (default 64: one 8x8 grid)")
+    parser.add_argument("-n", type=count_arg(1), default=64, help="number of samples (default 64: one 8x8 grid)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the latent noise")
-    parser.add_argument("--out", default="grid.png",
+    parser.add_argument("--out", default="grid.png", type=out_file(*OUT_FORMATS),
                         help="a .png grid (default grid.png), or the raw uint8 images as .npy, or .npz with the seed")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser.parse_args(argv)
@@ -78,14 +81,9 @@ def latent_size(model_uri: str) -> int:
     return int(shape[1])
 
 
-OUT_FORMATS = (".png", ".npy", ".npz")
-
-
 def check_out(out: str) -> None:
-    """Before any model loads: the format must be known and the folder must exist."""
+    """Before any model loads: the folder must exist (its format and place were checked by the parser)."""
     path = Path(out)
-    if path.suffix.lower() not in OUT_FORMATS:
-        raise ConfigError("--out", f"{out}: unknown format {path.suffix or '(none)'} (use {', '.join(OUT_FORMATS)})")
     if not path.parent.is_dir():
         raise ConfigError("--out", f"{out}: {path.parent} is not a folder")
 
@@ -115,8 +113,6 @@ def sample(g: torch.nn.Module, latent_dim: int, n: int, seed: int) -> torch.Tens
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.n < 1:
-            raise ConfigError("-n", f"{args.n}: must be >= 1")
         check_out(args.out)
         uri = resolve_tracking_uri(args.tracking_uri)
         with store_errors(uri):

@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from gan_tune.cli import CliParser, name_arg, seed_arg
+from gan_tune.cli import CliParser, count_arg, duration_arg, finite_float, name_arg, positive_float, seed_arg
 from gan_tune.tracking import store
 from gan_tune.training.config import ConfigError, first_line
 from gan_tune.training.data import DataError
@@ -38,11 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="Tune's full console (a box per trial start and result) and Ray's info lines; "
                              "default: Tune's status table and one line per trial start, stop and error")
-    parser.add_argument("--num-samples", type=int, help="trials (default: the space's)")
-    parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's)")
-    parser.add_argument("--time-budget", help="wall-clock budget, e.g. 90s, 15m, 1h (default: the space's)")
-    parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the space's, or 0.25)")
-    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space's)")
+    parser.add_argument("--num-samples", type=count_arg(1), help="trials (default: the space's)")
+    parser.add_argument("--max-epochs", type=count_arg(1), help="epochs per trial (default: the space's)")
+    parser.add_argument("--time-budget", type=duration_arg,
+                        help="wall-clock budget, e.g. 90s, 15m, 1h (default: the space's)")
+    # 0 GPUs is valid (CPU-only trials); negative, nan or a share above 1 that is not whole are refused
+    parser.add_argument("--gpus-per-trial", type=finite_float, help="GPU share per trial (default: the space's, or 0.25)")
+    parser.add_argument("--cpus-per-trial", type=positive_float, help="CPUs per trial (default: the space's)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto, HOST:PORT); default: start one here")
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="results folder (default: ./ray_results)")
     parser.add_argument("--storage-is-shared", action="store_true",
@@ -67,6 +69,8 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     target = args.resume or args.name
     if not target:
         raise ConfigError("--resume", "needs the study's folder or name (or --name)")
+    if Path(target).expanduser().is_file():
+        raise ConfigError("--resume", f"{target}: a file, not a study folder")
     if "://" in target:
         location = join_uri(target)
         check_storage_uri(tune_storage(location)[0], "--resume")  # bad credentials fail here, not inside Tune

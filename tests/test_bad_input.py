@@ -33,6 +33,7 @@ SMOKE_RAW = yaml.safe_load(SMOKE.read_text())
 SMOKE_BASE = SMOKE_RAW["base"]
 DEAD_SERVER = "http://127.0.0.1:1"  # nothing listens on port 1
 NO_GPU = torch.cuda.device_count() == 0
+TWENTY = "9" * 20  # an absurdly large number
 
 
 def space_file(tmp_path, change):
@@ -47,12 +48,19 @@ def space_file(tmp_path, change):
     return path
 
 
+def fill(tmp_path, args):
+    """Arguments with "{tmp}" replaced by the row's folder; "{tmp}/plain" is made first, an existing plain file."""
+    if any("{tmp}/plain" in arg for arg in args):
+        (tmp_path / "plain").write_text("a file, not a folder\n")
+    return [arg.format(tmp=tmp_path) for arg in args]
+
+
 def search_case(change=None, *flags):
-    """A search of a broken smoke variant (change) or the shipped smoke space, plus flags."""
+    """A search of a broken smoke variant (change) or the shipped smoke space, plus flags (may name "{tmp}")."""
     def argv(tmp_path):
         space = space_file(tmp_path, change) if change is not None else "smoke"
         return "search", ["--space", str(space), "--storage-path", str(tmp_path / "rr"),
-                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *flags]
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *fill(tmp_path, flags)]
     return argv
 
 
@@ -65,8 +73,8 @@ def search_search(**searched):
 
 
 def command(module, *args):
-    """Any CLI with fixed arguments ("{tmp}" becomes the row's folder)."""
-    return lambda tmp_path: (module, [arg.format(tmp=tmp_path) for arg in args])
+    """Any CLI with fixed arguments ("{tmp}" becomes the row's folder, "{tmp}/plain" an existing file)."""
+    return lambda tmp_path: (module, fill(tmp_path, args))
 
 
 def train_case(*flags):
@@ -265,6 +273,162 @@ CASES = {
     "metrics score a text file named .pt": (text_checkpoint, ["{tmp}/text.pt", "not a torch file"]),
     "bench cost epochs negative": (command("bench", "--device", "cpu", "--cost-epochs", "-1"), ["--cost-epochs"]),
     "bench gpu-check without a gpu": (command("bench", "gpu-check", "--out", "{tmp}/gc"), ["gpu-check", "CUDA"]),
+    # round four, every numeric flag at 0, negative and 20 digits where invalid (0 is valid where the help says it
+    # means "off" or "the default": bench --fid-samples/--parity-epochs/--cost-epochs, metrics score --n,
+    # --gpus-per-trial); numbers as words or nan/inf where a float is read
+    "num_samples negative": (search_case(None, "--num-samples", "-3"), ["--num-samples", ">= 1"]),
+    "max_epochs 0": (search_case(None, "--max-epochs", "0"), ["--max-epochs", ">= 1"]),
+    "gpus per trial negative": (search_case(None, "--gpus-per-trial", "-0.5"), ["--gpus-per-trial", "-0.5"]),
+    "gpus per trial nan": (search_case(None, "--gpus-per-trial", "nan"), ["--gpus-per-trial", "nan"]),
+    "gpus per trial inf": (search_case(None, "--gpus-per-trial", "inf"), ["--gpus-per-trial", "inf"]),
+    "gpus per trial 20 digits": (search_case(None, "--gpus-per-trial", TWENTY), ["--gpus-per-trial"]),
+    "cpus per trial 0": (search_case(None, "--cpus-per-trial", "0"), ["--cpus-per-trial", "> 0"]),
+    "cpus per trial negative": (search_case(None, "--cpus-per-trial", "-2"), ["--cpus-per-trial", "> 0"]),
+    "cpus per trial nan": (search_case(None, "--cpus-per-trial", "nan"), ["--cpus-per-trial", "nan"]),
+    "cpus per trial 20 digits": (search_case(None, "--cpus-per-trial", TWENTY), ["--cpus-per-trial"]),
+    "sample n negative": (command("sample", "--run-id", "x", "-n", "-5"), ["-n", ">= 1"]),
+    "sample n 20 digits": (command("sample", "--run-id", "x", "-n", TWENTY), ["-n", "100,000"]),
+    "metrics score n negative": (command("metrics", "--device", "cpu", "score", "{tmp}", "--n", "-2"), ["--n"]),
+    "metrics score n 20 digits": (command("metrics", "--device", "cpu", "score", "{tmp}", "--n", TWENTY),
+                                  ["--n", "100,000"]),
+    "metrics baselines n 0": (command("metrics", "--device", "cpu", "baselines", "--n", "0"), ["--n"]),
+    "metrics baselines n 20 digits": (command("metrics", "--device", "cpu", "baselines", "--n", TWENTY), ["--n"]),
+    "bench packed negative": (command("bench", "--device", "cpu", "--packed", "-1"), ["--packed"]),
+    "bench packed 20 digits": (command("bench", "--device", "cpu", "--packed", TWENTY), ["--packed", "100,000"]),
+    "bench fid samples negative": (command("bench", "--device", "cpu", "--fid-samples", "-5"), ["--fid-samples"]),
+    "bench fid samples 20 digits": (command("bench", "--device", "cpu", "--fid-samples", TWENTY),
+                                    ["--fid-samples", "100,000"]),
+    "bench parity epochs negative": (command("bench", "--device", "cpu", "--parity-epochs", "-1"), ["--parity-epochs"]),
+    "bench parity epochs 20 digits": (command("bench", "--device", "cpu", "--parity-epochs", TWENTY),
+                                      ["--parity-epochs", "100,000"]),
+    "bench cost epochs 20 digits": (command("bench", "--device", "cpu", "--cost-epochs", TWENTY),
+                                    ["--cost-epochs", "100,000"]),
+    "bench unknown model": (command("bench", "--device", "cpu", "--models", "stylegan"), ["--models", "stylegan"]),
+    "classifier epochs negative": (command("classifier", "train", "--epochs", "-3"), ["--epochs"]),
+    "classifier epochs 20 digits": (command("classifier", "train", "--epochs", TWENTY), ["--epochs", "100,000"]),
+    "bench search seeds 0": (command("bench", "search", "--seeds", "0", "--out", "{tmp}/bs"), ["--seeds", ">= 1"]),
+    "bench search seeds negative": (command("bench", "search", "--seeds", "-1", "--out", "{tmp}/bs"), ["--seeds"]),
+    "bench search seeds 20 digits": (command("bench", "search", "--seeds", TWENTY, "--out", "{tmp}/bs"),
+                                     ["--seeds", "100,000"]),
+    "ablation minutes 0": (command("ablation", "--minutes", "0", "--keep", "{tmp}/keep"), ["--minutes", "> 0"]),
+    "ablation minutes negative": (command("ablation", "--minutes", "-5", "--keep", "{tmp}/keep"), ["--minutes"]),
+    "ablation minutes 20 digits": (command("ablation", "--minutes", TWENTY, "--keep", "{tmp}/keep"), ["--minutes"]),
+    "ablation minutes nan": (command("ablation", "--minutes", "nan", "--keep", "{tmp}/keep"), ["--minutes", "nan"]),
+    "ablation row minutes 0": (command("ablation", "--ablation-minutes", "0", "--keep", "{tmp}/keep"),
+                               ["--ablation-minutes", "> 0"]),
+    "ablation row minutes 20 digits": (command("ablation", "--ablation-minutes", TWENTY, "--keep", "{tmp}/keep"),
+                                       ["--ablation-minutes"]),
+    "ablation unknown rows": (command("ablation", "--rows", "ablations,everything", "--keep", "{tmp}/keep"),
+                              ["--rows", "everything"]),
+    "set max_epochs 0": (train_case("--set", "max_epochs=0"), ["--set", "max_epochs", ">= 1"]),
+    "set max_epochs 20 digits": (train_case("--set", f"max_epochs={TWENTY}"), ["--set", "max_epochs", "100,000"]),
+    "set latent_dim 20 digits": (train_case("--set", f"latent_dim={TWENTY}"), ["--set", "latent_dim"]),
+    "set batch_size 20 digits": (train_case("--set", f"batch_size={TWENTY}"), ["--set", "batch_size"]),
+    "set width 1e20": (train_case("--set", "width=1.0e+20"), ["--set", "width"]),
+    "set n_disc 20 digits": (train_case("--set", f"n_disc={TWENTY}"), ["--set", "n_disc"]),
+    "set steps_per_epoch 20 digits": (train_case("--set", f"steps_per_epoch={TWENTY}"), ["--set", "steps_per_epoch"]),
+    "set fid_samples 20 digits": (train_case("--set", f"fid_samples={TWENTY}"), ["--set", "fid_samples"]),
+    "set gp_weight nan": (train_case("--set", "gp_weight=.nan"), ["--set", "gp_weight"]),
+    # time budgets: unknown units, empty, zero, 20 digits (search --time-budget and bench search --budget)
+    "time budget 5 parsecs": (search_case(None, "--time-budget", "5 parsecs"), ["--time-budget", "5 parsecs"]),
+    "time budget 5x": (search_case(None, "--time-budget", "5x"), ["--time-budget", "5x"]),
+    "time budget empty": (search_case(None, "--time-budget", ""), ["--time-budget", "''"]),
+    "time budget 0s": (search_case(None, "--time-budget", "0s"), ["--time-budget", "> 0"]),
+    "time budget 20 digits": (search_case(None, "--time-budget", TWENTY + "h"), ["--time-budget", "a year"]),
+    "time budget in a space unknown unit": (search_case({"time_budget": "5 parsecs"}), ["{space}", "time_budget"]),
+    "bench search budget unknown unit": (command("bench", "search", "--budget", "5x", "--out", "{tmp}/bs"),
+                                         [("error: --budget: bad duration '5x'")]),
+    "bench search budget empty": (command("bench", "search", "--budget", "", "--out", "{tmp}/bs"), ["--budget"]),
+    "bench search budget 20 digits": (command("bench", "search", "--budget", TWENTY + "m", "--out", "{tmp}/bs"),
+                                      ["--budget", "a year"]),
+    # --resume of a study that does not exist: a folder holding none, a file
+    "resume an empty folder": (search_case(None, "--resume", "{tmp}"), ["--resume", "{tmp}", "no study"]),
+    "resume a file": (search_case(None, "--resume", "{tmp}/plain"), ["--resume", "{tmp}/plain", "a file"]),
+    # space files: empty, not a mapping at the top, unknown mode, every distribution reversed or empty
+    "space empty": (search_case(b""), ["{space}", "empty"]),
+    "space top level a list": (search_case(b"- metric\n- mode\n"), ["{space}", "top level", "mapping"]),
+    "space top level a scalar": (search_case(b"42\n"), ["{space}", "top level", "mapping"]),
+    "space is a folder": (command("search", "--space", "{tmp}"), ["--space", "{tmp}", "folder"]),
+    "mode unknown": (search_case({"mode": "maximum"}), ["{space}", "mode", "maximum"]),
+    "mode is a list": (search_case({"mode": ["min"]}), ["{space}", "mode"]),
+    "metric unknown in a list of names": (search_case({"metric": "accuracy"}), ["{space}", "metric", "accuracy"]),
+    "uniform reversed": (search_search(beta1={"uniform": [0.9, 0.1]}), ["{space}", "search.beta1", "low 0.9 > high 0.1"]),
+    "uniform empty range": (search_search(beta1={"uniform": [0.5, 0.5]}), ["{space}", "search.beta1", "low == high"]),
+    "loguniform empty range": (search_search(lr_d={"loguniform": [1.0e-4, 1.0e-4]}), ["{space}", "search.lr_d", "low =="]),
+    "randint reversed": (search_search(n_disc={"randint": [5, 1]}), ["{space}", "search.n_disc", "low 5 > high 1"]),
+    "randint one value": (search_search(n_disc={"randint": [5, 5]}), ["{space}", "search.n_disc", "low == high"]),
+    "randint float bounds": (search_search(n_disc={"randint": [1.5, 3.5]}), ["{space}", "search.n_disc", "integers"]),
+    "uniform one bound": (search_search(beta1={"uniform": [0.5]}), ["{space}", "search.beta1", "[low, high]"]),
+    "choice empty": (search_search(n_disc={"choice": []}), ["{space}", "search.n_disc", "non-empty"]),
+    "choice not a list": (search_search(n_disc={"choice": 64}), ["{space}", "search.n_disc", "non-empty"]),
+    "grid empty": (search_search(n_disc={"grid": []}), ["{space}", "search.n_disc", "non-empty"]),
+    "grid_search is not a distribution": (search_search(n_disc={"grid_search": [32, 64]}),
+                                          ["{space}", "search.n_disc", "grid_search"]),
+    "pbt mutation range reversed": (search_case({"scheduler": {
+        "type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-3, 1.0e-4]}}}}),
+        ["{space}", "scheduler.hyperparam_mutations.lr_d", "low"]),
+    # incompatible settings (README, TrainConfig.__post_init__): through train --set, train --config, a space's base
+    "set wgan-gp with batch norm": (train_case("--set", "loss=wgan-gp"), ["--set", "d_norm", "wgan-gp"]),
+    "set hinge with label smoothing": (train_case("--set", "loss=hinge", "--set", "label_smoothing=0.1"),
+                                       ["--set", "label_smoothing", "hinge"]),
+    "set augment target without augment": (train_case("--set", "augment_target=0.6"), ["--set", "augment_target"]),
+    "config wgan-gp with batch norm": (train_config("loss: wgan-gp\nd_norm: batch\n"), ["{tmp}/run.yaml", "d_norm"]),
+    "base wgan-gp with batch norm": (search_base(loss="wgan-gp", d_norm="batch"), ["{space}", "base.d_norm", "wgan-gp"]),
+    "base hinge with label smoothing": (search_base(loss="hinge", label_smoothing=0.1),
+                                        ["{space}", "base.label_smoothing", "hinge"]),
+    "base g_ema decay 1": (search_base(g_ema=1.0), ["{space}", "base.g_ema", "[0, 1)"]),
+    "base augment target without augment": (search_base(augment_target=0.6), ["{space}", "base.augment_target"]),
+    "base subset below a batch": (search_base(subset=100), ["{space}", "base.subset", "batch"]),
+    "searched wgan-gp with base batch norm": (search_search(loss={"choice": ["ns", "wgan-gp"]}),
+                                              ["{space}", "search.loss", "d_norm"]),
+    "hyperband with checkpoint_every_s": (search_case({"base": {**SMOKE_BASE, "checkpoint_every_s": 30.0},
+                                                       "scheduler": {"type": "hyperband"}}),
+                                          ["{space}", "base.checkpoint_every_s", "hyperband"]),
+    # output paths: unknown extensions, under a file, a folder for a file and a file for a folder
+    "sample out bmp": (command("sample", "--run-id", "x", "--out", "{tmp}/g.bmp"), ["--out", "g.bmp", ".png"]),
+    "sample out under a file": (command("sample", "--run-id", "x", "--out", "{tmp}/plain/g.png"), ["--out", "{tmp}/plain"]),
+    "sample out a folder": (command("sample", "--run-id", "x", "--out", "{tmp}"), ["--out", "{tmp}"]),
+    "sample out a folder named png": (lambda tmp_path: (tmp_path / "g.png").mkdir() or command(
+        "sample", "--run-id", "x", "--out", "{tmp}/g.png")(tmp_path), ["--out", "{tmp}/g.png", "folder"]),
+    # report's --out is checked by its parser, before the store (none here) is opened
+    "report out a file": (command("report", "--out", "{tmp}/plain", "--tracking-uri", "sqlite:///{tmp}/none.db"),
+                          ["--out", "{tmp}/plain", "file"]),
+    "report out under a file": (command("report", "--out", "{tmp}/plain/r", "--tracking-uri", "sqlite:///{tmp}/none.db"),
+                                ["--out", "{tmp}/plain"]),
+    "report out html": (command("report", "--out", "{tmp}/report.html", "--tracking-uri", "sqlite:///{tmp}/none.db"),
+                        ["--out", "report.html", "folder"]),
+    "bench json a folder": (command("bench", "--device", "cpu", "--json", "{tmp}"), ["--json", "{tmp}"]),
+    "bench json under a file": (command("bench", "--device", "cpu", "--json", "{tmp}/plain/b.json"), ["--json"]),
+    "bench json csv": (command("bench", "--device", "cpu", "--json", "{tmp}/b.csv"), ["--json", ".json"]),
+    "bench gpu-check out a file": (command("bench", "gpu-check", "--out", "{tmp}/plain"), ["--out", "{tmp}/plain"]),
+    "bench search out a file": (command("bench", "search", "--out", "{tmp}/plain"), ["--out", "{tmp}/plain"]),
+    "bench search out under a file": (command("bench", "search", "--out", "{tmp}/plain/bs"), ["--out", "{tmp}/plain"]),
+    "bench search report of nothing": (command("bench", "search", "--report", "--out", "{tmp}/bs"),
+                                       ["--report", "curves.json"]),
+    "bench search unknown space": (command("bench", "search", "--space", "nope", "--out", "{tmp}/bs"), ["--space", "nope"]),
+    "bench search unknown strategy": (command("bench", "search", "--strategies", "anneal", "--out", "{tmp}/bs"),
+                                      ["--strategies", "anneal"]),
+    "ablation json under a file": (command("ablation", "--json", "{tmp}/plain/a.json", "--keep", "{tmp}/keep"),
+                                   ["--json", "{tmp}/plain"]),
+    "ablation json a folder": (command("ablation", "--json", "{tmp}", "--keep", "{tmp}/keep"), ["--json", "{tmp}"]),
+    "ablation keep a file": (command("ablation", "--keep", "{tmp}/plain"), ["--keep", "{tmp}/plain"]),
+    "classifier out a folder": (command("classifier", "train", "--out", "{tmp}"), ["--out", "{tmp}"]),
+    "classifier out under a file": (command("classifier", "train", "--out", "{tmp}/plain/c.pt"), ["--out", "{tmp}/plain"]),
+    "classifier out txt": (command("classifier", "train", "--out", "{tmp}/c.txt"), ["--out", ".pt"]),
+    "classifier data dir a file": (command("classifier", "train", "--data-dir", "{tmp}/plain", "--out", "{tmp}/c.pt"),
+                                   ["--data-dir", "{tmp}/plain"]),
+    "storage path a file": (search_case(None, "--storage-path", "{tmp}/plain"), ["--storage-path", "{tmp}/plain"]),
+    "tracking uri sqlite under a file": (search_case(None, "--tracking-uri", "sqlite:///{tmp}/plain/m.db"),
+                                         ["--tracking-uri", "{tmp}/plain"]),
+    "tracking uri sqlite a folder": (search_case(None, "--tracking-uri", "sqlite:///{tmp}"), ["--tracking-uri", "{tmp}"]),
+    "train config a folder": (train_case("--config", "{tmp}"), ["{tmp}: path: a folder, not a file"]),
+    "train config a scalar top level": (train_config("42\n"), ["{tmp}/run.yaml", "mapping"]),
+    "out_dir a file": (command("train", "--set", "out_dir={tmp}/plain", "--set", "max_epochs=1"),
+                       ["out_dir", "{tmp}/plain"]),
+    "train resume a file": (train_case("--resume", "{tmp}/plain"), ["--resume", "{tmp}/plain"]),
+    "metrics score a folder of no checkpoint": (command("metrics", "--device", "cpu", "score", "{tmp}"),
+                                                ["{tmp}", "checkpoint.pt"]),
+    "replay a folder": (command("tracking", "replay", "{tmp}"), ["{tmp}"]),
 }
 SKIPS = {
     "gpus on a cpu cluster": (not NO_GPU, "this machine has a GPU"),
@@ -299,8 +463,8 @@ def processes_naming(folder):
 # child that behaves like `python -m gan_tune.MODULE ARGV`, and prints {id, code} per finished child.
 FORK_SERVER = r"""
 import json, os, runpy, sys, tempfile, traceback, warnings
-import gan_tune.bench, gan_tune.classifier, gan_tune.metrics, gan_tune.report, gan_tune.sample
-import gan_tune.search, gan_tune.tracking, gan_tune.train
+import gan_tune.ablation, gan_tune.bench, gan_tune.bench_search, gan_tune.classifier, gan_tune.metrics
+import gan_tune.report, gan_tune.sample, gan_tune.search, gan_tune.tracking, gan_tune.train
 
 def child(request):
     os.chdir(request["cwd"])
@@ -417,7 +581,8 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
 
 
 FRESH = ["space not utf-8", "seed past numpy", "set value broken yaml", "report dead server", "sample dead server",
-         "replay truncated", "metrics unknown device", "bench one fid sample", "classifier seed past numpy"]
+         "replay truncated", "metrics unknown device", "bench one fid sample", "classifier seed past numpy",
+         "bench search seeds 0", "ablation minutes 0"]
 
 
 def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
@@ -437,8 +602,9 @@ MAKES_A_STORE = ("sample run without a model", "sample unknown run", "report unk
 def test_the_matrix_covers_every_command(tmp_path):
     builds = [build for case, (build, _) in CASES.items() if case not in MAKES_A_STORE]  # seconds each: left out
     commands = {build(tmp_path / f"row{i}")[0] for i, build in enumerate(builds) if (tmp_path / f"row{i}").mkdir() is None}
-    assert commands == {"search", "train", "report", "sample", "metrics", "tracking", "bench", "classifier"}
-    assert len(CASES) >= 50
+    assert commands == {"search", "train", "report", "sample", "metrics", "tracking", "bench", "classifier", "ablation"}
+    assert any(build(tmp_path)[1][:1] == ["search"] for case, (build, _) in CASES.items() if case.startswith("bench search"))
+    assert len(CASES) >= 200
 
 
 def failing_space(tmp_path):

@@ -99,7 +99,11 @@ def test_bad_space_exits_2_naming_file_and_key_before_ray_starts(tmp_path, capsy
     (["--space", "smoke", "--resume"], "--name"),
 ])
 def test_bad_flags_exit_2_before_ray_starts(capsys, no_ray, argv, key):
-    assert search.main(argv) == 2
+    try:
+        code = search.main(argv)
+    except SystemExit as exit_:  # the parser's own errors: counts, budgets and CPUs have argparse types
+        code = exit_.code
+    assert code == 2
     assert key in capsys.readouterr().err
 
 

@@ -31,6 +31,19 @@ DATA_SOURCES = ("auto", "mnist-train-60k", "mnist-test-10k-bundled")
 BALANCED_BAND = (0.40, 0.70)
 WARN_BELOW, WARN_ABOVE = 0.30, 0.80
 SEED_MAX = 2**32 - 1  # numpy's seed range is [0, 2**32 - 1]; the search seeds its generators with it
+# The largest count (trials, epochs, samples, seeds...) any flag or field takes: beyond it a run never ends in any
+# budget, and a 20-digit count hung a search before its first trial
+MAX_COUNT = 100_000
+# Upper bounds where a huge value is a typo that would hang, exhaust memory or crash torch with a traceback
+UPPER_BOUNDS: dict[str, float] = {
+    "max_epochs": MAX_COUNT,
+    "latent_dim": 4096,  # MNIST GANs use 32-128; G's first layer grows with it
+    "batch_size": 60_000,  # full MNIST's size: a larger batch never fills
+    "width": 16.0,  # channel multiplier: parameters grow with its square (16: 256x the default model)
+    "n_disc": 100,  # WGAN's 5 is the most any recipe uses
+    "steps_per_epoch": 1_000_000,
+    "fid_samples": MAX_COUNT,  # FID-50k is the largest customary count
+}
 
 
 class ConfigError(ValueError):
@@ -156,6 +169,9 @@ class TrainConfig:
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(key, msg)
+        for key, top in UPPER_BOUNDS.items():
+            if getattr(self, key) > top:
+                raise ConfigError(key, f"{getattr(self, key)} is more than {top:,} (absurdly large)")
 
     @property
     def data_path(self) -> Path:
@@ -218,6 +234,8 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from `path`; a missing file or a syntax error names the file (and the line)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("path", "a folder, not a file", where=str(path))
     if not path.is_file():
         raise ConfigError("path", "file not found", where=str(path))
     try:

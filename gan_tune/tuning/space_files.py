@@ -33,6 +33,8 @@ def resolve_space(name: str | None) -> Path:
     """An existing path; else ./search_spaces/NAME.yaml; else the packaged copy."""
     if not name:
         raise ConfigError("--space", f"required (known: {', '.join(known_spaces())})")
+    if Path(name).is_dir():
+        raise ConfigError("--space", f"{name}: a folder, not a space file")
     for path in (Path(name), Path("search_spaces") / f"{name}.yaml", packaged_spaces() / f"{name}.yaml"):
         if path.is_file():
             return path

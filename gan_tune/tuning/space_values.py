@@ -11,6 +11,7 @@ from ray import tune
 from gan_tune.training.config import (
     DERIVED_PARAMS,
     FIELD_TYPES,
+    MAX_COUNT,
     ConfigError,
     coerce,
     from_dict,
@@ -36,7 +37,7 @@ def check_int(value: Any, key: str, where: str, low: int) -> int:
 
 # Beyond these a search never ends in any budget, and Tune would first try to build them (a 20-digit
 # num_samples hung the search before its first trial)
-MAX_COUNTS = {"num_samples": 100_000, "max_epochs": 100_000}
+MAX_COUNTS = {"num_samples": MAX_COUNT, "max_epochs": MAX_COUNT}
 
 
 def check_open_int(raw: dict[str, Any], key: str, time_budget_s: float | None, where: str) -> int | None:
@@ -110,7 +111,7 @@ def check_bounds(kind: str, args: list, field: str, field_type: str, key: str, w
                           where=where)
     if low > high:
         raise ConfigError(key, f"low {low} > high {high}", where=where)
-    if kind != "randint" and low == high:
+    if low == high:  # randint includes both ends, but [5, 5] still draws one value
         raise ConfigError(key, f"low == high ({low}): put a fixed value in base", where=where)
     if kind == "loguniform" and low <= 0:
         raise ConfigError(key, f"loguniform needs low > 0, got {low}", where=where)
@@ -140,6 +141,7 @@ DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 
 
 SECONDS = {"h": 3600, "m": 60, "s": 1}
+MAX_DURATION_S = 366 * 24 * 3600  # a budget past a year is a typo (20 digits of hours); Tune would take it
 
 
 def parse_duration(text: Any, key: str, where: str) -> float:
@@ -150,6 +152,8 @@ def parse_duration(text: Any, key: str, where: str) -> float:
     seconds = sum(float(number) * SECONDS[unit] for number, unit in DURATION.findall(text))
     if seconds <= 0:
         raise ConfigError(key, f"bad duration {text!r}: must be > 0", where=where)
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(key, f"bad duration {text!r}: more than a year", where=where)
     return seconds
 
 

@@ -101,6 +101,8 @@ class Space:
 def load_space(path: str | Path) -> Space:
     """Read and validate a space file, its `cpu:` variant included."""
     raw = read_yaml(path)
+    if not raw:  # read_yaml gives {} for an empty file: say so, not "metric: missing"
+        raise ConfigError("top level", f"empty file (a space needs {', '.join(REQUIRED)})", where=str(path))
     space = parse_space(raw, where=str(path), name=Path(path).stem)
     for_cpu(space)  # validate the cpu block now, whatever the cluster turns out to be
     return space
