@@ -25,7 +25,6 @@ from gan_tune.benchmarks.quality_table import (
 from gan_tune.cli import CliParser, out_file, out_folder, positive_float
 from gan_tune.tuning.space_files import packaged_spaces
 
-
 BLOCKS = ("ablations", "seed-alone", "search-before", "search-now", "long", "augment", "capacity")
 MAX_MINUTES = 7 * 24 * 60  # a row past a week is a typo (20 digits), not a measurement
 
@@ -54,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="which blocks to run, comma-separated (also: long, augment, capacity: configs trained "
                              "for --minutes each, scored along the way)")
     parser.add_argument("--json", type=out_file(".json"), help="also write the rows as JSON")
-    parser.add_argument("--keep", type=out_folder, help="keep the searches' logs, studies and MLflow store in this folder "
-                                       "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--keep", type=out_folder, help="keep the searches' logs, studies and MLflow store in this "
+                        "folder (default: a temporary folder, removed at the end)")
     return parser.parse_args(argv)
 
 
@@ -77,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if "seed-alone" in blocks:
             rows.append(training_row("seed recipe alone", SEED_RECIPE, args.minutes * 60, cpus))
             print(format_rows(rows[-1:]), flush=True)
-        for block, space in (("search-before", before_space(folder)), ("search-now", packaged_spaces() / "balanced.yaml")):
+        searches = (("search-before", before_space(folder)), ("search-now", packaged_spaces() / "balanced.yaml"))
+        for block, space in searches:
             if block in blocks:
                 rows.append(search_row(block, space, args.minutes * 60, folder))
                 print(format_rows(rows[-1:]), flush=True)

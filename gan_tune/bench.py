@@ -52,11 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # 0 skips each of these three parts (their help says so); 1 FID sample has no covariance
     parser.add_argument("--fid-samples", type=count_arg(2, off=True), default=GPU_FID_SAMPLES,
                         help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
-    parser.add_argument("--parity-epochs", type=count_arg(1, off=True), default=None, help="(h): epochs of the eager-fp32 vs graph-bf16 "
-                        "FID comparison (default 20 on CUDA, 0 = skip on CPU)")
-    parser.add_argument("--cost-epochs", type=count_arg(1, off=True), default=None, help="(i): epochs of one balanced trial with this "
-                        "device's settings, split into train / score / files / report (default 12 on CUDA, 3 on "
-                        "CPU; 0 = skip)")
+    parser.add_argument("--parity-epochs", type=count_arg(1, off=True), default=None, help="(h): epochs of the "
+                        "eager-fp32 vs graph-bf16 FID comparison (default 20 on CUDA, 0 = skip on CPU)")
+    parser.add_argument("--cost-epochs", type=count_arg(1, off=True), default=None, help="(i): epochs of one "
+                        "balanced trial with this device's settings, split into train / score / files / report "
+                        "(default 12 on CUDA, 3 on CPU; 0 = skip)")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():

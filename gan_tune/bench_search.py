@@ -27,7 +27,8 @@ from gan_tune.tuning.space_files import resolve_space
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.bench search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default="balanced", help="space name or file the strategies vary (default balanced)")
-    parser.add_argument("--budget", default="5m", type=duration_arg, help="time budget of every search, e.g. 90s, 5m (default 5m)")
+    parser.add_argument("--budget", default="5m", type=duration_arg,
+                        help="time budget of every search, e.g. 90s, 5m (default 5m)")
     parser.add_argument("--seeds", type=count_arg(1), default=3, help="seeds per strategy (default 3)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated: {', '.join(STRATEGIES)}, or space files (default: all six)")
@@ -42,7 +43,8 @@ def check_args(args: argparse.Namespace, gpu: bool) -> tuple[dict, float, list[s
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     for name in strategies:
         if name not in STRATEGIES and not Path(name).is_file():
-            raise ConfigError("--strategies", f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)}, or a space file)")
+            known = ", ".join(STRATEGIES)
+            raise ConfigError("--strategies", f"unknown strategy {name!r} (known: {known}, or a space file)")
     if not strategies:
         raise ConfigError("--strategies", "empty")
     raw = read_yaml(resolve_space(args.space))

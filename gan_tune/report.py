@@ -25,7 +25,8 @@ def report_folder(text: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m gan_tune.report", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiment", type=name_arg, help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
+    which.add_argument("--experiment", type=name_arg,
+                       help=f"report the latest search of this experiment (default {DEFAULT_EXPERIMENT})")
     which.add_argument("--parent-run", help="report this search's parent run id")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--out", default=".", type=report_folder, help="folder for the HTML file (default: .)")

@@ -32,7 +32,6 @@ from gan_tune.training import artifacts
 from gan_tune.training.config import ConfigError, first_line
 from gan_tune.training.data import to_uint8
 
-
 OUT_FORMATS = (".png", ".npy", ".npz")
 
 

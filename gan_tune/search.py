@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=duration_arg,
                         help="wall-clock budget, e.g. 90s, 15m, 1h (default: the space's)")
     # 0 GPUs is valid (CPU-only trials); negative, nan or a share above 1 that is not whole are refused
-    parser.add_argument("--gpus-per-trial", type=finite_float, help="GPU share per trial (default: the space's, or 0.25)")
+    parser.add_argument("--gpus-per-trial", type=finite_float,
+                        help="GPU share per trial (default: the space's, or 1 where the cluster has GPUs)")
     parser.add_argument("--cpus-per-trial", type=positive_float, help="CPUs per trial (default: the space's)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto, HOST:PORT); default: start one here")
     parser.add_argument("--storage-path", default=DEFAULT_STORAGE, help="results folder (default: ./ray_results)")
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue an interrupted study: its folder, or its name under --storage-path "
                              "(default: --name); flags not given now are those the study started with")
     parser.add_argument("--restart-errored", action="store_true",
-                        help="with --resume: run errored trials again from scratch (default: from their last checkpoint)")
+                        help="with --resume: run errored trials again from scratch (default: from their last "
+                        "checkpoint)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///mlflow.db in the working directory)")
     parser.add_argument("--experiment", type=name_arg,
