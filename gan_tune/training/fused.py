@@ -69,7 +69,9 @@ class SpectralWeight(Fused):
                 self.u.copy_(F.normalize(torch.bmm(matrix, self.v.unsqueeze(2)).squeeze(2), dim=1, eps=SPECTRAL_EPS))
                 self.v.copy_(F.normalize(torch.bmm(matrix.transpose(1, 2), self.u.unsqueeze(2)).squeeze(2), dim=1,
                                          eps=SPECTRAL_EPS))
-        sigma = (self.u * torch.bmm(matrix, self.v.unsqueeze(2)).squeeze(2)).sum(1)  # (K,)
+        # clones: a later forward updates u and v in place, and this forward's graph must keep its own
+        u, v = self.u.clone(), self.v.clone()
+        sigma = (u * torch.bmm(matrix, v.unsqueeze(2)).squeeze(2)).sum(1)  # (K,)
         return self.weight / sigma.view(-1, *[1] * (self.weight.dim() - 1))
 
 
