@@ -99,7 +99,8 @@ def fixed_noise(c: cohort.Cohort) -> torch.Tensor:
 def assert_member_matches(c: cohort.Cohort, k: int, gan: step.Gan, stats: torch.Tensor, ref: torch.Tensor) -> None:
     """Member k's per-step losses and D accuracies, and its G's and averaged G's samples on fixed noise."""
     for i, key in enumerate(step.D_STATS + step.G_STATS):
-        torch.testing.assert_close(stats[:, i, k], ref[:, i], **STAT_TOL, msg=lambda m: f"member {k} {key}: {m}")
+        torch.testing.assert_close(stats[:, i, k], ref[:, i], **STAT_TOL,
+                                   msg=lambda m, key=key: f"member {k} {key}: {m}")
     noise = fixed_noise(c)
     own = noise[:, k, :gan.cfg.latent_dim]
     torch.testing.assert_close(loop.generate(c.g, noise)[:, k], loop.generate(gan.g, own)[:, 0], **SAMPLE_TOL)
@@ -224,7 +225,7 @@ def test_removed_members_leave_the_survivors_training_as_before(images, float64)
         for a, b in zip(cohort.member_models(cut, new), cohort.member_models(whole, old)):
             assert (a is None) == (b is None)
             for (name, x), y in zip(a.state_dict().items() if a else (), b.state_dict().values() if b else ()):
-                torch.testing.assert_close(x, y, **SAMPLE_TOL, msg=lambda m: f"{new} {name}: {m}")
+                torch.testing.assert_close(x, y, **SAMPLE_TOL, msg=lambda m, new=new, name=name: f"{new} {name}: {m}")
 
 
 def test_copy_member_copies_weights_and_adam_state_but_not_settings(images):

@@ -135,7 +135,7 @@ class Cohort:
 
 
 def make_cohort(cfgs: list[TrainConfig], device: torch.device) -> Cohort:
-    """The fused cohort of `cfgs`: member k starts from exactly the weights make_gan(cfgs[k]) gives an ordinary trial."""
+    """The fused cohort of `cfgs`: member k starts from exactly the weights make_gan(cfgs[k]) gives a trial."""
     check_fusable(cfgs)
     gans = [make_gan(cfg, device) for cfg in cfgs]
     g, d = fused.fuse([gan.g for gan in gans]), fused.fuse([gan.d for gan in gans])

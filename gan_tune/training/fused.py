@@ -15,7 +15,7 @@ the extra inputs are zero, their weights get no gradient and the member is exact
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ U, V = "parametrizations.weight.0._u", "parametrizations.weight.0._v"
 class Fused(nn.Module):
     """A fused layer: `names` maps each ordinary state_dict name to this layer's parameter or buffer."""
 
-    names: dict[str, str] = {}
+    names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, state: dict[str, Tensor], params: tuple[str, ...]):
         super().__init__()
@@ -52,7 +52,7 @@ class SpectralWeight(Fused):
     """The weight of a Conv2d or Linear, divided by its spectral norm when the ordinary layer had spectral_norm
     (torch's parametrization: one power iteration per training forward, u then v, in place, without grad)."""
 
-    names = {"weight": "weight", "bias": "bias", ORIGINAL: "weight", U: "u", V: "v"}
+    names: ClassVar[dict[str, str]] = {"weight": "weight", "bias": "bias", ORIGINAL: "weight", U: "u", V: "v"}
 
     def __init__(self, state: dict[str, Tensor]):
         super().__init__(state, params=("weight", "bias", ORIGINAL))
@@ -96,7 +96,7 @@ class FusedConv2d(SpectralWeight):
 
 
 class FusedConvTranspose2d(Fused):
-    names = {"weight": "weight", "bias": "bias"}
+    names: ClassVar[dict[str, str]] = {"weight": "weight", "bias": "bias"}
     memory_format = torch.contiguous_format
 
     def __init__(self, state: dict[str, Tensor], layer: nn.ConvTranspose2d):
@@ -114,7 +114,8 @@ class FusedConvTranspose2d(Fused):
 
 
 class FusedBatchNorm(Fused):
-    names = {name: name for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    names: ClassVar[dict[str, str]] = {
+        name: name for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
 
     def __init__(self, state: dict[str, Tensor], layer: nn.modules.batchnorm._BatchNorm):
         super().__init__(state, params=("weight", "bias"))
