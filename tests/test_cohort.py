@@ -241,6 +241,9 @@ def test_copy_member_copies_weights_and_adam_state_but_not_settings(images):
     assert c.g_ema_decay.tolist() == pytest.approx([cfgs[0].g_ema, cfgs[1].g_ema])
     run_cohort(c, images, batch_indices(cfgs, 2), gens)
     assert torch.equal(c.alive, torch.ones(2))
+    c.cfgs[1] = replace(c.cfgs[1], latent_dim=8)
+    with pytest.raises(ValueError, match="latent_dim"):
+        cohort.copy_member(c, src=0, dst=1)
 
 
 def test_configs_group_by_what_does_not_fuse():

@@ -184,6 +184,9 @@ def copy_member(cohort: Cohort, src: int, dst: int) -> None:
     """Member `src`'s state over member `dst`'s, on the device (PBT's exploit): weights, BatchNorm and
     spectral-norm buffers, the average, Adam's moments and step count, alive. `dst` keeps its own settings
     (lr, betas, decay, R1 gamma, label smoothing, seed), which PBT's explore then changes."""
+    sizes = {cohort.cfgs[k].latent_dim for k in (src, dst)}
+    if len(sizes) > 1:  # the copy would train on noise of a size its weights were not made for
+        raise ValueError(f"members {src} and {dst} differ in latent_dim ({', '.join(map(str, sorted(sizes)))})")
     for t in member_tensors(cohort):
         t[dst].copy_(t[src])
 
