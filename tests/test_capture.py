@@ -175,7 +175,7 @@ def test_augmented_iterations_read_nothing_on_the_host(images, monkeypatch, loss
 
 
 @pytest.mark.parametrize("loss", list(losses.LOSSES))
-@pytest.mark.parametrize("aug", [dict(), AUGMENTS[2]], ids=["no-augment", "adaptive"])
+@pytest.mark.parametrize("aug", [dict(), AUGMENTS[2], dict(precision="bf16")], ids=["fp32", "adaptive", "bf16"])
 def test_a_cohort_iteration_reads_nothing_on_the_host(images, loss, aug):
     """The cohort step (issue 27) with g_ema and R1 on and two latent sizes: per-member Adam, the divergence
     mask and the weight averages all stay on the device."""
