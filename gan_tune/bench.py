@@ -13,6 +13,7 @@ import torch
 from gan_tune.benchmarks import gpu_check
 from gan_tune.benchmarks.throughput import (
     best_packing,
+    cohort_throughput,
     fid_timing,
     packed_search,
     quality_parity,
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cost-epochs", type=count_arg(1, off=True), default=None, help="(i): epochs of one "
                         "balanced trial with this device's settings, split into train / score / files / report "
                         "(default 12 on CUDA, 3 on CPU; 0 = skip)")
+    parser.add_argument("--cohort", default="", help="(j): cohort sizes K, comma-separated: aggregate images/s of K "
+                        "members fused into one model (balanced, width 0.25, batch 64) vs one trial (default '': skip)")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise ConfigError("--models", f"unknown {', '.join(sorted(unknown))} (known: {', '.join(MODELS)})")
     args.packed = counts("--packed", args.packed if args.packed is not None else "1,2,4,8" if on_gpu else "1,2")
+    args.cohort = counts("--cohort", args.cohort)
     if args.parity_epochs is None:
         args.parity_epochs = 20 if on_gpu else 0
     if args.cost_epochs is None:
@@ -110,6 +114,8 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     if args.packed:
         aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}
         extra["best packing (trials per device)"] = best_packing(aggregates)
+    if args.cohort:
+        extra["cohort (balanced, width 0.25, batch 64)"] = cohort_throughput(device, data, args.cohort, steps)
     if args.cost_epochs:
         extra["cost split per epoch (balanced, this device's settings)"] = \
             trial_costs(device, data, args.cost_epochs, 8 if args.quick and not on_gpu else 0)  # 8: short CPU epochs

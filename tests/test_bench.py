@@ -186,3 +186,15 @@ def test_gpu_check_skips_the_samples_without_a_search_run(tmp_path):
             gpu_check.Part("samples", [py, "-c", "print(1)", "{parent}"], 30, "p.log")]
     records = gpu_check.run_check(tmp_path, plan)
     assert records[1] == {"part": "samples", "rc": None, "skipped": "the search printed no MLflow parent run"}
+
+
+def test_cohort_throughput_reports_each_cohort_against_one_trial():
+    numbers = throughput.cohort_throughput(torch.device("cpu"), load_mnist(BUNDLED, subset=256), [1, 2], steps=2,
+                                           width=0.125, batch=16)
+    for key in ("one trial img/s", "cohort 1 img/s", "cohort 2 img/s", "cohort 2 x one trial"):
+        assert math.isfinite(numbers[key]) and numbers[key] > 0, key
+
+
+def test_bad_cohort_sizes_exit_2(capsys):
+    assert bench.main(["--cohort", "4,0"]) == 2
+    assert "--cohort" in capsys.readouterr().err

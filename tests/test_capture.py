@@ -172,3 +172,23 @@ def test_augmented_iterations_read_nothing_on_the_host(images, monkeypatch, loss
     with HostReads() as detector:
         step.train_iteration(gan, images, idx + cfg.batch_size, gen, sums)
     assert detector.seen == [], f"host reads in the augmented step: {sorted(set(detector.seen))}"
+
+
+@pytest.mark.parametrize("loss", list(losses.LOSSES))
+@pytest.mark.parametrize("aug", [dict(), AUGMENTS[2], dict(precision="bf16")], ids=["fp32", "adaptive", "bf16"])
+def test_a_cohort_iteration_reads_nothing_on_the_host(images, loss, aug):
+    """The cohort step (issue 27) with g_ema and R1 on and two latent sizes: per-member Adam, the divergence
+    mask and the weight averages all stay on the device."""
+    from gan_tune.training import cohort, cohort_step
+
+    base = dict(TINY, loss=loss, d_norm="spectral" if loss == "wgan-gp" else "batch", **aug)
+    members = [(0, 16, 2e-4, 1.0, 0.999), (1, 8, 1e-3, 0.0, 0.0), (2, 8, 1e-4, 5.0, 0.9)]
+    cfgs = [TrainConfig(**base, seed=seed, latent_dim=latent, lr_d=lr_d, r1_gamma=r1, g_ema=ema)
+            for seed, latent, lr_d, r1, ema in members]
+    fused = cohort.make_cohort(cfgs, CPU)
+    gens, sums = cohort_step.make_generators(fused), torch.zeros(step.N_STATS, len(cfgs))
+    idx = torch.arange(len(cfgs) * TINY["batch_size"]).view(len(cfgs), 1, TINY["batch_size"])
+    cohort_step.cohort_iteration(fused, images, idx, gens, sums)  # the warm-up a capture would run first
+    with HostReads() as detector:
+        cohort_step.cohort_iteration(fused, images, idx + 32, gens, sums)
+    assert detector.seen == [], f"host reads in the cohort step: {sorted(set(detector.seen))}"

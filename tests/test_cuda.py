@@ -41,3 +41,51 @@ def test_the_graph_trains_what_the_eager_path_trains(images):
     for key in ("loss_d", "loss_g", "d_acc"):
         for eager, graph in zip(records[False], records[True]):
             assert graph[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-4), key
+
+
+def test_a_cohort_iteration_replays_in_a_cuda_graph_as_it_runs_eagerly(images):
+    """Issue 27: the cohort step (two latent sizes, R1 and g_ema on some members) captured after three eager
+    warm-up iterations on a side stream, each member's generator registered with the graph, then replayed on
+    fresh batch indices: the same per-member statistics as eight eager iterations. (Written without a GPU;
+    test_capture.py proves on the CPU that the step reads nothing on the host.)"""
+    from gan_tune.training import cohort, cohort_step
+
+    members = [(0, 16, 2e-4, 1.0, 0.999), (1, 8, 1e-3, 0.0, 0.0), (2, 8, 1e-4, 5.0, 0.9)]
+    cfgs = [TrainConfig(**TINY, seed=seed, latent_dim=latent, lr_d=lr_d, r1_gamma=r1, g_ema=ema)
+            for seed, latent, lr_d, r1, ema in members]
+    draw = torch.Generator(device=CUDA).manual_seed(7)
+    idx = torch.randint(0, 256, (8, len(cfgs), 1, TINY["batch_size"]), device=CUDA, generator=draw)
+
+    def run(graphed: bool) -> torch.Tensor:
+        fused = cohort.make_cohort(cfgs, CUDA)
+        gens, sums = cohort_step.make_generators(fused), torch.zeros(step.N_STATS, len(cfgs), device=CUDA)
+        static, out = idx[0].clone(), []
+
+        def iteration(batch):
+            sums.zero_()
+            cohort_step.cohort_iteration(fused, images, batch, gens, sums)
+            out.append(sums.clone())
+
+        warm = 3 if graphed else len(idx)
+        side = torch.cuda.Stream(CUDA)
+        side.wait_stream(torch.cuda.current_stream(CUDA))
+        with torch.cuda.stream(side):
+            for i in range(warm):
+                iteration(idx[i])
+        torch.cuda.current_stream(CUDA).wait_stream(side)
+        if graphed:
+            graph = torch.cuda.CUDAGraph()
+            for gen in gens:
+                graph.register_generator_state(gen)
+            fused.opt_d.zero_grad()
+            fused.opt_g.zero_grad()
+            with torch.cuda.graph(graph):
+                cohort_step.cohort_iteration(fused, images, static, gens, sums)
+            for i in range(warm, len(idx)):
+                static.copy_(idx[i])
+                sums.zero_()
+                graph.replay()
+                out.append(sums.clone())
+        return torch.stack(out)
+
+    torch.testing.assert_close(run(graphed=True), run(graphed=False), rtol=1e-3, atol=1e-4)

@@ -8,7 +8,8 @@ per-trial training images/s for each model family and batch size, with the ratio
 then (e) aggregate images/s of a packed Ray Tune search, (f) FID scoring time for 10k samples,
 (g) peak GPU memory per trial, (h) quality parity: eager vs graph losses over the first steps and
 eager fp32 vs graph bf16 FID after the same epochs with the same seed. (c), (d) and (g) need CUDA
-and are skipped on a CPU, where (h) is off by default (--parity-epochs).
+and are skipped on a CPU, where (h) is off by default (--parity-epochs). (j) `cohort`, with --cohort: aggregate
+images/s of K members trained as one fused model (training.cohort) against one ordinary trial.
 It imports the same models and loop as training (nanoGPT's bench.py idea), so it never forks them.
 """
 
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gan_tune.quality.scorer import DEFAULT_BATCH_SIZE, batch_for, make_scorer
-from gan_tune.training import loop, step
+from gan_tune.training import cohort, cohort_step, loop, step
 from gan_tune.training.config import TrainConfig
 from gan_tune.training.data import Mnist, to_float
 from gan_tune.training.models import build_models
@@ -294,3 +295,36 @@ def trial_costs(device: torch.device, data: Mnist, epochs: int, steps: int = 0) 
             ray.shutdown()
     return {**cost_split(reports), "epochs": epochs, "checkpoint_every_s": cfg.checkpoint_every_s,
             "sample_every": cfg.sample_every, "fid_samples": int(reports["fid_samples"].iloc[-1])}
+
+
+COHORT_RATES = (1e-4, 2e-4, 5e-4, 1e-3)  # members differ in what fuses: lr_d cycles through these, seed is k
+
+
+def cohort_throughput(device: torch.device, data: Mnist, sizes: list[int], steps: int, width: float = 0.25,
+                      batch: int = 64, repeats: int = 3) -> dict:
+    """(j) Aggregate training images/s of cohorts of each size in `sizes` against one ordinary trial of the same
+    settings (the balanced model, both eager fp32: the `b` path), so `x one trial` says how many times more
+    settings per minute a cohort trains. After a warm-up epoch each, epochs of `steps` iterations take turns
+    (the trial, then each cohort) `repeats` times and each keeps its best: on a shared machine the others'
+    load comes and goes, and interleaving gives every contender the same chances."""
+    base = TrainConfig(width=width, batch_size=batch, steps_per_epoch=steps, device=str(device), cuda_graph=False)
+    images = data.images.to(device)
+    trial, trial_generator = step.make_gan(base, device), loop.make_generator(base, device)
+    cohorts = {}
+    for k in sizes:
+        members = cohort.make_cohort([replace(base, seed=i, lr_d=COHORT_RATES[i % len(COHORT_RATES)])
+                                      for i in range(k)], device)
+        cohorts[k] = (members, cohort_step.make_generators(members))
+    runs = {"one trial": lambda: loop.train_epoch(trial, images, trial_generator)["img_per_s"]}
+    for k, (members, generators) in cohorts.items():
+        runs[f"cohort {k}"] = lambda m=members, g=generators: cohort_step.train_cohort_epoch(m, images, g)[0][
+            "cohort_img_per_s"]
+    best = {name: run() * 0.0 for name, run in runs.items()}  # the warm-up epochs: allocators, kernels
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = max(best[name], run())
+    out: dict = {"model": "balanced", "width": width, "batch": batch, "one trial img/s": round(best["one trial"], 1)}
+    for k in sizes:
+        out[f"cohort {k} img/s"] = round(best[f"cohort {k}"], 1)
+        out[f"cohort {k} x one trial"] = round(best[f"cohort {k}"] / best["one trial"], 2)
+    return out
