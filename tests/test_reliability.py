@@ -403,7 +403,9 @@ def test_a_trial_killed_more_often_than_max_failures_ends_errored_and_restart_er
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     assert "2 trials, 0 errored" in resumed.stdout, resumed.stdout[-3000:]
-    (rerun_folder,) = {path.parent for path in exp_dir.glob("*/progress.csv")} - set(first)
+    new_folders = {path.parent for path in exp_dir.glob("*/progress.csv")} - set(first)
+    assert len(new_folders) == 1, (new_folders, out[-4000:], resumed.stdout[-3000:], resumed.stderr[-3000:])
+    (rerun_folder,) = new_folders
     assert trial_seed(rerun_folder) == trial_seed(errored)  # the same trial config
     rerun = pd.read_csv(rerun_folder / "progress.csv")
     assert list(rerun["epoch"]) == [1, 2] and (rerun["restored_epoch"] == 0).all()  # from scratch, not a checkpoint

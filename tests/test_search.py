@@ -165,7 +165,7 @@ def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, 
     del space["num_samples"]
     path = tmp_path / "until_budget.yaml"
     path.write_text(yaml.safe_dump({**space, "base": base, "max_epochs": 1, "scheduler": {"type": "fifo"},
-                                    "time_budget": "60s", "finalists": {"trials": 0}}))
+                                    "time_budget": "40s", "finalists": {"trials": 0}}))
     code, out = run_search("--space", path, "--storage-path", tmp_path / "rr", "--name", "budget",
                            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
     assert code == 0, out
@@ -174,8 +174,8 @@ def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, 
     starts = [i for i, line in enumerate(lines) if re.match(r"trial \w+ started: ", line)]
     stops = [i for i, line in enumerate(lines) if re.match(r"trial \w+ stopped after epoch 1: ", line)]
     assert stops and starts[-1] > stops[0], out  # a slot the first trial to end freed got a new trial
-    used, ran = re.search(r"budget: (\S+) of 1m00s \(\d+%\), (\d+) trials ran", out).groups()
-    assert int(ran) == len(trial_frames(tmp_path / "rr" / "budget")) and space_values.parse_duration(used, "", "") >= 50
+    used, ran = re.search(r"budget: (\S+) of 40s \(\d+%\), (\d+) trials ran", out).groups()
+    assert int(ran) == len(trial_frames(tmp_path / "rr" / "budget")) and space_values.parse_duration(used, "", "") >= 30
     queued = re.search(r"\((\d+) more never reported", out)
     assert not queued or int(queued.group(1)) <= 4, out  # one queued per slot plus the two cut, not 200 ahead
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # the next search in this process decides for itself
@@ -188,7 +188,7 @@ def test_a_pbt_population_without_max_epochs_trains_until_the_budget(ray_local, 
     space = yaml.safe_load(SMOKE.read_text())
     del space["max_epochs"]
     path = tmp_path / "pbt_budget.yaml"
-    path.write_text(yaml.safe_dump({**space, "base": base, "num_samples": 2, "time_budget": "45s",
+    path.write_text(yaml.safe_dump({**space, "base": base, "num_samples": 2, "time_budget": "30s",
                                     "search": {"lr_d": {"loguniform": [3.0e-4, 6.0e-4]}},
                                     "finalists": {"trials": 1, "samples": 500},
                                     "scheduler": {"type": "pbt", "perturbation_interval": 2,
@@ -199,7 +199,7 @@ def test_a_pbt_population_without_max_epochs_trains_until_the_budget(ray_local, 
     assert "2 x training until the budget ends" in out
     epochs = {trial_id: frame["epoch"].max() for trial_id, frame in trial_frames(tmp_path / "rr" / "pbt-budget").items()}
     assert len(epochs) == 2 and min(epochs.values()) >= 1, epochs  # how many epochs fit is the benchmark's question
-    assert re.search(r"budget: \S+ of 45s \(\d+%\), 2 trials ran", out), out
+    assert re.search(r"budget: \S+ of 30s \(\d+%\), 2 trials ran", out), out
     assert re.search(r"\d of 2 trials were still training when the search ended \(this space trains until its "
                      r"time budget\)", out) and "did not finish" not in out, out
     client = MlflowClient(uri)
