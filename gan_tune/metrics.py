@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-from gan_tune.cli import CliParser, device_arg
+from gan_tune.cli import CliParser, count_arg, device_arg
 from gan_tune.quality.baselines import BASELINE_REFERENCE, baseline_table, format_table
 from gan_tune.quality.mnist_classifier import ClassifierError
 from gan_tune.quality.scorer import CPU_FID_SAMPLES, make_scorer
 from gan_tune.training import checkpoint
-from gan_tune.training.config import MAX_COUNT, ConfigError
+from gan_tune.training.config import ConfigError
 from gan_tune.training.data import BUNDLED, DataError, load_mnist
 
 
@@ -38,16 +38,6 @@ def baselines_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_count(text: str) -> int:
-    """--n of `score`: 0 (the device default) or at least 2 (one sample has no covariance)."""
-    value = int(text)
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (the device default) or >= 2, got {value}")
-    if value > MAX_COUNT:
-        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT:,} (absurdly large)")
-    return value
-
-
 def baseline_count(text: str) -> int:
     value = int(text)
     if not 2 <= value <= BASELINE_REFERENCE:
@@ -61,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     score = sub.add_parser("score", help="metrics of a trained generator")
     score.add_argument("path", help="a run directory (holding checkpoint.pt) or a checkpoint file")
-    score.add_argument("--n", type=sample_count, default=0, help="generated images; 0: 10k on cuda, 2k on cpu")
+    score.add_argument("--n", type=count_arg(2, off=True), default=0,  # 1 sample has no covariance
+                       help="generated images; 0: 10k on cuda, 2k on cpu")
     score.set_defaults(run=score_command)
     baselines = sub.add_parser("baselines", help="reference table: what good and bad scores look like")
     baselines.add_argument("--n", type=baseline_count, default=CPU_FID_SAMPLES,
