@@ -28,6 +28,25 @@ from gan_tune.training.step import initial_augment_p, make_gan
 FUSED_FIELDS = ("lr_d", "lr_g", "beta1", "beta2", "g_ema", "r1_gamma", "label_smoothing", "seed", "latent_dim")
 MEMBER_ONLY = ("name",)  # a member's label: never part of what must be equal
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which every ordinary trial uses
+# A cohort trial's Tune config: the shared settings, plus MEMBERS_KEY: a list of each member's own values (the
+# fused settings the searcher drew for it). Its files go to MEMBERS_KEY/<member id>/ in the trial folder, and
+# its report carries MEMBERS_KEY: {member id: that member's report, with its stop_reason}.
+MEMBERS_KEY = "members"
+
+
+def is_cohort_config(config: dict) -> bool:
+    return MEMBERS_KEY in config
+
+
+def member_id(trial_id: str, k: int) -> str:
+    """Member k of trial `trial_id`, as its MLflow run, files and the summary name it."""
+    return f"{trial_id}-m{k}"
+
+
+def member_configs(config: dict) -> list[dict]:
+    """Each member's whole config: the trial's shared settings with the member's own values over them."""
+    shared = {key: value for key, value in config.items() if key != MEMBERS_KEY}
+    return [{**shared, **own} for own in config[MEMBERS_KEY]]
 
 
 def cohort_key(cfg: TrainConfig) -> tuple:
