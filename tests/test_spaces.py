@@ -17,7 +17,7 @@ from gan_tune.training.config import (
     from_dict,
     resolve_derived,
 )
-from gan_tune.tuning import schedulers, space_values, spaces
+from gan_tune.tuning import schedulers, space_values, spaces, summary
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")
@@ -185,7 +185,7 @@ def test_a_best_value_at_the_edge_of_its_range_is_flagged(tmp_path, lr_d, latent
     base = {key: value for key, value in smoke["base"].items() if key != "latent_dim"}
     path.write_text(yaml.safe_dump({**smoke, "base": base, "search": {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]},
                                                                       "latent_dim": {"choice": [32, 64, 128]}}}))
-    lines = spaces.edge_warnings(spaces.load_space(path), {"lr_d": lr_d, "latent_dim": latent, "seed": 1})
+    lines = summary.edge_warnings(spaces.load_space(path), {"lr_d": lr_d, "latent_dim": latent, "seed": 1})
     assert [line.split(":")[0] for line in lines] == warned
     assert all(f"widen search.lr_d past it in {path}" in line for line in lines)
 

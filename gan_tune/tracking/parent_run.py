@@ -43,6 +43,7 @@ from gan_tune.tracking.store import (
     using_tracking_uri,
 )
 from gan_tune.training import checkpoint
+from gan_tune.training.cohort import config_of
 from gan_tune.training.config import first_line
 from gan_tune.training.loop import generate
 
@@ -184,12 +185,14 @@ def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
 def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any,
                    chosen: tuple[tune.Checkpoint | None, dict], rescored: Mapping[str, float]) -> None:
     best, metrics = chosen
-    trial_id = str(best_result.metrics.get("trial_id", ""))
+    member = metrics.get("member")  # a cohort trial's best member: its own run and config
+    trial_id = str(member or best_result.metrics.get("trial_id", ""))
     tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
             RunTag("best.epoch", str(metrics.get("epoch", "")))]
     if child := child_run_id(client, run_id, trial_id):
         tags.append(RunTag("best.run_id", child))
-    params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(best_result.config).items())]
+    config = config_of(best_result.config, member)
+    params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(config).items())]
     if rescored:
         tags.append(RunTag(RESCORED_TAG, str(rescored["fid_samples"])))
     logged = {**numeric_metrics(metrics), **rescored_metrics(rescored)}

@@ -49,6 +49,13 @@ def member_configs(config: dict) -> list[dict]:
     return [{**shared, **own} for own in config[MEMBERS_KEY]]
 
 
+def config_of(config: dict, member: str | None) -> dict:
+    """The config a report was trained with: a cohort trial's member's (named by member_id), else the trial's."""
+    if not is_cohort_config(config) or not member:
+        return config
+    return member_configs(config)[int(member.rsplit("-m", 1)[1])]
+
+
 def cohort_key(cfg: TrainConfig) -> tuple:
     """The settings every member of a cohort shares: all fields but FUSED_FIELDS and MEMBER_ONLY."""
     return tuple((f.name, getattr(cfg, f.name)) for f in fields(cfg) if f.name not in FUSED_FIELDS + MEMBER_ONLY)

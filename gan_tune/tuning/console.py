@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 from ray import tune
 
 from gan_tune.tracking.child_runs import error_line
+from gan_tune.training.cohort import MEMBERS_KEY
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # read by Tune when fit() starts: "0" selects the CLIReporter engine
 TABLE_EVERY_S = 30  # Tune's own heartbeat period
@@ -40,12 +41,17 @@ def table_engine(verbose: bool) -> Iterator[None]:
             os.environ[NEW_OUTPUT_ENV] = before
 
 
-def run_config_output(searched: list[str], metric: str, verbose: bool) -> dict[str, Any]:
-    """RunConfig's `verbose` and `progress_reporter`: the status table only, or Tune's defaults."""
+def run_config_output(searched: list[str], metric: str, verbose: bool, cohort: bool = False) -> dict[str, Any]:
+    """RunConfig's `verbose` and `progress_reporter`: the status table only, or Tune's defaults.
+
+    searched: the keys each trial's config has at top level (a cohort's member draws are in its members);
+    a cohort's row shows its best member and how many still train."""
     if verbose:
         return {}
+    metrics = [*TABLE_METRICS, metric, *(("member", "members_alive") if cohort else ())]
     # not sort_by_metric: Ray's CLIReporter then compares None with None when no trial has the metric yet
-    reporter = tune.CLIReporter(parameter_columns=searched, metric_columns=[*TABLE_METRICS, metric],
+    # a cohort space may draw every key per member; an empty list would make Tune show the whole config
+    reporter = tune.CLIReporter(parameter_columns=searched or ["max_epochs"], metric_columns=metrics,
                                 max_report_frequency=TABLE_EVERY_S)
     return {"verbose": 1, "progress_reporter": reporter}  # 1: the experiment's table, no per-trial boxes
 
@@ -53,6 +59,17 @@ def run_config_output(searched: list[str], metric: str, verbose: bool) -> dict[s
 def format_values(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                      for key, value in values.items())
+
+
+def member_ranges(config: Mapping[str, Any]) -> str:
+    """A cohort trial's members in a few words: how many, and each drawn value's range across them."""
+    members = config.get(MEMBERS_KEY)
+    if not members:
+        return ""
+    spans = {key: (min(m[key] for m in members), max(m[key] for m in members)) for key in members[0] if key != "seed"}
+    text = ", ".join(f"{key} {low:.3g}..{high:.3g}" if isinstance(low, float) else f"{key} {low}..{high}"
+                     for key, (low, high) in spans.items())
+    return f"cohort of {len(members)} ({text})"
 
 
 class TrialLines(tune.Callback):
@@ -70,7 +87,8 @@ class TrialLines(tune.Callback):
             return
         self.started.add(trial.trial_id)
         values = {key: trial.config[key] for key in self.searched if key in trial.config}
-        print(f"trial {trial.trial_id} started: {format_values(values)}", flush=True)
+        text = "; ".join(part for part in (format_values(values), member_ranges(trial.config)) if part)
+        print(f"trial {trial.trial_id} started: {text}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}

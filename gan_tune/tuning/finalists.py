@@ -41,7 +41,8 @@ class Finalist:
 
     @property
     def trial_id(self) -> str:
-        return str(self.reported.get("trial_id", ""))
+        """The trial, or for a cohort trial the member the checkpoint holds (cohort_trainable reports it)."""
+        return str(self.reported.get("member") or self.reported.get("trial_id", ""))
 
     @property
     def epoch(self) -> int:

@@ -14,6 +14,7 @@ from ray.tune.schedulers import (
 )
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
+from gan_tune.training.cohort import MEMBERS_KEY
 from gan_tune.tuning.space_values import DISTRIBUTIONS
 from gan_tune.tuning.spaces import MAX_SEED, TIME_ATTR, Space
 
@@ -26,10 +27,35 @@ def param_space(space: Space, seed: int) -> dict[str, Any]:
     study seed, so its model of the objective is not fitted to seed noise.
     """
     params: dict[str, Any] = dict(space.train_fields)
-    params.update({key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items()})
-    if "seed" not in params:
+    params.update({key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items()
+                   if key not in space.member_keys})
+    if "seed" not in params and space.cohort == 1:
         params["seed"] = seed if space.search_alg == "optuna" else tune.randint(0, MAX_SEED)
+    if space.cohort > 1:  # Tune's random search resolves the domains inside the list: K independent draws
+        params[MEMBERS_KEY] = [member_domains(space) for _ in range(space.cohort)]
     return params
+
+
+def member_domains(space: Space) -> dict[str, Any]:
+    """One cohort member's own draws (new domain objects, so no two members share one); a seed each when the
+    space does not fix one."""
+    domains = {key: DISTRIBUTIONS[kind](args) for key, (kind, args) in space.search.items() if key in space.member_keys}
+    if "seed" not in space.base:
+        domains["seed"] = tune.randint(0, MAX_SEED)
+    return domains
+
+
+def cohort_rungs(space: Space) -> tuple[int, ...]:
+    """The epochs at which a cohort halves its members: ASHA's rungs (grace_period x reduction_factor^i), or
+    HyperBand's most aggressive bracket's (1, rf, rf^2, ...); none under FIFO."""
+    s = space.scheduler
+    if s["type"] not in ("asha", "hyperband"):
+        return ()
+    rung, rungs = s.get("grace_period", 1), []
+    while rung < space.max_epochs:
+        rungs.append(rung)
+        rung *= s["reduction_factor"]
+    return tuple(rungs)
 
 
 def make_asha(space: Space) -> TrialScheduler:

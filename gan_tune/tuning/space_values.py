@@ -29,9 +29,10 @@ DISTRIBUTIONS: dict[str, Callable[[list], Any]] = {
 BOUNDED = ("loguniform", "uniform", "randint")
 
 
-def check_int(value: Any, key: str, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(key, f"expected an integer >= {low}, got {value!r}", where=where)
+def check_int(value: Any, key: str, where: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(key, f"expected an integer {allowed}, got {value!r}", where=where)
     return value
 
 

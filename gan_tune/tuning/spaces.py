@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gan_tune.quality.measures import OBJECTIVES
+from gan_tune.training.cohort import FUSED_FIELDS
 from gan_tune.training.config import (
     DERIVED_PARAMS,
     FIELD_TYPES,
@@ -26,7 +27,6 @@ from gan_tune.training.config import (
     read_yaml,
 )
 from gan_tune.tuning.space_values import (
-    BOUNDED,
     check_int,
     check_name,
     check_number,
@@ -37,7 +37,7 @@ from gan_tune.tuning.space_values import (
 )
 
 TOP_LEVEL = ("description", "base", "search", "metric", "mode", "num_samples", "max_epochs", "search_alg",
-             "scheduler", "resources", "time_budget", "finalists", "cpu")
+             "scheduler", "resources", "time_budget", "finalists", "cohort", "cpu")
 REQUIRED = ("metric", "mode", "search_alg", "scheduler")
 # A space with a time_budget may leave these out: trials start (num_samples), or a PBT population trains
 # (max_epochs), until the budget ends. The trainable still needs a number, so such trials get this ceiling.
@@ -55,6 +55,11 @@ DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 # After the search, the kept checkpoints of the best `trials` trials are scored again on `samples` samples
 # (finalists.py): FID at 1,000 samples moves by several points between neighbouring epochs. trials 0: off.
 DEFAULT_FINALISTS = {"trials": 3, "samples": 10_000}
+MAX_COHORT = 256  # members of one fused model; far past what fits a GPU at width 1
+# What a cohort (issue 27) needs from the rest of the space: independent random draws per member (optuna and grid
+# suggest one configuration per trial), and a scheduler that compares whole trials (PBT's exploit copies one).
+COHORT_SEARCH_ALGS = ("random",)
+COHORT_SCHEDULERS = ("asha", "hyperband", "fifo")
 
 # Settings each scheduler accepts, with their defaults (None: required).
 SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
@@ -86,11 +91,20 @@ class Space:
     raw: dict[str, Any]
     epochs_until_budget: bool = False  # a PBT population without max_epochs: it trains until the budget
     finalists: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_FINALISTS))
+    cohort: int = 1  # configurations per trial, trained as one fused model (1: ordinary trials)
 
     @property
     def tune_num_samples(self) -> int:
-        """TuneConfig.num_samples: -1 is Tune's "keep sampling until a stop condition" (here the time budget)."""
-        return -1 if self.num_samples is None else self.num_samples
+        """TuneConfig.num_samples: -1 is Tune's "keep sampling until a stop condition" (here the time budget).
+        num_samples counts configurations: with cohorts, Tune runs enough trials of `cohort` members for them."""
+        return -1 if self.num_samples is None else math.ceil(self.num_samples / self.cohort)
+
+    @property
+    def member_keys(self) -> list[str]:
+        """The searched keys drawn per cohort member (those that fuse, or a derived param that sets one); the
+        others are drawn once per trial and shared by its members."""
+        target = {key: DERIVED_PARAMS[key].target if key in DERIVED_PARAMS else key for key in self.search}
+        return [key for key in self.search if self.cohort > 1 and target[key] in FUSED_FIELDS]
 
     @property
     def train_fields(self) -> dict[str, Any]:
@@ -155,8 +169,20 @@ def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
     resources = parse_resources(raw.get("resources") or {}, where)
     description = str(raw.get("description") or "").strip()
     finalists = parse_finalists(raw.get("finalists") or {}, where)
+    cohort = parse_cohort(raw.get("cohort", 1), search_alg, scheduler["type"], where)
     return Space(name, where, description, base, search, metric, mode, num_samples, max_epochs, search_alg,
-                 scheduler, resources, time_budget_s, raw, epochs_until_budget, finalists)
+                 scheduler, resources, time_budget_s, raw, epochs_until_budget, finalists, cohort)
+
+
+def parse_cohort(raw: Any, search_alg: str, scheduler: str, where: str) -> int:
+    cohort = check_int(raw, "cohort", where, low=1, high=MAX_COHORT)
+    if cohort > 1 and search_alg not in COHORT_SEARCH_ALGS:
+        raise ConfigError("cohort", f"{cohort} needs search_alg {' or '.join(COHORT_SEARCH_ALGS)} (each member is "
+                                    f"an independent draw; {search_alg} suggests one configuration per trial)", where=where)
+    if cohort > 1 and scheduler not in COHORT_SCHEDULERS:
+        raise ConfigError("cohort", f"{cohort} works with scheduler {', '.join(COHORT_SCHEDULERS)}, not {scheduler} "
+                                    "(its exploit copies whole trials)", where=where)
+    return cohort
 
 
 def check_top_level(raw: dict[str, Any], where: str) -> None:
@@ -360,6 +386,8 @@ def parse_resources(raw: Any, where: str) -> dict[str, float]:
 def describe_trials(space: Space) -> str:
     """The plan's trial count and length, "until the budget" where the space leaves one open."""
     trials = "new trials until the budget ends" if space.num_samples is None else str(space.num_samples)
+    if space.cohort > 1:
+        trials = f"{trials} (configurations, {space.cohort} per trial as one fused cohort)"
     epochs = "training until the budget ends" if space.epochs_until_budget else f"up to {space.max_epochs} epochs"
     return f"{trials}, each {epochs}" if space.num_samples is None else f"{trials} x {epochs}"
 
@@ -367,25 +395,3 @@ def describe_trials(space: Space) -> str:
 SCHEDULER_CHECKS = {
     "asha": check_asha, "hyperband": check_hyperband, "pbt": check_pbt, "fifo": check_fifo,
 }
-
-
-EDGE_SHARE = 0.10  # a best value in the outer 10 % of its searched range (on its scale) suggests a wider range
-
-
-def edge_warnings(space: Space, config: dict[str, Any]) -> list[str]:
-    """One line per searched range whose best value sits in its outer EDGE_SHARE (the tuning playbook's check).
-
-    Measured on the range's own scale: log for loguniform, linear for uniform and randint; choices and grids
-    have no inside to widen towards and are left out."""
-    lines = []
-    for key, (kind, args) in space.search.items():
-        if kind not in BOUNDED or key not in config:
-            continue
-        low, high, value = float(args[0]), float(args[1]), float(config[key])
-        scale = math.log if kind == "loguniform" else float
-        share = (scale(value) - scale(low)) / (scale(high) - scale(low))
-        if share <= EDGE_SHARE or share >= 1 - EDGE_SHARE:
-            side = "low" if share <= EDGE_SHARE else "high"
-            lines.append(f"{key} {value:.4g} is at the {side} edge of its range [{low:g}, {high:g}]: "
-                         f"widen search.{key} past it in {space.where}")
-    return lines

@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import math
 import shlex
+from typing import Any
 
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 
 from gan_tune.training.config import resolve_derived
-from gan_tune.tuning import console, space_values, spaces
+from gan_tune.tuning import console, space_values
 from gan_tune.tuning.finalists import Finalist
+from gan_tune.tuning.space_values import BOUNDED
 from gan_tune.tuning.spaces import Space
 from gan_tune.tuning.stopping import GanStopper
 from gan_tune.tuning.study_storage import study_mib
+
+EDGE_SHARE = 0.10  # a best value in the outer 10 % of its searched range (on its scale) suggests a wider range
+
+
+def edge_warnings(space: Space, config: dict[str, Any]) -> list[str]:
+    """One line per searched range whose best value sits in its outer EDGE_SHARE (the tuning playbook's check).
+
+    Measured on the range's own scale: log for loguniform, linear for uniform and randint; choices and grids
+    have no inside to widen towards and are left out."""
+    lines = []
+    for key, (kind, args) in space.search.items():
+        if kind not in BOUNDED or key not in config:
+            continue
+        low, high, value = float(args[0]), float(args[1]), float(config[key])
+        scale = math.log if kind == "loguniform" else float
+        share = (scale(value) - scale(low)) / (scale(high) - scale(low))
+        if share <= EDGE_SHARE or share >= 1 - EDGE_SHARE:
+            side = "low" if share <= EDGE_SHARE else "high"
+            lines.append(f"{key} {value:.4g} is at the {side} edge of its range [{low:g}, {high:g}]: "
+                         f"widen search.{key} past it in {space.where}")
+    return lines
+
 
 SUMMARY_METRICS = ("fid", "is", "coverage", "d_acc", "loss_d", "loss_g", "balance", "epoch")
 
@@ -80,7 +105,7 @@ def print_best(best: Finalist, space: Space, started: float) -> None:
           f"{time_to(best.reported.get('timestamp', 0), started)}")
     shown = {key: best.searched[key] for key in (*space.search, "seed") if key in best.searched}
     print(f"  config:  {console.format_values({**shown, **resolve_derived(shown)})}")
-    for line in spaces.edge_warnings(space, best.searched):
+    for line in edge_warnings(space, best.searched):
         print(f"  warning: {line}")
     print(f"  metrics: {console.format_values({k: best.reported[k] for k in SUMMARY_METRICS if k in best.reported})}")
     print(f"  folder:  {best.result.path}")

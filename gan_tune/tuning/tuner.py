@@ -22,6 +22,7 @@ import yaml
 from ray import tune
 
 from gan_tune.tracking import child_runs, parent_run, store
+from gan_tune.training.cohort import config_of
 from gan_tune.training.config import first_line, from_dict, resolve_derived
 from gan_tune.training.data import Mnist, load_mnist
 from gan_tune.tuning import console, finalists, schedulers, space_values, spaces
@@ -31,6 +32,7 @@ from gan_tune.tuning.cluster import (
     trial_resources,
     trials_at_once,
 )
+from gan_tune.tuning.cohort_trainable import Halving, train_cohort
 from gan_tune.tuning.finalists import Finalist
 from gan_tune.tuning.space_files import resolve_space
 from gan_tune.tuning.spaces import Space
@@ -44,6 +46,7 @@ from gan_tune.tuning.study_storage import (
     write_study_file,
 )
 from gan_tune.tuning.summary import (
+    edge_warnings,
     print_best,
     print_finalists,
     print_resume_hint,
@@ -97,7 +100,7 @@ def finish_tracking(best: Finalist | None, space: Space, args: argparse.Namespac
     """Log the chosen generator (its trial, checkpoint, scores) on the parent run, and end it."""
     rescored = best is not None and bool(best.scores)  # else search_run picks the trial's best kept checkpoint
     parent_run.finish_search_run(args.tracking_uri, parent, best.result if best else None, space.metric, space.mode,
-                                 edge_warnings=spaces.edge_warnings(space, best.searched) if best else [],
+                                 edge_warnings=edge_warnings(space, best.searched) if best else [],
                                  chosen=(best.checkpoint, best.reported) if rescored else None,
                                  rescored=best.scores if rescored else None)
     print(f"mlflow: compare the trials with `mlflow ui --backend-store-uri {args.tracking_uri}`; "
@@ -158,11 +161,30 @@ def checkpoint_config(space: Space) -> tune.CheckpointConfig:
     return tune.CheckpointConfig(num_to_keep=max(CHECKPOINTS_KEPT, 2 * saves_per_interval + 1))
 
 
+def shared_keys(space: Space) -> list[str]:
+    """The searched keys at the top of a trial's config (all, but a cohort's member draws)."""
+    return [key for key in space.search if key not in space.member_keys]
+
+
+def make_trainable(space: Space, data: Mnist, trial: dict[str, float], quiet: bool) -> tune.Trainable:
+    """train_gan, or train_cohort when the space trains cohorts (its halving from the space's scheduler)."""
+    if space.cohort == 1:
+        return tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=quiet), trial)
+    halving = Halving(space.metric, space.mode, schedulers.cohort_rungs(space),
+                      space.scheduler.get("reduction_factor", 3))
+    return tune.with_resources(tune.with_parameters(train_cohort, data=data, halving=halving, quiet=quiet), trial)
+
+
+def cohort_dirname(trial: Any) -> str:
+    """A cohort trial's folder: Tune's default name lists every member's draws and is cut at an arbitrary point."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
 def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict[str, float],
                 stopper: tune.Stopper, location: str, callbacks: list[tune.Callback]) -> tune.Tuner:
-    trainable = tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=not args.verbose), trial)
+    trainable = make_trainable(space, data, trial, quiet=not args.verbose)
     output = {"verbose": None, "progress_reporter": None,  # Tune's defaults, unless the table engine's
-              **console.run_config_output(list(space.search), space.metric, args.verbose)}
+              **console.run_config_output(shared_keys(space), space.metric, args.verbose, space.cohort > 1)}
     if args.resume is not None:
         return restore_tuner(location, trainable, args.restart_errored, stop=stopper, callbacks=callbacks, **output)
     storage_path, name = tune_storage(location)
@@ -174,7 +196,7 @@ def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict
     tune_config = tune.TuneConfig(
         metric=space.metric, mode=space.mode, scheduler=schedulers.make_scheduler(space),
         search_alg=schedulers.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
-        time_budget_s=space.time_budget_s,
+        time_budget_s=space.time_budget_s, trial_dirname_creator=cohort_dirname if space.cohort > 1 else None,
         reuse_actors=True)  # a new trial (or a PBT/HyperBand resume) skips starting a process and importing torch
     return tune.Tuner(trainable, param_space=schedulers.param_space(space, args.seed), tune_config=tune_config,
                       run_config=run_config)
@@ -201,7 +223,8 @@ def choose_best(results: tune.ResultGrid, space: Space, data: Mnist) -> tuple[Fi
     except RuntimeError:  # no trial reported the metric
         return None, []
     row = best_epoch(result, space).to_dict()  # finish_tracking lets search_run pick the kept checkpoint
-    return Finalist(result, result.checkpoint, row, {}, resolve_derived(result.config)), []
+    config = resolve_derived(config_of(result.config, row.get("member")))
+    return Finalist(result, result.checkpoint, row, {}, config), []
 
 
 def write_best_config(best: Finalist, space: Space, location: str) -> str:
@@ -233,7 +256,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         if args.resume is None:
             save_args(args, location)
         stop = tune.stopper.CombinedStopper(stopper, failing)
-        lines = console.TrialLines(list(space.search), space.metric, callbacks[0].outcomes)  # after tracking's
+        lines = console.TrialLines(shared_keys(space), space.metric, callbacks[0].outcomes)  # after tracking's
         tuner = build_tuner(space, args, data, trial, stop, location, [*callbacks, lines, failing])
         with console.table_engine(args.verbose), queue_lazily(space, trial):
             results = tuner.fit()
