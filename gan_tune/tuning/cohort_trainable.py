@@ -102,16 +102,24 @@ def restore(latest: tune.Checkpoint, device: torch.device) -> CohortRun | None:
             log.warning("checkpoint %s not restored: %s", candidate.path, err)
             unreadable.append(Path(candidate.path).name)
             continue
-        cohort, generators = cohort_checkpoint.restore(saved, device)
-        books = saved["members"]
         note = f"unreadable {', '.join(unreadable)}; restored {Path(candidate.path).name}" if unreadable else ""
-        run = CohortRun(cohort, generators, saved["built"], saved["kept"], books["ids"], books["histories"],
-                        books["stopped"], saved["epoch"], context={"restored_epoch": saved["epoch"],
-                                                                   "restore_note": note})
-        drop_stopped(run)  # the members that stopped in the saved epoch's report
-        return run
+        return from_saved(saved, device, note)
     log.warning("no readable cohort checkpoint left (%s): the trial starts fresh", ", ".join(unreadable))
     return None
+
+
+def from_saved(saved: dict, device: torch.device, note: str = "") -> CohortRun:
+    """The CohortRun a cohort checkpoint holds, without the members that stopped in its epoch's report."""
+    cohort, generators = cohort_checkpoint.restore(saved, device)
+    books = saved["members"]
+    run = CohortRun(cohort, generators, saved["built"], saved["kept"], books["ids"], books["histories"],
+                    books["stopped"], saved["epoch"], context={"restored_epoch": saved["epoch"], "restore_note": note})
+    drop_stopped(run)
+    return run
+
+
+def save(run: CohortRun) -> dict:
+    return cohort_checkpoint.cohort_state(run.cohort, run.built, run.kept, run.epoch, run.generators, run.bookkeeping())
 
 
 def member_reports(run: CohortRun, records: list[dict], epoch: int, seconds: float,
@@ -189,8 +197,7 @@ def report(run: CohortRun, result: dict, since_checkpoint_s: float) -> bool:
         tune.report(result)
         return False
     k, member = run.ids.index(result["member"]), result["member"]
-    saved = cohort_checkpoint.cohort_state(run.cohort, run.built, run.kept, run.epoch, run.generators,
-                                           run.bookkeeping())
+    saved = save(run)
     noise = loop.fixed_noise(run.cohort.cfgs[k], run.cohort.device)
     with tempfile.TemporaryDirectory() as folder:
         cohort_checkpoint.write(saved, folder)
@@ -212,6 +219,21 @@ def drop_stopped(run: CohortRun) -> None:
     run.ids = [run.ids[k] for k in keep]
 
 
+def train_epoch(run: CohortRun, images: torch.Tensor, score: scorer.Scorer | None, stopper: GanStopper,
+                halving: Halving, trial_dir: Path) -> dict:
+    """One epoch of every member still training: trained, scored, judged, files written; the cohort's report."""
+    run.epoch += 1
+    started = time.perf_counter()
+    records = train_cohort_epoch(run.cohort, images, run.generators)
+    reports = member_reports(run, records, run.epoch, time.perf_counter() - started, score)
+    reasons = stop_reasons(reports, stopper, halving, run.cohort.cfg.max_epochs)
+    for k, mid in enumerate(run.ids):
+        run.histories[mid].append(reports[mid])
+        write_member_files(run, k, bool(reasons[mid]), trial_dir)
+    run.stopped.update({mid: reason for mid, reason in reasons.items() if reason})
+    return cohort_result(reports, reasons, halving)
+
+
 def train_cohort(config: dict[str, Any], data: Mnist, halving: Halving, quiet: bool = False) -> None:
     """Ray Tune function trainable: `tune.with_parameters(train_cohort, data=data, halving=..., quiet=...)`."""
     if quiet:
@@ -225,19 +247,11 @@ def train_cohort(config: dict[str, Any], data: Mnist, halving: Halving, quiet: b
     if latest:
         run.context["restored_from"] = trial_id
     run.context.update(node_id=ray.get_runtime_context().get_node_id(), data_source=data.source)
-    score, stopper, trial_dir = scorer.build_scorer(run.cohort.cfg, data, device), GanStopper(), Path.cwd()
+    score, stopper = scorer.build_scorer(run.cohort.cfg, data, device), GanStopper()
     last_checkpoint = time.monotonic()
     while run.ids and run.epoch < run.cohort.cfg.max_epochs:
-        run.epoch += 1
-        started = time.perf_counter()
-        records = train_cohort_epoch(run.cohort, data.images, run.generators)
-        reports = member_reports(run, records, run.epoch, time.perf_counter() - started, score)
-        reasons = stop_reasons(reports, stopper, halving, run.cohort.cfg.max_epochs)
-        for k, mid in enumerate(run.ids):
-            run.histories[mid].append(reports[mid])
-            write_member_files(run, k, bool(reasons[mid]), trial_dir)
-        run.stopped.update({mid: reason for mid, reason in reasons.items() if reason})
-        if report(run, cohort_result(reports, reasons, halving), time.monotonic() - last_checkpoint):
+        result = train_epoch(run, data.images, score, stopper, halving, Path.cwd())  # cwd: the trial folder
+        if report(run, result, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
         fault_gate(run.epoch)
         drop_stopped(run)
