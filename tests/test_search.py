@@ -110,7 +110,7 @@ def test_bad_flags_exit_2_before_ray_starts(capsys, no_ray, argv, key):
 def test_list_spaces_names_the_shipped_spaces(capsys):
     assert search.main(["--list-spaces"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("balanced", "ttur", "pbt", "wide", "smoke"))
+    assert all(name in out for name in ("balanced", "ttur", "pbt", "wide", "smoke", "cohort"))
 
 
 def test_the_installed_console_script_lists_the_shipped_spaces(tmp_path):
@@ -119,7 +119,7 @@ def test_the_installed_console_script_lists_the_shipped_spaces(tmp_path):
     done = subprocess.run([str(Path(sys.executable).parent / "gan-tune-search"), "--list-spaces"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert all(name in done.stdout for name in ("balanced", "ttur", "pbt", "wide", "smoke"))
+    assert all(name in done.stdout for name in ("balanced", "ttur", "pbt", "wide", "smoke", "cohort"))
 
 
 def test_gpus_requested_on_a_cpu_cluster_exit_2_without_hanging(ray_local, tmp_path, capsys):

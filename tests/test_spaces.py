@@ -10,6 +10,7 @@ from ray.tune.schedulers import (
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from gan_tune.training.cohort import MEMBERS_KEY
 from gan_tune.training.config import (
     DERIVED_PARAMS,
     FIELD_TYPES,
@@ -20,7 +21,7 @@ from gan_tune.training.config import (
 from gan_tune.tuning import schedulers, space_values, spaces, summary
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
-SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke")
+SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke", "cohort")
 
 
 def write_space(tmp_path, raw, name="x"):
@@ -41,7 +42,9 @@ def test_shipped_spaces_load_and_build_ray_objects(name):
         assert set(variant.search) <= set(FIELD_TYPES) | set(DERIVED_PARAMS)
         schedulers.make_scheduler(variant)
         schedulers.make_search_alg(variant, seed=0)
-        assert "seed" in schedulers.param_space(variant, seed=0)
+        params = schedulers.param_space(variant, seed=0)
+        # every trial, or every member of a cohort trial, gets a seed
+        assert all("seed" in own for own in params.get(MEMBERS_KEY, [params]))
         from_dict(variant.train_fields)
 
 

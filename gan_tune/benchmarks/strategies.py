@@ -12,6 +12,7 @@ run's kept generator re-scored on the space's finalist samples (10,000), which n
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -25,6 +26,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from gan_tune.tracking import parent_run
+from gan_tune.training.cohort import MEMBERS_KEY
 from gan_tune.training.config import read_yaml
 from gan_tune.tuning import spaces
 
@@ -58,6 +60,12 @@ def pbt(raw: dict) -> dict:
     return changed
 
 
+def cohort_asha(raw: dict) -> dict:
+    """random-asha with its configurations trained COHORT_SIZE at a time as one fused model (issue 27)."""
+    return {**with_scheduler({"type": "asha", "grace_period": 2, "reduction_factor": 3})(raw), "cohort": COHORT_SIZE}
+
+
+COHORT_SIZE = 4
 STRATEGIES: dict[str, Callable[[dict], dict]] = {
     "seed-recipe": seed_recipe,
     "random-fifo": with_scheduler({"type": "fifo"}),
@@ -65,6 +73,7 @@ STRATEGIES: dict[str, Callable[[dict], dict]] = {
     "optuna-asha": with_scheduler({"type": "asha", "grace_period": 2, "reduction_factor": 3}, "optuna"),
     "random-hyperband": with_scheduler({"type": "hyperband", "reduction_factor": 3}),
     "pbt": pbt,
+    "cohort-asha": cohort_asha,
 }
 
 
@@ -102,6 +111,15 @@ def time_to(curve: pd.DataFrame, level: float, mode: str = "min") -> float:
     """Seconds until the best score first reached `level`; NaN if it never did."""
     reached = curve[curve["best"] <= level] if mode == "min" else curve[curve["best"] >= level]
     return float(reached["t"].iloc[0]) if len(reached) else math.nan
+
+
+def configurations(study: Path) -> int:
+    """Configurations the study trained at least one epoch of: a trial's, or each member of a cohort trial's."""
+    count = 0
+    for progress in study.glob("*/progress.csv"):
+        params = json.loads((progress.parent / "params.json").read_text())
+        count += len(params.get(MEMBERS_KEY, [None]))
+    return count
 
 
 def study_reports(study: Path) -> pd.DataFrame:
@@ -144,6 +162,7 @@ def run_one(space_file: Path, strategy: str, seed: int, budget_s: float, out: Pa
     wall = time.time() - started
     curve = best_so_far(study_reports(out / "ray_results" / name), started)
     return {"strategy": strategy, "seed": seed, "exit": done.returncode, "wall_s": round(wall, 1),
+            "configurations": configurations(out / "ray_results" / name),
             "final_fid": rescored_fid(uri, done.stdout), "curve": curve.to_dict("list")}
 
 
@@ -165,7 +184,8 @@ def summary_table(runs: list[dict], budget_s: float) -> pd.DataFrame:
     for strategy in dict.fromkeys(run["strategy"] for run in runs):
         mine = [run for run in runs if run["strategy"] == strategy]
         curves = [pd.DataFrame(run["curve"]) for run in mine]
-        row = {"strategy": strategy, "seeds": len(mine)}
+        row = {"strategy": strategy, "seeds": len(mine),
+               "configs": spread([float(run.get("configurations", math.nan)) for run in mine])}
         for share in SHARES:
             row[f"fid at {share:.0%}"] = spread([value_at(c, share * budget_s) for c in curves])
         for level in FID_LEVELS:
