@@ -9,12 +9,14 @@ import contextlib
 import io
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.variant_generator import generate_variants
 
 from gan_tune.training import checkpoint, cohort_checkpoint
@@ -22,6 +24,7 @@ from gan_tune.training.cohort import MEMBERS_KEY, config_of, member_configs
 from gan_tune.training.config import ConfigError
 from gan_tune.training.data import BUNDLED, load_mnist
 from gan_tune.tuning import cohort_trainable, schedulers, spaces
+from gan_tune.tuning.cohort_pbt import CohortPbt
 from gan_tune.tuning.cohort_trainable import Halving
 from gan_tune.tuning.stopping import GanStopper
 
@@ -72,8 +75,6 @@ def test_an_ordinary_space_is_unchanged(tmp_path):
     ({"cohort": "four"}, "expected an integer"),
     ({"cohort": 257}, "in [1, 256]"),
     ({"search_alg": "optuna"}, "needs search_alg random"),
-    ({"scheduler": {"type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": {"lr_d": {"loguniform": [
-        1e-4, 1e-3]}}}, "max_epochs": 3}, "not pbt"),
 ])
 def test_a_bad_cohort_names_the_key(tmp_path, changes, says):
     with pytest.raises(ConfigError, match="cohort") as err:
@@ -224,3 +225,36 @@ def test_a_cohort_search_halves_its_members_and_keeps_the_best_members_config(co
     trial = next(t for t in trials if t.name.endswith(member.rsplit("-m", 1)[0]))
     config = config_of(json.loads((trial / "params.json").read_text()), member)
     assert (best["lr_d"], best["lr_g"], best["latent_dim"]) == (config["lr_d"], config["lr_g"], config["latent_dim"])
+
+
+def test_pbt_inside_a_cohort_copies_the_best_into_the_worst_and_explores_its_rates(images, tmp_path):
+    pbt = CohortPbt(perturbation_interval=1, burn_in_period=0, quantile_fraction=0.5, resample_probability=0.0,
+                    mutations={"lr_d": ("loguniform", [1e-4, 1e-3]), "beta1": ("choice", [0.0, 0.5, 0.9])})
+    config = tiny_config()
+    config[MEMBERS_KEY][1]["latent_dim"] = 16  # all of one latent size: any member may copy any other
+    run = cohort_trainable.start(config, "t", CPU)
+    halving = Halving("loss_g", "min", pbt=pbt)  # loss_g: these tiny runs are not scored
+    cohort_trainable.train_epoch(run, images, None, GanStopper(), halving, tmp_path)
+    best, worst = cohort_trainable.ranked(run.last, run.ids, halving)[0], cohort_trainable.ranked(
+        run.last, run.ids, halving)[-1]
+    b, w = run.ids.index(best), run.ids.index(worst)
+    donor_lr = run.cohort.cfgs[b].lr_d
+    cohort_trainable.perturb(run, halving, random.Random(0))
+    assert run.sources[worst] == best
+    for layer in run.cohort.g.state_dict().values():  # weights and buffers: the donor's (no step since)
+        if layer.dim() and layer.shape[0] == 3:
+            assert torch.equal(layer[w], layer[b])
+    new_lr = run.cohort.cfgs[w].lr_d
+    assert new_lr in (pytest.approx(donor_lr * 1.2), pytest.approx(donor_lr * 0.8), 1e-4, 1e-3)
+    assert float(run.cohort.opt_d.lr[w]) == pytest.approx(new_lr)  # the optimiser trains with the explored rate
+    assert run.cohort.cfgs[w].beta1 in (0.0, 0.9) and float(run.cohort.opt_g.beta1[w]) == run.cohort.cfgs[w].beta1
+    cohort_trainable.train_epoch(run, images, None, GanStopper(), halving, tmp_path)
+    assert run.last[worst]["restored_from"] == best and run.last[best]["restored_from"] == ""
+
+
+def test_a_cohort_pbt_space_runs_tunes_fifo_and_pbt_inside(tmp_path):
+    space = spaces.load_space(write_space(tmp_path, scheduler={
+        "type": "pbt", "perturbation_interval": 2, "hyperparam_mutations": {"lr_d": {"loguniform": [1e-4, 1e-3]}}}))
+    assert isinstance(schedulers.make_scheduler(space), FIFOScheduler)
+    assert schedulers.cohort_pbt_plan(space).mutations == {"lr_d": ("loguniform", [1e-4, 1e-3])}
+    assert schedulers.cohort_rungs(space) == ()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from gan_tune.training.cohort import (
 )
 from gan_tune.training.cohort_step import make_generators, train_cohort_epoch
 from gan_tune.training.data import DataError, Mnist
+from gan_tune.tuning import cohort_pbt
+from gan_tune.tuning.cohort_pbt import CohortPbt
 from gan_tune.tuning.stopping import GanStopper
 from gan_tune.tuning.trainable import (
     CHECKPOINT_LOGGER,
@@ -63,6 +66,7 @@ class Halving:
     mode: str
     rungs: tuple[int, ...] = ()
     reduction_factor: int = 3
+    pbt: CohortPbt | None = None  # a pbt space: exploit and explore between members instead of halving
 
 
 @dataclass
@@ -77,10 +81,14 @@ class CohortRun:
     histories: dict[str, list[dict]]
     stopped: dict[str, str] = field(default_factory=dict)  # member id -> stop reason
     epoch: int = 0
-    context: dict[str, Any] = field(default_factory=dict)  # restored_from etc., as a trial reports them
+    context: dict[str, Any] = field(default_factory=dict)  # restored_epoch etc., as a trial reports them
+    # member id -> whose state it trains on: "" from its own start, itself after a restore, a donor after an
+    # exploit (reported as restored_from, which tracking tags as a PBT exploit when it names another member)
+    sources: dict[str, str] = field(default_factory=dict)
+    last: dict[str, dict] = field(default_factory=dict)  # the latest epoch's member reports
 
     def bookkeeping(self) -> dict:
-        return {"ids": self.ids, "histories": self.histories, "stopped": self.stopped}
+        return {"ids": self.ids, "histories": self.histories, "stopped": self.stopped, "sources": self.sources}
 
 
 def start(config: dict[str, Any], trial_id: str, device: torch.device) -> CohortRun:
@@ -113,7 +121,8 @@ def from_saved(saved: dict, device: torch.device, note: str = "") -> CohortRun:
     cohort, generators = cohort_checkpoint.restore(saved, device)
     books = saved["members"]
     run = CohortRun(cohort, generators, saved["built"], saved["kept"], books["ids"], books["histories"],
-                    books["stopped"], saved["epoch"], context={"restored_epoch": saved["epoch"], "restore_note": note})
+                    books["stopped"], saved["epoch"], context={"restored_epoch": saved["epoch"], "restore_note": note},
+                    sources={mid: mid for mid in books["ids"]})
     drop_stopped(run)
     return run
 
@@ -138,9 +147,7 @@ def member_reports(run: CohortRun, records: list[dict], epoch: int, seconds: flo
             started = time.perf_counter()
             rec.update(score(cohort_checkpoint.member_gan(run.cohort, k).eval_generator(), cfg.latent_dim))
             rec["score_s"] = time.perf_counter() - started
-        # a restored cohort restores every member from its own state: each names itself, as a trial does
-        context = {**run.context, "lr_d": cfg.lr_d, "lr_g": cfg.lr_g,
-                   "restored_from": mid if run.context.get("restored_from") else ""}
+        context = {**run.context, "lr_d": cfg.lr_d, "lr_g": cfg.lr_g, "restored_from": run.sources.get(mid, "")}
         reports[mid] = epoch_metrics(rec, last_scores(run.histories[mid]), context)
     return reports
 
@@ -231,7 +238,19 @@ def train_epoch(run: CohortRun, images: torch.Tensor, score: scorer.Scorer | Non
         run.histories[mid].append(reports[mid])
         write_member_files(run, k, bool(reasons[mid]), trial_dir)
     run.stopped.update({mid: reason for mid, reason in reasons.items() if reason})
+    run.last = reports
     return cohort_result(reports, reasons, halving)
+
+
+def perturb(run: CohortRun, halving: Halving, rng: random.Random) -> None:
+    """PBT inside the cohort (cohort_pbt) when its interval is due, on the members still training."""
+    if halving.pbt is None or not cohort_pbt.due(halving.pbt, run.epoch) or not run.ids:
+        return
+    order = {mid: k for k, mid in enumerate(ranked(run.last, run.ids, halving))}
+    best_first = sorted(range(len(run.ids)), key=lambda k: order[run.ids[k]])
+    for k, donor in cohort_pbt.exploit_and_explore(run.cohort, best_first, halving.pbt, rng).items():
+        run.sources[run.ids[k]] = run.ids[donor]
+        log.info("member %s copies %s at epoch %d", run.ids[k], run.ids[donor], run.epoch)
 
 
 def train_cohort(config: dict[str, Any], data: Mnist, halving: Halving, quiet: bool = False) -> None:
@@ -244,14 +263,13 @@ def train_cohort(config: dict[str, Any], data: Mnist, halving: Halving, quiet: b
     trial_id = tune.get_context().get_trial_id()
     latest = tune.get_checkpoint()
     run = (restore(latest, device) if latest else None) or start(config, trial_id, device)
-    if latest:
-        run.context["restored_from"] = trial_id
     run.context.update(node_id=ray.get_runtime_context().get_node_id(), data_source=data.source)
     score, stopper = scorer.build_scorer(run.cohort.cfg, data, device), GanStopper()
-    last_checkpoint = time.monotonic()
+    last_checkpoint, rng = time.monotonic(), random.Random(f"{trial_id}:{run.epoch}")
     while run.ids and run.epoch < run.cohort.cfg.max_epochs:
         result = train_epoch(run, data.images, score, stopper, halving, Path.cwd())  # cwd: the trial folder
         if report(run, result, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
         fault_gate(run.epoch)
         drop_stopped(run)
+        perturb(run, halving, rng)

@@ -15,6 +15,7 @@ from ray.tune.schedulers import (
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from gan_tune.training.cohort import MEMBERS_KEY
+from gan_tune.tuning.cohort_pbt import CohortPbt
 from gan_tune.tuning.space_values import DISTRIBUTIONS
 from gan_tune.tuning.spaces import MAX_SEED, TIME_ATTR, Space
 
@@ -105,7 +106,19 @@ SEARCH_ALGS: dict[str, Callable[[Space, int], SearchAlgorithm | Searcher]] = {
 
 
 def make_scheduler(space: Space) -> TrialScheduler:
+    """The space's scheduler; PBT over cohorts runs inside each cohort trial (cohort_pbt), Tune's is FIFO."""
+    if space.cohort > 1 and space.scheduler["type"] == "pbt":
+        return FIFOScheduler()
     return SCHEDULERS[space.scheduler["type"]](space)
+
+
+def cohort_pbt_plan(space: Space) -> CohortPbt | None:
+    """A pbt space's settings for PBT between the members of each cohort trial; None for other schedulers."""
+    s = space.scheduler
+    if s["type"] != "pbt":
+        return None
+    return CohortPbt(s["perturbation_interval"], s["burn_in_period"], s["quantile_fraction"],
+                     s["resample_probability"], dict(s["hyperparam_mutations"]))
 
 
 def make_search_alg(space: Space, seed: int) -> SearchAlgorithm | Searcher:

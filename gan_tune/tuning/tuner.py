@@ -171,7 +171,7 @@ def make_trainable(space: Space, data: Mnist, trial: dict[str, float], quiet: bo
     if space.cohort == 1:
         return tune.with_resources(tune.with_parameters(train_gan, data=data, quiet=quiet), trial)
     halving = Halving(space.metric, space.mode, schedulers.cohort_rungs(space),
-                      space.scheduler.get("reduction_factor", 3))
+                      space.scheduler.get("reduction_factor", 3), schedulers.cohort_pbt_plan(space))
     return tune.with_resources(tune.with_parameters(train_cohort, data=data, halving=halving, quiet=quiet), trial)
 
 
