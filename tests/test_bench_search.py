@@ -74,8 +74,10 @@ def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
     loaded = {name: spaces.parse_space(r, name, name) for name, r in made.items()}
     assert {name: s.scheduler["type"] for name, s in loaded.items()} == {
         "seed-recipe": "fifo", "random-fifo": "fifo", "random-asha": "asha", "optuna-asha": "asha",
-        "random-hyperband": "hyperband", "pbt": "pbt"}
+        "random-hyperband": "hyperband", "pbt": "pbt", "cohort-asha": "asha"}
     assert loaded["optuna-asha"].search_alg == "optuna" and loaded["random-asha"].search_alg == "random"
+    assert loaded["cohort-asha"].cohort == strategies.COHORT_SIZE and loaded["random-asha"].cohort == 1
+    assert "cohort-asha" not in strategies.DEFAULT_STRATEGIES
     recipe = loaded["seed-recipe"]
     assert recipe.num_samples == 1 and recipe.search == {} and recipe.base["lr_d"] == 2.0e-4
     assert (recipe.base["loss"], recipe.base["g_ema"], recipe.base["width"]) == ("ns", 0.0, 0.25)  # cpu block kept
