@@ -156,6 +156,34 @@ def test_a_failed_capture_trains_on_eagerly_with_the_same_results(images, monkey
         assert torch.equal(a, b)
 
 
+def test_a_cohort_whose_capture_fails_trains_on_eagerly_with_the_same_results(images, monkeypatch, caplog):
+    """The cohort step goes through the same GraphStep: forced to fail at capture, it trains on eagerly, exactly."""
+    from gan_tune.training import cohort, cohort_step
+
+    cfgs = [TrainConfig(**TINY, seed=seed, lr_d=lr_d, g_ema=0.999, r1_gamma=1.0)
+            for seed, lr_d in ((0, 2e-4), (1, 1e-3))]
+
+    def run(force_graph: bool) -> list[list[dict]]:
+        fused = cohort.make_cohort(cfgs, CPU)
+        gens = cohort_step.make_generators(fused)
+        if force_graph:
+            monkeypatch.setattr(step, "graph_unavailable", lambda cfg, device: None)
+            monkeypatch.setattr(step.GraphStep, "warm_up", lambda self, idx: self.eager(idx))
+            monkeypatch.setattr(step.GraphStep, "capture", lambda self: (_ for _ in ()).throw(RuntimeError("no")))
+        records = [cohort_step.train_cohort_epoch(fused, images, gens) for _ in range(2)]
+        assert fused.step_mode == "eager"
+        monkeypatch.undo()
+        return records
+
+    eager = run(force_graph=False)
+    with caplog.at_level("WARNING", logger="gan_tune.training.step"):
+        fallen = run(force_graph=True)
+    assert [r.getMessage() for r in caplog.records] == ["CUDA graph capture failed, training on eagerly: no"]
+    for mine, theirs in zip(fallen, eager):
+        assert [{k: v for k, v in r.items() if k != "cohort_img_per_s"} for r in mine] == \
+               [{k: v for k, v in r.items() if k != "cohort_img_per_s"} for r in theirs]
+
+
 AUGMENTS = [dict(augment="translation,cutout"), dict(augment="color,translation,cutout", augment_p=0.5),
             dict(augment="translation,cutout", augment_p=0.0, augment_target=0.6)]
 

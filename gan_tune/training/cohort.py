@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,7 @@ class MemberAdam:
                    torch.zeros(len(lr), device=device), [torch.zeros_like(p) for p in params],
                    [torch.zeros_like(p) for p in params])
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:  # torch.optim's signature: GraphStep calls it so
         for p in self.params:
             p.grad = None
 
@@ -149,6 +150,10 @@ class Cohort:
     g_ema_decay: Tensor | None = None  # (K,)
     g_ema_updates: Tensor | None = None  # (K,) updates each member's average has had (its warm-up)
     augment_p: Tensor | None = None  # (K,) each member's augmentation probability (None: always, or no augment)
+    step: Callable[[Tensor], None] | None = None  # one iteration on (K, n_disc, B) indices; built by the first epoch
+    sums: Tensor | None = None  # (N_STATS, K) the step's statistics, summed on the device over an epoch
+    step_mode: str = "eager"
+    step_inputs: tuple = ()  # the images and generators the step was built on: others build it again
 
     @property
     def cfg(self) -> TrainConfig:
@@ -235,6 +240,7 @@ def remove_members(cohort: Cohort, keep: list[int]) -> None:
                                          [v[index] for v in old.exp_avg_sq]))
     cohort.cfgs = [cohort.cfgs[k] for k in keep]
     cohort.alive = cohort.alive[index]
+    cohort.step = cohort.sums = None  # the step (a CUDA graph, too) was built for the old shapes
     for attr in ("r1_gamma", "g_ema_decay", "g_ema_updates", "augment_p"):
         if getattr(cohort, attr) is not None:
             setattr(cohort, attr, getattr(cohort, attr)[index])

@@ -9,6 +9,7 @@ noise and D's inputs are (B, K, ...): the member is dimension 1.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -19,7 +20,7 @@ from gan_tune.training import augment, losses
 from gan_tune.training.cohort import Cohort
 from gan_tune.training.data import epoch_batches, to_float
 from gan_tune.training.loop import iterations_per_epoch
-from gan_tune.training.step import D_STATS, G_STATS, N_STATS, autocast
+from gan_tune.training.step import D_STATS, G_STATS, N_STATS, autocast, set_step
 
 
 def member_noise(cohort: Cohort, generators: list[torch.Generator], batch: int) -> Tensor:
@@ -155,6 +156,17 @@ def make_generators(cohort: Cohort) -> list[torch.Generator]:
     return [torch.Generator(device=cohort.device).manual_seed(cfg.seed) for cfg in cohort.cfgs]
 
 
+def build_cohort_step(cohort: Cohort, images: Tensor, generators: list[torch.Generator]) -> None:
+    """cohort.step: cohort_iteration, eagerly or replayed from a CUDA graph (step.GraphStep, with its fall-back
+    to eager), each member's generator registered with the graph. Rebuilt after members are removed."""
+    cfg = cohort.cfg
+    cohort.sums = torch.zeros(N_STATS, cohort.members, device=cohort.device)
+    eager = functools.partial(cohort_iteration, cohort, images, generators=generators, sums=cohort.sums)
+    static_idx = torch.zeros(cohort.members, cfg.n_disc, cfg.batch_size, dtype=torch.long, device=cohort.device)
+    set_step(cohort, eager, generators, static_idx, (cohort.opt_d, cohort.opt_g))
+    cohort.step_inputs = (images, *generators)
+
+
 def train_cohort_epoch(cohort: Cohort, images: Tensor, generators: list[torch.Generator]) -> list[dict[str, float]]:
     """One epoch of every member (loop.train_epoch's draws: each member's batch order from its own generator),
     eagerly, with one host sync; one record per member (its mean statistics, alive) and the cohort's img_per_s."""
@@ -165,10 +177,14 @@ def train_cohort_epoch(cohort: Cohort, images: Tensor, generators: list[torch.Ge
     start = time.perf_counter()
     idx = torch.stack([epoch_batches(images.shape[0], cfg.batch_size, iters * cfg.n_disc, gen, cohort.device)
                        .view(iters, cfg.n_disc, cfg.batch_size) for gen in generators], dim=1)  # (iters, K, n_disc, B)
-    sums = torch.zeros(N_STATS, members, device=cohort.device)
+    inputs = (images, *generators)  # compared by identity: a tensor's == is elementwise
+    if cohort.step is None or len(inputs) != len(cohort.step_inputs) or any(
+            mine is not theirs for mine, theirs in zip(inputs, cohort.step_inputs)):
+        build_cohort_step(cohort, images, generators)
+    cohort.sums.zero_()
     for it in range(iters):
-        cohort_iteration(cohort, images, idx[it], generators, sums)
-    values = torch.cat([sums, cohort.alive.view(1, -1)]).tolist()  # the epoch's one host sync
+        cohort.step(idx[it])
+    values = torch.cat([cohort.sums, cohort.alive.view(1, -1)]).tolist()  # the epoch's one host sync
     elapsed = time.perf_counter() - start
     records = []
     for k in range(members):

@@ -11,7 +11,7 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -197,11 +197,19 @@ def build_step(gan: Gan, images: Tensor, generator: torch.Generator) -> None:
     """Give `gan` its iteration function: eager, or replaying a CUDA graph of the whole D + G update."""
     gan.sums = torch.zeros(N_STATS, device=gan.device)
     eager = functools.partial(train_iteration, gan, images, generator=generator, sums=gan.sums)
-    reason = graph_unavailable(gan.cfg, gan.device)
+    static_idx = torch.zeros(gan.cfg.n_disc, gan.cfg.batch_size, dtype=torch.long, device=gan.device)
+    set_step(gan, eager, [generator], static_idx, (gan.opt_d, gan.opt_g))
+
+
+def set_step(owner: Any, eager: Callable[[Tensor], None], generators: list[torch.Generator], static_idx: Tensor,
+             optimisers: tuple) -> None:
+    """owner.step (and step_mode): `eager`, or a GraphStep of it when the owner's config and device allow one.
+    `owner` is a Gan or a training.cohort.Cohort: anything with cfg, device, step and step_mode."""
+    reason = graph_unavailable(owner.cfg, owner.device)
     if reason is None:
-        gan.step, gan.step_mode = GraphStep(gan, eager, generator), "cuda_graph"
+        owner.step, owner.step_mode = GraphStep(owner, eager, generators, static_idx, optimisers), "cuda_graph"
     else:
-        gan.step, gan.step_mode = eager, "eager"
+        owner.step, owner.step_mode = eager, "eager"
         log.info("training step runs eagerly: %s", reason)
 
 
@@ -212,11 +220,14 @@ class GraphStep:
     iterations as the eager path. Batch indices are copied into a static buffer before each replay.
     If the capture fails (an op or a driver that cannot be captured), the run logs why and goes on eagerly:
     a capture records work without running it, so no training step is lost or repeated.
+    `generators` (the batch/noise generators the iteration draws from; one per cohort member) are registered
+    with the graph, so each replay advances them; `optimisers` drop their gradients before the capture.
     """
 
-    def __init__(self, gan: Gan, eager: Callable[..., None], generator: torch.Generator):
-        self.gan, self.eager, self.generator = gan, eager, generator
-        self.static_idx = torch.zeros(gan.cfg.n_disc, gan.cfg.batch_size, dtype=torch.long, device=gan.device)
+    def __init__(self, owner: Any, eager: Callable[[Tensor], None], generators: list[torch.Generator],
+                 static_idx: Tensor, optimisers: tuple):
+        self.owner, self.eager, self.generators, self.optimisers = owner, eager, generators, optimisers
+        self.static_idx = static_idx
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm_iters = 0
 
@@ -231,27 +242,30 @@ class GraphStep:
             self.capture_or_fall_back()
 
     def warm_up(self, idx: Tensor) -> None:
-        side = torch.cuda.Stream(self.gan.device)
-        side.wait_stream(torch.cuda.current_stream(self.gan.device))
+        device = self.owner.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             self.eager(idx)
-        torch.cuda.current_stream(self.gan.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
 
     def capture_or_fall_back(self) -> None:
-        rng = self.generator.get_state()
+        states = [gen.get_state() for gen in self.generators]
         try:
             self.graph = self.capture()
         except RuntimeError as err:  # torch.AcceleratorError is one; the optimisation must not end the run
-            self.generator.set_state(rng)  # a failed capture may have reserved random offsets
-            discard_capture_error(self.gan.device)
-            self.gan.step, self.gan.step_mode = self.eager, "eager"
+            for gen, state in zip(self.generators, states):
+                gen.set_state(state)  # a failed capture may have reserved random offsets
+            discard_capture_error(self.owner.device)
+            self.owner.step, self.owner.step_mode = self.eager, "eager"
             log.warning("CUDA graph capture failed, training on eagerly: %s", first_line(err))
 
     def capture(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)  # replays advance the batch/noise generator
-        self.gan.opt_d.zero_grad(set_to_none=True)
-        self.gan.opt_g.zero_grad(set_to_none=True)
+        for gen in self.generators:
+            graph.register_generator_state(gen)  # replays advance the batch/noise generators
+        for optimiser in self.optimisers:
+            optimiser.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             self.eager(self.static_idx)
         return graph

@@ -139,7 +139,7 @@ def member_reports(run: CohortRun, records: list[dict], epoch: int, seconds: flo
         cfg = run.cohort.cfgs[k]
         rec = {key: value for key, value in record.items() if key != "alive"}
         rec.update(epoch=epoch, img_per_s=record["cohort_img_per_s"] / run.cohort.members, epoch_time_s=seconds,
-                   step_mode=f"cohort of {run.cohort.members} (eager)", score_s=0.0,
+                   step_mode=f"cohort of {run.cohort.members} ({run.cohort.step_mode})", score_s=0.0,
                    augment_p=float(cfg.augment != "none") if run.cohort.augment_p is None
                    else float(run.cohort.augment_p[k]))
         rec["balance"] = "diverged" if record["alive"] == 0 else loop.diagnose_balance(rec, cfg.loss)
