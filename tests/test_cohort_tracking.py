@@ -73,7 +73,7 @@ class ScriptedStopper(tune.Stopper):
 
 
 def tracked_search(tmp_path, param_space, experiment):
-    """Run `cohort_trainable` over `param_space`, tracked under a new parent: (client, parent, callback)."""
+    """Run `cohort_trainable` over `param_space`, tracked under a new parent: (client, parent, callback, results)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     store.check_tracking(uri)
     parent = parent_run.start_search_run(uri, experiment, "smoke", SPACE, {"space": "smoke"}, "none", "asha", "grid")
@@ -83,8 +83,7 @@ def tracked_search(tmp_path, param_space, experiment):
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="study", stop=stopper,
                                                  callbacks=[callback], verbose=0,
                                                  sync_config=tune.SyncConfig(sync_artifacts=True)))
-    tuner.fit()
-    return MlflowClient(uri), parent, callback
+    return MlflowClient(uri), parent, callback, tuner.fit()
 
 
 def child_runs_of(client, parent):
@@ -102,7 +101,7 @@ def test_each_member_of_a_cohort_trial_gets_its_own_child_run(ray_local, tmp_pat
     lr_d = [[1.0e-4, 2.0e-4, 3.0e-4], [4.0e-4, 5.0e-4, 6.0e-4]]  # one list per cohort trial
     space = {"a": "ok", "max_epochs": EPOCHS, "lr_g": 2.0e-4,
              cohort.MEMBERS_KEY: tune.grid_search([[{"lr_d": v} for v in trial] for trial in lr_d])}
-    client, parent, callback = tracked_search(tmp_path, space, "cohort-runs")
+    client, parent, callback, results = tracked_search(tmp_path, space, "cohort-runs")
     runs = child_runs_of(client, parent)
     trial_ids = sorted({run.data.tags["cohort_trial_id"] for run in runs.values()})
     assert len(trial_ids) == 2 and not callback.failures, callback.failures
@@ -125,12 +124,19 @@ def test_each_member_of_a_cohort_trial_gets_its_own_child_run(ray_local, tmp_pat
     resumed.setup()  # a resumed search finds the member runs by trial_id, and keeps the ended ones ended
     assert resumed.run_ids == {member: run.info.run_id for member, run in runs.items()}
     assert resumed.ended_members == set(runs)
+    best = results.get_best_result("fid", "min")  # no checkpoints: the parent records its last report
+    parent_run.finish_search_run(client.tracking_uri, parent, best, "fid", "min")
+    tags, params = client.get_run(parent).data.tags, client.get_run(parent).data.params
+    winner = cohort.member_id(best.metrics["trial_id"], 0)  # the lowest lr_d, which the stand-in scores best
+    assert (tags["best.trial_id"], tags["best.member"]) == (best.metrics["trial_id"], winner)
+    assert tags["best.run_id"] == runs[winner].info.run_id and params["best.lr_d"] == "0.0001"
+    assert "best.members" not in params
 
 
 def test_members_still_training_end_with_their_cohort_trials_reason(ray_local, tmp_path):
     space = {"a": tune.grid_search(["collapse", "cut", "crash"]), "max_epochs": EPOCHS,
              cohort.MEMBERS_KEY: [{"lr_d": 1.0e-4}, {"lr_d": 2.0e-4}, {"lr_d": 3.0e-4}]}
-    client, parent, callback = tracked_search(tmp_path, space, "cohort-ends")
+    client, parent, callback, _ = tracked_search(tmp_path, space, "cohort-ends")
     runs = child_runs_of(client, parent)
     assert len(runs) == 9 and not callback.failures, callback.failures
     kinds = {run.data.tags["cohort_trial_id"]: run.data.params["a"] for run in runs.values()}

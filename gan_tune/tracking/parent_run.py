@@ -43,6 +43,7 @@ from gan_tune.tracking.store import (
     using_tracking_uri,
 )
 from gan_tune.training import checkpoint
+from gan_tune.training.cohort import is_cohort_config, member_configs, member_id
 from gan_tune.training.config import first_line
 from gan_tune.training.loop import generate
 
@@ -187,9 +188,12 @@ def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_re
     trial_id = str(best_result.metrics.get("trial_id", ""))
     tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
             RunTag("best.epoch", str(metrics.get("epoch", "")))]
-    if child := child_run_id(client, run_id, trial_id):
+    key, config = best_configuration(trial_id, best_result.config, metrics)
+    if key != trial_id:
+        tags.append(RunTag("best.member", key))
+    if child := child_run_id(client, run_id, key):
         tags.append(RunTag("best.run_id", child))
-    params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(best_result.config).items())]
+    params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(config).items())]
     if rescored:
         tags.append(RunTag(RESCORED_TAG, str(rescored["fid_samples"])))
     logged = {**numeric_metrics(metrics), **rescored_metrics(rescored)}
@@ -199,6 +203,15 @@ def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_re
         client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
     if best is not None:
         log_generator(tracking_uri, run_id, best)
+
+
+def best_configuration(trial_id: str, config: dict, report: Mapping[str, Any]) -> tuple[str, dict]:
+    """(its run's trial_id tag, its config) of the configuration behind the chosen report: for a cohort trial,
+    the member the report names as its best (a cohort trial has no run, its members do), else the trial."""
+    member = report.get("member")
+    if not is_cohort_config(config) or not member:
+        return trial_id, config
+    return member, {member_id(trial_id, k): c for k, c in enumerate(member_configs(config))}[member]
 
 
 def rescored_metrics(scores: Mapping[str, float]) -> dict[str, float]:
