@@ -1,10 +1,11 @@
-"""One MLflow child run per Tune trial, written by `TrackingCallback` in the Ray driver.
+"""One MLflow child run per Tune trial (per member of a cohort trial), written by `TrackingCallback` in the Ray driver.
 
 Every MLflow write happens in the Ray driver process. A sqlite store takes one writer at a time, so trials
 never talk to MLflow: `TrackingCallback` (a `ray.tune.Callback`, which Ray runs in the driver) turns each
 trial's reported results into child-run params, per-epoch metrics and tags with explicit run ids
 (MlflowClient, not the fluent active-run stack), records why each trial stopped, uploads its files
-(trial_files) and sends every write through the outage queue (write_queue).
+(trial_files) and sends every write through the outage queue (write_queue). A cohort trial's members each get a
+run of their own (member_runs), so that MLflow compares configurations; the cohort trial itself has none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,7 @@ from ray import tune
 from ray.tune.result import TIME_TOTAL_S
 from ray.tune.utils import flatten_dict
 
+from gan_tune.tracking.member_runs import MemberRuns
 from gan_tune.tracking.parent_run import (
     MAX_PARAMS_PER_BATCH,
     NOT_METRICS,
@@ -39,6 +41,7 @@ from gan_tune.tracking.write_queue import (
     batch,
     write_undelivered,
 )
+from gan_tune.training.cohort import is_cohort_config
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def hook(method: Callable) -> Callable:
     return run
 
 
-class TrackingCallback(tune.Callback):
+class TrackingCallback(MemberRuns, tune.Callback):
     """Child run per trial under `parent_run_id`: params, per-epoch metrics, stop reason, trial files.
 
     `stop_reasons` is the GAN stopper's live `reasons` dict (trial_id -> "diverged" | "D dominates" |
@@ -81,16 +84,17 @@ class TrackingCallback(tune.Callback):
         self.scheduler = scheduler
         self.client: MlflowClient | None = None  # made in setup(): the callback is pickled into tuner.pkl
         self.writes: PendingWrites | None = None  # made in setup(), on the client
-        self.run_ids: dict[str, str] = {}  # trial_id -> child run id, once the store made the run
+        self.run_ids: dict[str, str] = {}  # trial or member id -> child run id, once the store made the run
         self.without_params: set[str] = set()  # reused runs a killed driver left between create_run and params
-        self.logged_steps: dict[str, int] = {}  # trial_id -> last epoch logged, in this or an earlier session
+        self.logged_steps: dict[str, int] = {}  # trial or member id -> last epoch logged, in this or an earlier session
         self.open_trials: set[str] = set()
-        self.outcomes: dict[str, str] = {}  # trial_id -> stop reason
-        self.uploaded: dict[str, dict[str, int]] = defaultdict(dict)  # trial_id -> {artifact path: size}
-        self.exploits: dict[str, list[tuple[int, str]]] = defaultdict(list)  # trial_id -> (epoch, donor)
+        self.outcomes: dict[str, str] = {}  # trial_id -> stop reason (a cohort trial's too: Tune's view of it)
+        self.uploaded: dict[str, dict[str, int]] = defaultdict(dict)  # trial or member id -> {artifact path: size}
+        self.exploits: dict[str, list[tuple[int, str]]] = defaultdict(list)  # trial or member id -> (epoch, donor)
         self.overhead_s: dict[str, float] = defaultdict(float)
         self.trial_time_s: dict[str, float] = {}
         self.failures: list[str] = []
+        MemberRuns.__init__(self)  # a cohort trial's members and their outcomes
 
     def setup(self, **info: Any) -> None:
         """Connect; on a resumed search, reopen the parent and reuse the child runs it already has."""
@@ -108,6 +112,7 @@ class TrackingCallback(tune.Callback):
                     self.logged_steps[run.data.tags["trial_id"]] = last_step(self.client, run.info.run_id)
                     if not run.data.params:
                         self.without_params.add(run.data.tags["trial_id"])
+                    self.note_ended_member(run)
 
     def warn(self, message: str) -> None:
         self.failures.append(message)
@@ -115,41 +120,57 @@ class TrackingCallback(tune.Callback):
 
     @hook
     def on_trial_start(self, trial: Any, **info: Any) -> None:
-        """Create the child run; a trial started again (PBT, HyperBand, a retry, --resume) keeps its run."""
+        """Create the child run (a cohort trial: its members'); a trial started again (PBT, HyperBand, a retry,
+        --resume) keeps its run."""
         if trial.trial_id in self.open_trials:
             return
         self.open_trials.add(trial.trial_id)
-        if trial.trial_id in self.run_ids:  # started in an earlier session of a resumed search
-            self.writes.add(trial.trial_id, "update_run", {"status": "RUNNING"})
-            if trial.trial_id in self.without_params:  # that session's driver died before the params
-                self.without_params.discard(trial.trial_id)
-                self.log_params(trial)
-            return
-        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial.trial_id, "run_kind": "trial",
-                "ray.trial_path": trial.path}
-        self.writes.add(trial.trial_id, "create_run", {"experiment_id": self.experiment_id, "run_name": str(trial),
-                                                       "tags": tags, "start_time": now_ms()})
-        self.log_params(trial)
+        if is_cohort_config(trial.config):
+            self.start_members(trial)
+        else:
+            self.start_run(trial.trial_id, str(trial), trial.config, trial.path)
 
-    def log_params(self, trial: Any) -> None:
-        params = [Param(k, truncate(str(v))) for k, v in sorted(flatten_dict(trial.config).items())]
+    def start_run(self, key: str, name: str, config: dict, trial_path: str, **tags: str) -> None:
+        """The child run of `key` (a trial or member id, its trial_id tag): made with its params, or reused."""
+        if key in self.run_ids:  # started in an earlier session of a resumed search
+            self.writes.add(key, "update_run", {"status": "RUNNING"})
+            if key in self.without_params:  # that session's driver died before the params
+                self.without_params.discard(key)
+                self.log_params(key, config)
+            return
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": key, "run_kind": "trial",
+                "ray.trial_path": trial_path, **tags}
+        self.writes.add(key, "create_run", {"experiment_id": self.experiment_id, "run_name": name,
+                                            "tags": tags, "start_time": now_ms()})
+        self.log_params(key, config)
+
+    def log_params(self, key: str, config: dict) -> None:
+        params = [Param(k, truncate(str(v))) for k, v in sorted(flatten_dict(config).items())]
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self.writes.add(trial.trial_id, "log_batch", batch(params=params[start:start + MAX_PARAMS_PER_BATCH]))
+            self.writes.add(key, "log_batch", batch(params=params[start:start + MAX_PARAMS_PER_BATCH]))
 
     @hook
     def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
-        step = int(result["epoch"]) if "epoch" in result else int(result["training_iteration"])
-        now = now_ms()
-        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
-        if self.replayed(trial.trial_id, result, step):
-            metrics = []
-        tags = [RunTag(k, v) for k, v in string_tags(result).items()]
-        tags += self.exploit_tags(trial, result, step)
-        self.writes.add(trial.trial_id, "log_batch", batch(metrics, tags=tags))
+        if is_cohort_config(trial.config):
+            self.log_member_reports(trial, result)
+        else:
+            self.log_report(trial.trial_id, trial.config, result)
         if TIME_TOTAL_S in result:
             self.trial_time_s[trial.trial_id] = float(result[TIME_TOTAL_S])
 
-    def replayed(self, trial_id: str, result: dict, step: int) -> bool:
+    def log_report(self, key: str, config: dict, report: Mapping[str, Any], own: tuple[str, ...] = ()) -> None:
+        """One report's numbers as metrics at step = epoch and its strings as tags, on the run of `key`;
+        `own`: other ids a checkpoint of this run's own lineage may be reported as restored from."""
+        step = int(report["epoch"]) if "epoch" in report else int(report["training_iteration"])
+        now = now_ms()
+        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(report).items()]
+        if self.replayed(key, report, step, own):
+            metrics = []
+        tags = [RunTag(k, v) for k, v in string_tags(report).items()]
+        tags += self.exploit_tags(key, config, report, step, own)
+        self.writes.add(key, "log_batch", batch(metrics, tags=tags))
+
+    def replayed(self, trial_id: str, result: Mapping[str, Any], step: int, own: tuple[str, ...] = ()) -> bool:
         """An epoch the trial's run already has, trained again from the trial's own older state.
 
         A restarted worker or an unreadable checkpoint (trainable.restore_readable) rewinds a trial to
@@ -158,69 +179,88 @@ class TrackingCallback(tune.Callback):
         rewinds, but onto another trial's lineage, whose epochs are logged (and tagged pbt.exploits).
         """
         donor = result.get("restored_from")
-        if step <= self.logged_steps.get(trial_id, 0) and donor in (None, "", trial_id):
+        if step <= self.logged_steps.get(trial_id, 0) and donor in (None, "", trial_id, *own):
             return True
         self.logged_steps[trial_id] = step
         return False
 
-    def exploit_tags(self, trial: Any, result: dict, epoch: int) -> list[RunTag]:
+    def exploit_tags(self, key: str, config: dict, result: Mapping[str, Any], epoch: int,
+                     own: tuple[str, ...] = ()) -> list[RunTag]:
         """PBT: a trial that copied another keeps its own run; record each donor and the config it now has."""
         donor = result.get("restored_from")
-        notes = self.exploits[trial.trial_id]
-        own = donor == trial.trial_id  # a trial resumed from its own checkpoint (HyperBand, a retry)
-        if not isinstance(donor, str) or not donor or own or (notes and notes[-1][1] == donor):
+        notes = self.exploits[key]
+        resumed = donor in (key, *own)  # from its own checkpoint (HyperBand, a retry)
+        if not isinstance(donor, str) or not donor or resumed or (notes and notes[-1][1] == donor):
             return []
         notes.append((epoch, donor))
         return [RunTag("pbt.exploits", truncate("; ".join(f"epoch {e}: from {d}" for e, d in notes))),
-                RunTag("pbt.config", truncate(json.dumps(flatten_dict(trial.config), default=str)))]
+                RunTag("pbt.config", truncate(json.dumps(flatten_dict(config), default=str)))]
 
     @hook
     def on_trial_complete(self, trial: Any, **info: Any) -> None:
+        self.finish_members(trial, RunStatus.FINISHED, self.end_reason(trial), "TERMINATED")
         self.finish_trial(trial, RunStatus.FINISHED, self.stop_reason(trial), "TERMINATED")
 
     @hook
     def on_trial_error(self, trial: Any, **info: Any) -> None:
-        self.finish_trial(trial, RunStatus.FAILED, "error", "ERROR", error_line(trial))
+        error = error_line(trial)
+        self.finish_members(trial, RunStatus.FAILED, "error", "ERROR", error)
+        self.finish_trial(trial, RunStatus.FAILED, "error", "ERROR", error)
 
     def stop_reason(self, trial: Any) -> str:
         """The GAN stopper's reason; else diverged, completed, or stopped early by the scheduler."""
+        if trial.trial_id not in self.stop_reasons and trial.last_result.get("balance") == "diverged":
+            return "diverged"  # the trainable ends a diverged run itself
+        return self.end_reason(trial)
+
+    def end_reason(self, trial: Any) -> str:
+        """The GAN stopper's reason; else completed, or stopped early by the scheduler. A cohort trial's members
+        report their own divergence (stop_reason), so the ones still training when it ends get this."""
         if trial.trial_id in self.stop_reasons:
             return self.stop_reasons[trial.trial_id]
         last = trial.last_result
-        if last.get("balance") == "diverged":  # the trainable ends a diverged run itself
-            return "diverged"
         epoch = last.get("epoch", last.get("training_iteration", 0))
         return "completed" if epoch >= self.max_epochs else f"{self.scheduler} early stop"
 
     def finish_trial(self, trial: Any, status: int, reason: str, tune_status: str, error: str = "") -> None:
-        """Tags (stop_reason, Tune's trial_status, error), trial files and overhead; then end the child run."""
+        """Record the trial's outcome and end its child run (a cohort trial has none: finish_members ends its
+        members' runs)."""
         if trial.trial_id not in self.open_trials:
             return
         self.outcomes[trial.trial_id] = reason
+        try:
+            if not is_cohort_config(trial.config):
+                self.end_run(trial.trial_id, functools.partial(trial_files, trial), status, reason, tune_status,
+                             error, self.overhead_s[trial.trial_id])
+        finally:
+            self.open_trials.discard(trial.trial_id)
+
+    def end_run(self, key: str, files: Callable[[], TrialFiles], status: int, reason: str, tune_status: str,
+                error: str, overhead_s: float) -> None:
+        """Tags (stop_reason, Tune's trial_status, error), `files()` and overhead; then end the child run of `key`."""
         tags = [RunTag("stop_reason", reason), RunTag("trial_status", tune_status)]
         if error:
             tags.append(RunTag("error", truncate(error)))
         try:
-            self.upload_trial_files(trial)
+            self.upload(key, files)
         finally:
-            overhead = Metric("mlflow_overhead_s", self.overhead_s[trial.trial_id], now_ms(), 0)
-            self.writes.add(trial.trial_id, "log_batch", batch([overhead], tags=tags))
-            self.writes.add(trial.trial_id, "set_terminated", {"status": RunStatus.to_string(status),
-                                                               "end_time": now_ms()})
-            self.open_trials.discard(trial.trial_id)
+            overhead = Metric("mlflow_overhead_s", overhead_s, now_ms(), 0)
+            self.writes.add(key, "log_batch", batch([overhead], tags=tags))
+            self.writes.add(key, "set_terminated", {"status": RunStatus.to_string(status), "end_time": now_ms()})
 
-    def files_to_upload(self, trial: Any) -> TrialFiles:
-        """Trial files not uploaded yet (or grown since); the newest copy of each."""
-        done = self.uploaded[trial.trial_id]
-        return {rel: (fs, info) for rel, (fs, info) in trial_files(trial).items() if done.get(rel) != info.size}
+    def files_to_upload(self, key: str, found: TrialFiles) -> TrialFiles:
+        """The `found` files of run `key` not uploaded yet (or grown since)."""
+        done = self.uploaded[key]
+        return {rel: (fs, info) for rel, (fs, info) in found.items() if done.get(rel) != info.size}
 
-    def upload_trial_files(self, trial: Any) -> None:
+    def upload(self, key: str, files: Callable[[], TrialFiles]) -> None:
+        """Upload `files()` (trial_files or member_files) to the run of `key`, those not uploaded already."""
         if self.writes.queue:  # the store is down, or the run not made yet: on_experiment_end tries again
             return
-        todo = self.files_to_upload(trial)
+        todo = self.files_to_upload(key, files())
         if todo:
-            upload_files(self.client, self.run_ids[trial.trial_id], todo)
-            self.uploaded[trial.trial_id].update({rel: info.size for rel, (_, info) in todo.items()})
+            upload_files(self.client, self.run_ids[key], todo)
+            self.uploaded[key].update({rel: info.size for rel, (_, info) in todo.items()})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Give a store that went away a last chance, close trials the search ended (time budget, Ctrl-C),
@@ -232,25 +272,30 @@ class TrackingCallback(tune.Callback):
                     continue
                 start = time.perf_counter()
                 try:
-                    if trial.trial_id in self.open_trials:
+                    if trial.trial_id in self.members:
+                        self.end_cohort_at_search_end(trial)
+                    elif trial.trial_id in self.open_trials:
                         self.finish_trial(trial, RunStatus.KILLED, "search ended", trial.status)
                     else:  # finished in this session: its final sync came after
-                        self.upload_trial_files(trial)
+                        self.upload(trial.trial_id, functools.partial(trial_files, trial))
                 except Exception as err:  # counted and reported like every tracking failure
                     self.warn(f"on_experiment_end for trial {trial}: {type(err).__name__}: {err}")
                 self.overhead_s[trial.trial_id] += time.perf_counter() - start
-            outcomes = json.dumps(dict(Counter(self.outcomes.values())))
+            outcomes = json.dumps(dict(self.configuration_outcomes()))
             self.writes.add(None, "log_batch", batch(tags=[RunTag("trial_outcomes", outcomes)]), self.parent_run_id)
         self.summarise(self.save_undelivered(trials))
 
     def save_undelivered(self, trials: list) -> tuple[str, int] | None:
         """Append the writes the store never took to the study folder's UNDELIVERED file: (its path, how many).
 
-        Trial files not uploaded become one upload_files entry per trial, and a last entry ends the parent
-        run, which search_run.finish_search_run cannot reach either (its best-trial record is not replayed).
+        Trial files not uploaded become one upload_files entry per trial (per member of a cohort trial), and a
+        last entry ends the parent run, which search_run.finish_search_run cannot reach either (its best-trial
+        record is not replayed).
         """
         files = [{"trial_id": t.trial_id, "run_id": None, "kind": "upload_files", "payload": {"folder": t.path}}
-                 for t in trials if t.trial_id in self.outcomes and self.files_to_upload(t)]
+                 for t in trials if t.trial_id in self.outcomes and t.trial_id not in self.members
+                 and self.files_to_upload(t.trial_id, trial_files(t))]
+        files += [entry for t in trials if t.trial_id in self.members for entry in self.undelivered_member_files(t)]
         left = [*self.writes.queue, *files]
         if not left or not trials:
             return None
@@ -260,7 +305,7 @@ class TrackingCallback(tune.Callback):
         return write_undelivered(trials[0].storage, entries), len(entries)
 
     def summarise(self, undelivered: tuple[str, int] | None) -> None:
-        counts = Counter(self.outcomes.values())
+        counts = self.configuration_outcomes()
         print(f"mlflow: {len(self.run_ids)} trial runs under parent {self.parent_run_id} at {self.tracking_uri}; "
               f"outcomes {dict(counts)}; {overhead_line(self.overhead_s, self.trial_time_s)}", file=sys.stderr)
         if self.failures:

@@ -185,13 +185,14 @@ def end_search_run(client: MlflowClient, run_id: str, status: str) -> None:
 def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_result: Any,
                    chosen: tuple[tune.Checkpoint | None, dict], rescored: Mapping[str, float]) -> None:
     best, metrics = chosen
-    member = metrics.get("member")  # a cohort trial's best member: its own run and config
-    trial_id = str(member or best_result.metrics.get("trial_id", ""))
+    trial_id = str(best_result.metrics.get("trial_id", ""))
     tags = [RunTag("best.trial_id", trial_id), RunTag("best.path", str(best_result.path)),
             RunTag("best.epoch", str(metrics.get("epoch", "")))]
-    if child := child_run_id(client, run_id, trial_id):
+    key, config = best_configuration(trial_id, best_result.config, metrics)
+    if key != trial_id:
+        tags.append(RunTag("best.member", key))
+    if child := child_run_id(client, run_id, key):
         tags.append(RunTag("best.run_id", child))
-    config = config_of(best_result.config, member)
     params = [Param(f"best.{k}", truncate(str(v))) for k, v in sorted(flatten_dict(config).items())]
     if rescored:
         tags.append(RunTag(RESCORED_TAG, str(rescored["fid_samples"])))
@@ -202,6 +203,13 @@ def log_best_trial(client: MlflowClient, tracking_uri: str, run_id: str, best_re
         client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
     if best is not None:
         log_generator(tracking_uri, run_id, best)
+
+
+def best_configuration(trial_id: str, config: dict, report: Mapping[str, Any]) -> tuple[str, dict]:
+    """(its run's trial_id tag, its config) of the configuration behind the chosen report: for a cohort trial,
+    the member the report names as its best (a cohort trial has no run, its members do), else the trial."""
+    member = report.get("member")
+    return (member or trial_id), config_of(config, member)
 
 
 def rescored_metrics(scores: Mapping[str, float]) -> dict[str, float]:

@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow.fs as pafs
 from mlflow import MlflowClient
 
+from gan_tune.training.cohort import MEMBERS_KEY
+
 # The files a trial writes (artifacts.py) that its child run gets; checkpoints stay in Ray's storage.
 TRIAL_FILES = ("samples/epoch_*.png", "final_grid.png", "progress.gif", "history.png", "history.csv")
 TrialFiles = dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]  # path in the trial folder -> where to read it
@@ -32,6 +34,16 @@ def trial_sources(trial: Any) -> list[tuple[pafs.FileSystem, str]]:
 
 def trial_files(trial: Any) -> TrialFiles:
     return find_trial_files(trial_sources(trial))
+
+
+def member_folder(trial_folder: str, member: str) -> str:
+    """Where a cohort trial's member keeps its files: an ordinary trial folder's layout, inside the trial's."""
+    return f"{trial_folder.rstrip('/')}/{MEMBERS_KEY}/{member}"
+
+
+def member_files(trial: Any, member: str) -> TrialFiles:
+    """A cohort member's files, at paths relative to its own folder (samples/epoch_003.png), as its run keeps them."""
+    return find_trial_files([(fs, member_folder(root, member)) for fs, root in trial_sources(trial)])
 
 
 def find_trial_files(sources: list[tuple[pafs.FileSystem, str]]) -> TrialFiles:
