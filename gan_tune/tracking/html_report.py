@@ -269,8 +269,9 @@ def best_line(parent: mlflow.entities.Run, trials: pd.DataFrame) -> str:
     tags = parent.data.tags
     if "best.trial_id" not in tags:
         return "– (the search logged no best trial)"
-    names = trials.loc[trials["tags.trial_id"] == tags["best.trial_id"], "tags.mlflow.runName"]
-    name = names.iloc[0] if len(names) else tags["best.trial_id"]
+    best = tags.get("best.member") or tags["best.trial_id"]  # a cohort trial's best member has the run
+    names = trials.loc[trials["tags.trial_id"] == best, "tags.mlflow.runName"]
+    name = names.iloc[0] if len(names) else best
     fid = parent.data.metrics.get("fid", float("nan"))
     if RESCORED_TAG in tags:  # the search scored its finalists again on more samples and kept the best by that
         rescored = parent.data.metrics.get(rescored_name("fid", int(tags[RESCORED_TAG])), float("nan"))
