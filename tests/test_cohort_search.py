@@ -198,8 +198,8 @@ def cohort_study(ray_local, tmp_path_factory):
     storage = tmp_path_factory.mktemp("cohort_results")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = search.main(["--space", str(write_space(storage)), "--storage-path", str(storage), "--name", "c",
-                            "--tracking-uri", f"sqlite:///{storage}/mlflow.db"])
+        code = search.main(["--space", str(write_space(storage, max_epochs=2)), "--storage-path", str(storage),
+                            "--name", "c", "--tracking-uri", f"sqlite:///{storage}/mlflow.db"])
     return code, storage / "c", out.getvalue()
 
 
@@ -258,3 +258,21 @@ def test_a_cohort_pbt_space_runs_tunes_fifo_and_pbt_inside(tmp_path):
     assert isinstance(schedulers.make_scheduler(space), FIFOScheduler)
     assert schedulers.cohort_pbt_plan(space).mutations == {"lr_d": ("loguniform", [1e-4, 1e-3])}
     assert schedulers.cohort_rungs(space) == ()
+
+
+def test_a_cohort_search_gives_every_member_its_own_mlflow_run(cohort_study):
+    from mlflow import MlflowClient
+
+    code, study, out = cohort_study
+    client = MlflowClient(f"sqlite:///{study.parent}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("run_kind") != "trial")
+    members = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
+    assert len(members) == 8 and all("cohort_trial_id" in r.data.tags for r in members)
+    reasons = sorted(r.data.tags["stop_reason"] for r in members)
+    assert reasons.count("cohort halving at epoch 1") == 4, reasons  # half of each cohort at rung 1
+    assert len({r.data.params["lr_d"] for r in members}) == 8
+    best = parent.data.tags["best.member"]
+    assert best in {r.data.tags["trial_id"] for r in members}
+    assert parent.data.tags["best.run_id"] == next(r.info.run_id for r in members if r.data.tags["trial_id"] == best)
+    assert sum(json.loads(parent.data.tags["trial_outcomes"]).values()) == 8  # configurations, not trials
