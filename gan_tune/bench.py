@@ -114,8 +114,10 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     if args.packed:
         aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}
         extra["best packing (trials per device)"] = best_packing(aggregates)
-    if args.cohort:
-        extra["cohort (balanced, width 0.25, batch 64)"] = cohort_throughput(device, data, args.cohort, steps)
+    if args.cohort:  # the balanced space's settings on this device: width 1, batch 128 in a CUDA graph on a GPU
+        width, batch = (1.0, 128) if on_gpu else (0.25, 64)
+        extra[f"cohort (balanced, width {width:g}, batch {batch}{', cuda graph' if on_gpu else ''})"] = \
+            cohort_throughput(device, data, args.cohort, steps, width, batch, graph=on_gpu)
     if args.cost_epochs:
         extra["cost split per epoch (balanced, this device's settings)"] = \
             trial_costs(device, data, args.cost_epochs, 8 if args.quick and not on_gpu else 0)  # 8: short CPU epochs
@@ -158,9 +160,11 @@ def gpu_check_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, type=out_folder, help="folder for the logs, bench.json, mlflow.db, "
                                                                 "ray_results/, samples.npz and gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="print the parts and their limits, run nothing")
+    parser.add_argument("--cohort", action="store_true", help="also the cohort row (issue 27: aggregate images/s of "
+                        f"cohorts of {gpu_check.COHORT_SIZES} against one trial), {gpu_check.COHORT_LIMIT_S} s more")
     args = parser.parse_args(argv)
     args.out = Path(args.out)
-    plan = gpu_check.parts(args.out.resolve())
+    plan = gpu_check.parts(args.out.resolve(), cohort=args.cohort)
     if args.dry_run:
         print(gpu_check.describe(plan))
         return 0

@@ -149,6 +149,13 @@ def test_gpu_check_dry_run_prints_every_part_within_eight_minutes(tmp_path, caps
     assert "--space balanced --time-budget 4m" in out and "-n 5000" in out and "--packed 1,4" in out
     assert sum(part.limit_s for part in gpu_check.parts(tmp_path)) < 8 * 60
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
+    assert "cohort" not in out
+
+
+def test_gpu_check_with_cohort_adds_the_cohort_row_last(tmp_path, capsys):
+    assert bench.main(["gpu-check", "--out", str(tmp_path / "gc"), "--dry-run", "--cohort"]) == 0
+    last = capsys.readouterr().out.splitlines()[-2]  # the line before "in all at most ..."
+    assert last.startswith("cohort") and f"--cohort {gpu_check.COHORT_SIZES}" in last and "--device cuda" in last
 
 
 def running(pid: int) -> bool:
@@ -193,6 +200,7 @@ def test_cohort_throughput_reports_each_cohort_against_one_trial():
                                            width=0.125, batch=16)
     for key in ("one trial img/s", "cohort 1 img/s", "cohort 2 img/s", "cohort 2 x one trial"):
         assert math.isfinite(numbers[key]) and numbers[key] > 0, key
+    assert numbers["step"] == numbers["cohort 2 step"] == "eager"  # what each ran: a CUDA graph only on a GPU
 
 
 def test_bad_cohort_sizes_exit_2(capsys):

@@ -33,9 +33,18 @@ class Part:
     log: str  # file in DIR for the part's stdout and stderr
 
 
-def parts(out: Path, python: str = sys.executable) -> list[Part]:
-    """The check's parts in order; limits sum to 7 min 55 s, the search's 4-minute budget included."""
+COHORT_SIZES = "1,4,16,32,64"
+COHORT_LIMIT_S = 75
+
+
+def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list[Part]:
+    """The check's parts in order; limits sum to 7 min 55 s, the search's 4-minute budget included (cohort: the
+    cohort row too, COHORT_LIMIT_S more)."""
     uri = f"sqlite:///{out / 'mlflow.db'}"
+    extra = [Part("cohort", [python, "-m", "gan_tune.bench", "--device", "cuda", "--cohort", COHORT_SIZES,
+                             "--models", "", "--packed", "", "--fid-samples", "0", "--cost-epochs", "0",
+                             "--parity-epochs", "0", "--steps", "100", "--json", str(out / "cohort.json")],
+                  COHORT_LIMIT_S, "cohort.log")] if cohort else []
     return [
         # the CPU suite already proves capture safety (test_capture.py); here every setting really captures
         Part("cuda tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -48,6 +57,7 @@ def parts(out: Path, python: str = sys.executable) -> list[Part]:
              275, "search.log"),
         Part("samples", [python, "-m", "gan_tune.sample", "--run-id", "{parent}", "-n", "5000",
                          "--out", str(out / "samples.npz"), "--tracking-uri", uri], 20, "samples.log"),
+        *extra,
     ]
 
 

@@ -301,13 +301,13 @@ COHORT_RATES = (1e-4, 2e-4, 5e-4, 1e-3)  # members differ in what fuses: lr_d cy
 
 
 def cohort_throughput(device: torch.device, data: Mnist, sizes: list[int], steps: int, width: float = 0.25,
-                      batch: int = 64, repeats: int = 3) -> dict:
+                      batch: int = 64, repeats: int = 3, graph: bool = False) -> dict:
     """(j) Aggregate training images/s of cohorts of each size in `sizes` against one ordinary trial of the same
-    settings (the balanced model, both eager fp32: the `b` path), so `x one trial` says how many times more
-    settings per minute a cohort trains. After a warm-up epoch each, epochs of `steps` iterations take turns
+    settings (the balanced model, fp32, both eager or both in their CUDA graph), so `x one trial` says how many
+    times more settings per minute a cohort trains. After a warm-up epoch each, epochs of `steps` iterations take turns
     (the trial, then each cohort) `repeats` times and each keeps its best: on a shared machine the others'
     load comes and goes, and interleaving gives every contender the same chances."""
-    base = TrainConfig(width=width, batch_size=batch, steps_per_epoch=steps, device=str(device), cuda_graph=False)
+    base = TrainConfig(width=width, batch_size=batch, steps_per_epoch=steps, device=str(device), cuda_graph=graph)
     images = data.images.to(device)
     trial, trial_generator = step.make_gan(base, device), loop.make_generator(base, device)
     cohorts = {}
@@ -323,8 +323,10 @@ def cohort_throughput(device: torch.device, data: Mnist, sizes: list[int], steps
     for _ in range(repeats):
         for name, run in runs.items():
             best[name] = max(best[name], run())
-    out: dict = {"model": "balanced", "width": width, "batch": batch, "one trial img/s": round(best["one trial"], 1)}
+    out: dict = {"model": "balanced", "width": width, "batch": batch, "step": trial.step_mode,
+                 "one trial img/s": round(best["one trial"], 1)}
     for k in sizes:
+        out[f"cohort {k} step"] = cohorts[k][0].step_mode  # "eager" if its graph capture failed
         out[f"cohort {k} img/s"] = round(best[f"cohort {k}"], 1)
         out[f"cohort {k} x one trial"] = round(best[f"cohort {k}"] / best["one trial"], 2)
     return out
