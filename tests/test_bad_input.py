@@ -349,6 +349,10 @@ CASES = {
     "space top level a list": (search_case(b"- metric\n- mode\n"), ["{space}", "top level", "mapping"]),
     "space top level a scalar": (search_case(b"42\n"), ["{space}", "top level", "mapping"]),
     "space is a folder": (command("search", "--space", "{tmp}"), ["--space", "{tmp}", "folder"]),
+    # cohort trials (issue 27): a size that is no count, and a searcher that suggests one configuration per trial
+    "cohort zero": (search_case({"cohort": 0}), ["{space}", "cohort", "[1, 256]"]),
+    "cohort absurd": (search_case({"cohort": int(TWENTY)}), ["{space}", "cohort", "[1, 256]"]),
+    "cohort with optuna": (search_case({"cohort": 4, "search_alg": "optuna"}), ["{space}", "cohort", "random"]),
     "mode unknown": (search_case({"mode": "maximum"}), ["{space}", "mode", "maximum"]),
     "mode is a list": (search_case({"mode": ["min"]}), ["{space}", "mode"]),
     "metric unknown in a list of names": (search_case({"metric": "accuracy"}), ["{space}", "metric", "accuracy"]),
