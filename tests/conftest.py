@@ -1,8 +1,21 @@
-"""Shared fixtures. Fixtures only: helpers live in the test module that uses them."""
+"""Shared fixtures, and the order modules run in. Helpers live in the test module that uses them."""
 
 import os
 
 import pytest
+
+# The longest modules first (minutes each in CI): pytest-xdist (--dist loadfile) hands whole modules to its two
+# workers in collection order, so a long module collected last (they sort late: test_reliability, test_s3,
+# test_search, test_tracking_outage) kept one worker busy while the other sat idle. Longest first, the short
+# modules fill in at the end.
+LONGEST_FIRST = ("test_reliability", "test_tracking_outage", "test_search", "test_s3", "test_cohort_search",
+                 "test_bad_input", "test_bench_search", "test_postgres", "test_multinode", "test_tracking",
+                 "test_checkpoint_fallback")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable sort
 
 
 @pytest.fixture(scope="session", autouse=True)

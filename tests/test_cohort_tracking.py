@@ -10,6 +10,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from PIL import Image
 from ray import cloudpickle, tune
+from test_tracking import ScriptedStopper  # stops "collapse" with a reason and "cut" silently at epoch 2
 
 from gan_tune.tracking import child_runs, parent_run, store
 from gan_tune.training import cohort
@@ -55,21 +56,6 @@ def cohort_trainable(config):
         top = {k: v for k, v in reports[best].items() if k != "stop_reason"}
         tune.report({**top, "member": best, "members_alive": len(members), cohort.MEMBERS_KEY: reports})
         members = {member: c for member, c in members.items() if not reports[member]["stop_reason"]}
-
-
-class ScriptedStopper(tune.Stopper):
-    """Stops 'collapse' with a recorded reason, and 'cut' silently at epoch 2, as ASHA would."""
-
-    def __init__(self):
-        self.reasons = {}
-
-    def __call__(self, trial_id, result):
-        if result["epoch"] == 2 and result["config"]["a"] == "collapse":
-            self.reasons[trial_id] = "mode collapse"
-        return result["epoch"] == 2 and result["config"]["a"] in ("collapse", "cut")
-
-    def stop_all(self):
-        return False
 
 
 def tracked_search(tmp_path, param_space, experiment):
