@@ -21,12 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = CliParser(prog="python -m gan_tune.tracking",
                        description="Deliver MLflow writes a search saved while its store was away")
     parser.add_argument("command", choices=["replay"])
-    parser.add_argument("file", type=Path, help=f"a study folder's {UNDELIVERED}")
+    parser.add_argument("file", type=Path, help=f"a study folder's {UNDELIVERED}, or the study folder")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///mlflow.db in the working directory)")
     args = parser.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
+        if args.file.is_dir():  # the study folder the search printed: its saved writes are in UNDELIVERED
+            if not (args.file / UNDELIVERED).is_file():
+                raise ConfigError("file", f"{args.file}: a folder without {UNDELIVERED} (nothing to replay)")
+            args.file = args.file / UNDELIVERED
         if not args.file.is_file():
             raise ConfigError("file", f"{args.file}: no such file")
         read_undelivered(args.file)  # a damaged file fails before the store is touched
