@@ -53,10 +53,10 @@ def state(gan: Gan, epoch: int, noise: Tensor, generator: torch.Generator, histo
     }
 
 
-def write(saved: dict, folder: str | Path) -> Path:
-    """FILE in `folder`, through a temporary file and os.replace: a crash never leaves half a checkpoint."""
-    path = Path(folder) / FILE
-    tmp = path.with_name(f"{FILE}.tmp")
+def write(saved: dict, folder: str | Path, name: str = FILE) -> Path:
+    """FILE (or `name`) in `folder`, through a temporary file and os.replace: a crash never leaves half a checkpoint."""
+    path = Path(folder) / name
+    tmp = path.with_name(f"{name}.tmp")
     torch.save(saved, tmp)
     os.replace(tmp, path)
     return path

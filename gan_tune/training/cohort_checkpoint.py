@@ -10,7 +10,6 @@ logged MLflow model, `sample`) reads a cohort's without knowing about cohorts.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -70,10 +69,7 @@ def cohort_state(cohort: Cohort, built: list[dict], kept: list[int], epoch: int,
 
 
 def write(saved: dict, folder: str | Path) -> None:
-    """COHORT_FILE through a temporary file and os.replace, as checkpoint.write does for a trial."""
-    path = Path(folder) / COHORT_FILE
-    torch.save(saved, path.with_name(f"{COHORT_FILE}.tmp"))
-    os.replace(path.with_name(f"{COHORT_FILE}.tmp"), path)
+    checkpoint.write(saved, folder, COHORT_FILE)  # atomic, as a trial's
 
 
 def read(folder: str | Path, device: torch.device) -> dict:

@@ -86,6 +86,14 @@ class CohortRun:
     # exploit (reported as restored_from, which tracking tags as a PBT exploit when it names another member)
     sources: dict[str, str] = field(default_factory=dict)
     last: dict[str, dict] = field(default_factory=dict)  # the latest epoch's member reports
+    gans: dict[int, step.Gan] = field(default_factory=dict)  # this epoch's members as Gans (member_gan), by index
+
+    def gan(self, k: int) -> step.Gan:
+        """Member k as an ordinary Gan, built once per epoch: scoring, its grid and the checkpoint share it (and its
+        averaged G's recomputed BatchNorm statistics)."""
+        if k not in self.gans:
+            self.gans[k] = cohort_checkpoint.member_gan(self.cohort, k)
+        return self.gans[k]
 
     def bookkeeping(self) -> dict:
         return {"ids": self.ids, "histories": self.histories, "stopped": self.stopped, "sources": self.sources}
@@ -145,7 +153,7 @@ def member_reports(run: CohortRun, records: list[dict], epoch: int, seconds: flo
         rec["balance"] = "diverged" if record["alive"] == 0 else loop.diagnose_balance(rec, cfg.loss)
         if score is not None and loop.due(cfg, epoch, rec["balance"] == "diverged").score:
             started = time.perf_counter()
-            rec.update(score(cohort_checkpoint.member_gan(run.cohort, k).eval_generator(), cfg.latent_dim))
+            rec.update(score(run.gan(k).eval_generator(), cfg.latent_dim))
             rec["score_s"] = time.perf_counter() - started
         context = {**run.context, "lr_d": cfg.lr_d, "lr_g": cfg.lr_g, "restored_from": run.sources.get(mid, "")}
         reports[mid] = epoch_metrics(rec, last_scores(run.histories[mid]), context)
@@ -182,7 +190,7 @@ def write_member_files(run: CohortRun, k: int, stopping: bool, trial_dir: Path) 
     history = run.histories[mid]
     if not (stopping or loop.due(cfg, run.epoch, history[-1]["balance"] == "diverged").sample):
         return
-    images = loop.generate(cohort_checkpoint.member_gan(run.cohort, k).eval_generator(), loop.fixed_noise(
+    images = loop.generate(run.gan(k).eval_generator(), loop.fixed_noise(
         cfg, run.cohort.device))
     folder = trial_dir / MEMBERS_KEY / mid
     artifacts.save_grid(images, folder / artifacts.SAMPLES / artifacts.grid_name(run.epoch))
@@ -208,7 +216,7 @@ def report(run: CohortRun, result: dict, since_checkpoint_s: float) -> bool:
     noise = loop.fixed_noise(run.cohort.cfgs[k], run.cohort.device)
     with tempfile.TemporaryDirectory() as folder:
         cohort_checkpoint.write(saved, folder)
-        cohort_checkpoint.write_best_member(cohort_checkpoint.member_gan(run.cohort, k), run.epoch, noise,
+        cohort_checkpoint.write_best_member(run.gan(k), run.epoch, noise,
                                             run.generators[k], run.histories[member], member, folder)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
     return True
@@ -231,6 +239,7 @@ def train_epoch(run: CohortRun, images: torch.Tensor, score: scorer.Scorer | Non
     """One epoch of every member still training: trained, scored, judged, files written; the cohort's report."""
     run.epoch += 1
     started = time.perf_counter()
+    run.gans.clear()  # last epoch's copies: the weights move now
     records = train_cohort_epoch(run.cohort, images, run.generators)
     reports = member_reports(run, records, run.epoch, time.perf_counter() - started, score)
     reasons = stop_reasons(reports, stopper, halving, run.cohort.cfg.max_epochs)
