@@ -40,16 +40,16 @@ from gan_tune.training.cohort import (
     remove_members,
 )
 from gan_tune.training.cohort_step import make_generators, train_cohort_epoch
-from gan_tune.training.data import DataError, Mnist
+from gan_tune.training.data import Mnist
 from gan_tune.tuning import cohort_pbt
 from gan_tune.tuning.cohort_pbt import CohortPbt
 from gan_tune.tuning.stopping import GanStopper
 from gan_tune.tuning.trainable import (
     CHECKPOINT_LOGGER,
-    earlier_checkpoints,
     epoch_metrics,
     fault_gate,
     last_scores,
+    newest_readable,
     trial_config,
     trial_cpus,
 )
@@ -108,20 +108,14 @@ def start(config: dict[str, Any], trial_id: str, device: torch.device) -> Cohort
 
 
 def restore(latest: tune.Checkpoint, device: torch.device) -> CohortRun | None:
-    """The newest readable of `latest` and the checkpoints saved before it; None when none is readable."""
-    unreadable: list[str] = []
-    for candidate in [latest, *earlier_checkpoints(latest)]:
-        try:
-            with candidate.as_directory() as folder:
-                saved = cohort_checkpoint.read(folder, device)
-        except DataError as err:
-            log.warning("checkpoint %s not restored: %s", candidate.path, err)
-            unreadable.append(Path(candidate.path).name)
-            continue
-        note = f"unreadable {', '.join(unreadable)}; restored {Path(candidate.path).name}" if unreadable else ""
-        return from_saved(saved, device, note)
-    log.warning("no readable cohort checkpoint left (%s): the trial starts fresh", ", ".join(unreadable))
-    return None
+    """The newest readable of `latest` and the checkpoints saved before it (trainable.newest_readable); None when
+    none is readable."""
+    def load(candidate: tune.Checkpoint) -> dict:
+        with candidate.as_directory() as folder:
+            return cohort_checkpoint.read(folder, device)
+
+    saved, note = newest_readable(latest, load)
+    return None if saved is None else from_saved(saved, device, note)
 
 
 def from_saved(saved: dict, device: torch.device, note: str = "") -> CohortRun:

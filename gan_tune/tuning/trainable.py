@@ -30,7 +30,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow.fs as pafs
 import ray
@@ -42,6 +42,7 @@ from gan_tune.training import artifacts, checkpoint, loop, step
 from gan_tune.training.config import TrainConfig, from_dict, resolve_derived
 from gan_tune.training.data import DataError, Mnist
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)  # a worker's warnings reach the driver's console through Ray's log forwarding
 
 CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{6}")  # Ray's name for the N-th checkpoint of a trial
@@ -96,30 +97,35 @@ def earlier_checkpoints(latest: tune.Checkpoint) -> list[tune.Checkpoint]:
     return [tune.Checkpoint(posixpath.join(folder, older), filesystem=latest.filesystem) for older in names]
 
 
-def restore_readable(gan: step.Gan, generator: torch.Generator, latest: tune.Checkpoint,
-                     noise: torch.Tensor) -> tuple[int, torch.Tensor, list, dict]:
-    """`restore` the newest readable of `latest` and the ones saved before it; none readable: epoch 0.
-
-    A truncated file (a disk that filled during the upload) fails inside torch.load, before any state
-    reaches `gan`, so the next candidate or a fresh start needs no rebuilt model. `restore_note` tells
-    the results what happened; each step is also logged.
-    """
+def newest_readable(latest: tune.Checkpoint, load: Callable[[tune.Checkpoint], T]) -> tuple[T | None, str]:
+    """(`load` of the newest readable of `latest` and the checkpoints saved before it, the restore note); None
+    when none is readable. `load` raises DataError on an unreadable file (a disk that filled during the upload)
+    before any state reaches the run, so the next candidate needs nothing rebuilt. Each step is logged."""
     unreadable: list[str] = []  # folder names, oldest last
     for candidate in [latest, *earlier_checkpoints(latest)]:
         try:
-            epoch, noise, history, restored = restore(gan, generator, candidate)
+            loaded = load(candidate)
         except DataError as err:
             log.warning("checkpoint %s not restored: %s", candidate.path, err)
             unreadable.append(posixpath.basename(candidate.path))
             continue
         if not unreadable:
-            return epoch, noise, history, {**restored, "restore_note": ""}
-        log.warning("fell back to the previous checkpoint %s (epoch %d)", candidate.path, epoch)
-        note = f"unreadable {', '.join(unreadable)}; restored {posixpath.basename(candidate.path)}"
-        return epoch, noise, history, {**restored, "restore_note": note}
+            return loaded, ""
+        log.warning("fell back to the previous checkpoint %s", candidate.path)
+        return loaded, f"unreadable {', '.join(unreadable)}; restored {posixpath.basename(candidate.path)}"
     log.warning("no readable checkpoint left (%s): the trial starts fresh from epoch 0", ", ".join(unreadable))
-    return 0, noise, [], {"restored_from": "", "restored_epoch": 0,
-                          "restore_note": f"unreadable {', '.join(unreadable)}; started fresh"}
+    return None, f"unreadable {', '.join(unreadable)}; started fresh"
+
+
+def restore_readable(gan: step.Gan, generator: torch.Generator, latest: tune.Checkpoint,
+                     noise: torch.Tensor) -> tuple[int, torch.Tensor, list, dict]:
+    """`restore` the newest readable of `latest` and the ones saved before it; none readable: epoch 0.
+    `restore_note` tells the results what happened."""
+    restored, note = newest_readable(latest, lambda candidate: restore(gan, generator, candidate))
+    if restored is None:
+        return 0, noise, [], {"restored_from": "", "restored_epoch": 0, "restore_note": note}
+    epoch, noise, history, context = restored
+    return epoch, noise, history, {**context, "restore_note": note}
 
 
 def report(result: dict, gan: step.Gan, noise: torch.Tensor, generator: torch.Generator, history: list,
