@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.variant_generator import generate_variants
 
@@ -176,6 +177,24 @@ def test_a_resumed_cohort_trains_on_exactly_as_if_never_stopped(images, tmp_path
         assert torch.equal(mine, theirs)
     assert resumed.histories["t-m2"][-1]["loss_d"] == straight.histories["t-m2"][-1]["loss_d"]
     assert len(resumed.histories["t-m1"]) == 1
+
+
+def test_a_cohort_without_a_readable_checkpoint_starts_fresh_and_says_so(images, tmp_path):
+    """As an ordinary trial does (trainable.restore_readable): a truncated cohort.pt and nothing older means
+    epoch 0, with the restore note naming the unreadable checkpoint."""
+    run = cohort_trainable.start(tiny_config(), "t", CPU)
+    train(run, images, 1, tmp_path)
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    path = cohort_checkpoint.write(cohort_trainable.save(run), folder)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a disk that filled during the upload
+    fresh = cohort_trainable.start_or_restore(tiny_config(), "t", CPU, tune.Checkpoint.from_directory(folder))
+    assert fresh.epoch == 0 and fresh.ids == ["t-m0", "t-m1", "t-m2"]
+    assert fresh.context["restore_note"] == "unreadable checkpoint_000001; started fresh"
+    path.write_bytes(b"")
+    cohort_checkpoint.write(cohort_trainable.save(run), folder)  # readable again: restored, no note
+    restored = cohort_trainable.start_or_restore(tiny_config(), "t", CPU, tune.Checkpoint.from_directory(folder))
+    assert restored.epoch == 1 and restored.context["restore_note"] == ""
 
 
 def test_the_best_member_checkpoint_is_an_ordinary_one(images, tmp_path):

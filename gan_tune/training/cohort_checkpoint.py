@@ -68,8 +68,8 @@ def cohort_state(cohort: Cohort, built: list[dict], kept: list[int], epoch: int,
     }
 
 
-def write(saved: dict, folder: str | Path) -> None:
-    checkpoint.write(saved, folder, COHORT_FILE)  # atomic, as a trial's
+def write(saved: dict, folder: str | Path) -> Path:
+    return checkpoint.write(saved, folder, COHORT_FILE)  # atomic, as a trial's
 
 
 def read(folder: str | Path, device: torch.device) -> dict:

@@ -107,15 +107,26 @@ def start(config: dict[str, Any], trial_id: str, device: torch.device) -> Cohort
                      context={"restored_from": "", "restored_epoch": 0, "restore_note": ""})
 
 
-def restore(latest: tune.Checkpoint, device: torch.device) -> CohortRun | None:
-    """The newest readable of `latest` and the checkpoints saved before it (trainable.newest_readable); None when
-    none is readable."""
+def restore(latest: tune.Checkpoint, device: torch.device) -> tuple[CohortRun | None, str]:
+    """(The newest readable of `latest` and the checkpoints saved before it, the restore note)
+    (trainable.newest_readable); None when none is readable, with the note that says so."""
     def load(candidate: tune.Checkpoint) -> dict:
         with candidate.as_directory() as folder:
             return cohort_checkpoint.read(folder, device)
 
     saved, note = newest_readable(latest, load)
-    return None if saved is None else from_saved(saved, device, note)
+    return None if saved is None else from_saved(saved, device, note), note
+
+
+def start_or_restore(config: dict[str, Any], trial_id: str, device: torch.device,
+                     latest: tune.Checkpoint | None) -> CohortRun:
+    """The cohort restored from `latest`, or started fresh (with the note saying why when no checkpoint was
+    readable, as trainable.restore_readable reports it for an ordinary trial)."""
+    run, note = restore(latest, device) if latest else (None, "")
+    if run is None:
+        run = start(config, trial_id, device)
+        run.context["restore_note"] = note
+    return run
 
 
 def from_saved(saved: dict, device: torch.device, note: str = "") -> CohortRun:
@@ -264,8 +275,7 @@ def train_cohort(config: dict[str, Any], data: Mnist, halving: Halving, quiet: b
     device = step.resolve_device(trial_config(member_configs(config)[0]).device)
     data = data.to(device)
     trial_id = tune.get_context().get_trial_id()
-    latest = tune.get_checkpoint()
-    run = (restore(latest, device) if latest else None) or start(config, trial_id, device)
+    run = start_or_restore(config, trial_id, device, tune.get_checkpoint())
     run.context.update(node_id=ray.get_runtime_context().get_node_id(), data_source=data.source)
     score, stopper = scorer.build_scorer(run.cohort.cfg, data, device), GanStopper()
     last_checkpoint, rng = time.monotonic(), random.Random(f"{trial_id}:{run.epoch}")
