@@ -191,7 +191,6 @@ def test_a_cohort_without_a_readable_checkpoint_starts_fresh_and_says_so(images,
     fresh = cohort_trainable.start_or_restore(tiny_config(), "t", CPU, tune.Checkpoint.from_directory(folder))
     assert fresh.epoch == 0 and fresh.ids == ["t-m0", "t-m1", "t-m2"]
     assert fresh.context["restore_note"] == "unreadable checkpoint_000001; started fresh"
-    path.write_bytes(b"")
     cohort_checkpoint.write(cohort_trainable.save(run), folder)  # readable again: restored, no note
     restored = cohort_trainable.start_or_restore(tiny_config(), "t", CPU, tune.Checkpoint.from_directory(folder))
     assert restored.epoch == 1 and restored.context["restore_note"] == ""

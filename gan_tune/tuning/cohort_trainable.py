@@ -107,25 +107,20 @@ def start(config: dict[str, Any], trial_id: str, device: torch.device) -> Cohort
                      context={"restored_from": "", "restored_epoch": 0, "restore_note": ""})
 
 
-def restore(latest: tune.Checkpoint, device: torch.device) -> tuple[CohortRun | None, str]:
-    """(The newest readable of `latest` and the checkpoints saved before it, the restore note)
-    (trainable.newest_readable); None when none is readable, with the note that says so."""
+def start_or_restore(config: dict[str, Any], trial_id: str, device: torch.device,
+                     latest: tune.Checkpoint | None) -> CohortRun:
+    """The cohort from the newest readable of `latest` and the checkpoints saved before it
+    (trainable.newest_readable), or started fresh, with the restore note saying why when none was readable (as
+    trainable.restore_readable reports it for an ordinary trial)."""
     def load(candidate: tune.Checkpoint) -> dict:
         with candidate.as_directory() as folder:
             return cohort_checkpoint.read(folder, device)
 
-    saved, note = newest_readable(latest, load)
-    return None if saved is None else from_saved(saved, device, note), note
-
-
-def start_or_restore(config: dict[str, Any], trial_id: str, device: torch.device,
-                     latest: tune.Checkpoint | None) -> CohortRun:
-    """The cohort restored from `latest`, or started fresh (with the note saying why when no checkpoint was
-    readable, as trainable.restore_readable reports it for an ordinary trial)."""
-    run, note = restore(latest, device) if latest else (None, "")
-    if run is None:
-        run = start(config, trial_id, device)
-        run.context["restore_note"] = note
+    saved, note = newest_readable(latest, load) if latest else (None, "")
+    if saved is not None:
+        return from_saved(saved, device, note)
+    run = start(config, trial_id, device)
+    run.context["restore_note"] = note
     return run
 
 
