@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from gan_tune import search, train
 from gan_tune.training.config import load as load_config
 from gan_tune.tuning import (
     cluster,
+    console,
     space_values,
     spaces,
     study_storage,
@@ -158,8 +160,9 @@ def test_smoke_search_rescored_its_finalists_and_kept_the_best_of_them(smoke_stu
     assert load_config(exp_dir / study_storage.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
 
 
-def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path):
-    """Trials that end early free their slots: new ones start until the budget ends, not after the first two."""
+def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path, capfd):
+    """Trials that end early free their slots: new ones start until the budget ends, not after the first two.
+    The trials still queued at the end are counted as never started, without Tune's FileNotFoundError list."""
     base = {**yaml.safe_load(SMOKE.read_text())["base"], "fid_samples": 200}
     space = yaml.safe_load(SMOKE.read_text())
     del space["num_samples"]
@@ -179,6 +182,44 @@ def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, 
     queued = re.search(r"\((\d+) more never reported", out)
     assert not queued or int(queued.group(1)) <= 4, out  # one queued per slot plus the two cut, not 200 ahead
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # the next search in this process decides for itself
+    # one queued trial per slot is always waiting when the budget ends
+    assert re.search(r"^\d+ of \d+ trials were still training and [12] never started when the search ended", out,
+                     flags=re.M), out
+    assert "Failed to fetch metrics" not in capfd.readouterr().err
+
+
+def test_tunes_warning_about_trials_without_files_shows_only_when_one_of_them_ran():
+    lines = console.TrialLines([], "fid", {})
+    lines.started = {"ab12c_00000"}
+    logger = logging.getLogger(console.RESULTS_LOGGER)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    missing = "- train_gan_{}: FileNotFoundError('Could not fetch metrics for train_gan_{}: ...')"
+    try:
+        with lines.quiet_unstarted():
+            logger.warning("Failed to fetch metrics for 1 trial(s):\n" + missing.format("ab12c_00001", "ab12c_00001"))
+            logger.warning("Failed to fetch metrics for 1 trial(s):\n" + missing.format("ab12c_00000", "ab12c_00000"))
+            logger.warning("another warning")
+        logger.warning("Failed to fetch metrics for 1 trial(s):\n" + missing.format("ab12c_00001", "ab12c_00001"))
+    finally:
+        logger.removeHandler(handler)
+    shown = [record.getMessage() for record in seen]
+    assert len(shown) == 3 and "ab12c_00000" in shown[0] and shown[1] == "another warning", shown  # after fit: all
+
+
+@pytest.mark.parametrize("outcomes, line", [
+    ({"t0": "search ended", "t1": "search ended"}, "2 of 4 trials were still training and 2 never started when"),
+    ({"t0": "search ended", "t1": "completed", "t2": "search ended", "t3": "asha"},
+     "2 of 4 trials were still training when"),
+    ({"t0": "completed", "t1": "asha", "t2": "completed", "t3": "completed"}, None),
+])
+def test_the_resume_hint_counts_trials_cut_and_never_started(outcomes, line, capsys):
+    space = spaces.for_cpu(spaces.load_space(SMOKE.with_name("balanced.yaml")))  # trains until its budget
+    summary.print_resume_hint([object()] * 4, outcomes, space, "/tmp/study")
+    printed = capsys.readouterr().out
+    assert (line in printed) if line else printed == "", printed
 
 
 def test_a_pbt_population_without_max_epochs_trains_until_the_budget(ray_local, tmp_path):

@@ -11,6 +11,7 @@ gives Tune's default console and Ray's log lines back.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Iterator, Mapping
 
@@ -22,6 +23,7 @@ from gan_tune.training.cohort import MEMBERS_KEY
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # read by Tune when fit() starts: "0" selects the CLIReporter engine
 TABLE_EVERY_S = 30  # Tune's own heartbeat period
 TABLE_METRICS = ("epoch", "d_acc", "balance")
+RESULTS_LOGGER = "ray.tune.analysis.experiment_analysis"  # warns about trials without a progress.csv when fit() ends
 
 
 @contextlib.contextmanager
@@ -81,6 +83,27 @@ class TrialLines(tune.Callback):
     def __init__(self, searched: list[str], metric: str, outcomes: Mapping[str, str]):
         self.searched, self.metric, self.outcomes = searched, metric, outcomes
         self.started: set[str] = set()
+
+    @contextlib.contextmanager
+    def quiet_unstarted(self) -> Iterator[None]:
+        """During fit(): drop Tune's "Failed to fetch metrics" warning when every trial it lists never started.
+
+        A space that trains until its budget always ends with queued trials that never ran (no folder, no
+        progress.csv), and Tune lists each as a FileNotFoundError; the resume hint counts them instead. A
+        warning that names a trial which did run (its files lost with a storage outage) still shows."""
+        logger = logging.getLogger(RESULTS_LOGGER)
+        logger.addFilter(self.keep_record)
+        try:
+            yield
+        finally:
+            logger.removeFilter(self.keep_record)
+
+    def keep_record(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to fetch metrics"):
+            return True
+        listed = [line for line in message.splitlines()[1:] if line.startswith("- ")]
+        return not listed or any(trial_id in line.split(":")[0] for line in listed for trial_id in self.started)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.started:  # PBT, HyperBand and retries start a trial again

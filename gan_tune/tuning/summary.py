@@ -118,13 +118,15 @@ def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], space:
     search stopped, and trials that never started have no entry. A space that trains until its budget
     (no num_samples, or a PBT population without max_epochs) always ends with trials cut off: that is the
     plan, not a failure, and the line says so."""
-    unfinished = len(results) - sum(reason != "search ended" for reason in outcomes.values())
-    if unfinished <= 0:
+    cut = sum(reason == "search ended" for reason in outcomes.values())
+    queued = len(results) - len(outcomes)  # trials the search drew but never started
+    if cut + queued <= 0:
         return
     command = f"python -m gan_tune.search --resume {shlex.quote(location)}"  # a URI query has ? and &
     if space.num_samples is None or space.epochs_until_budget:
-        print(f"{unfinished} of {len(results)} trials were still training when the search ended (this space "
+        never = f" and {queued} never started" if queued else ""
+        print(f"{cut} of {len(results)} trials were still training{never} when the search ended (this space "
               f"trains until its time budget); to train them on:\n  {command}", flush=True)
     else:
-        print(f"{unfinished} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
+        print(f"{cut + queued} of {len(results)} trials did not finish (Ctrl-C or the time budget); "
               f"continue them with:\n  {command}", flush=True)

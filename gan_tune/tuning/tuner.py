@@ -258,7 +258,7 @@ def run(plans: dict[bool, Space], args: argparse.Namespace, location: str) -> in
         stop = tune.stopper.CombinedStopper(stopper, failing)
         lines = console.TrialLines(shared_keys(space), space.metric, callbacks[0].outcomes)  # after tracking's
         tuner = build_tuner(space, args, data, trial, stop, location, [*callbacks, lines, failing])
-        with console.table_engine(args.verbose), queue_lazily(space, trial):
+        with console.table_engine(args.verbose), queue_lazily(space, trial), lines.quiet_unstarted():
             results = tuner.fit()
     except BaseException as err:
         parent_run.fail_search_run(args.tracking_uri, parent, f"{type(err).__name__}: {first_line(err)}")
