@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -209,15 +210,19 @@ def test_tunes_warning_about_trials_without_files_shows_only_when_one_of_them_ra
     assert len(shown) == 3 and "ab12c_00000" in shown[0] and shown[1] == "another warning", shown  # after fit: all
 
 
-@pytest.mark.parametrize("outcomes, line", [
-    ({"t0": "search ended", "t1": "search ended"}, "2 of 4 trials were still training and 2 never started when"),
-    ({"t0": "search ended", "t1": "completed", "t2": "search ended", "t3": "asha"},
+@pytest.mark.parametrize("reported, outcomes, line", [
+    ("t0 t1", {"t0": "search ended", "t1": "search ended"}, "2 of 4 trials were still training and 2 never started"),
+    ("t0 t1 t2 t3", {"t0": "search ended", "t1": "completed", "t2": "search ended", "t3": "asha"},
      "2 of 4 trials were still training when"),
-    ({"t0": "completed", "t1": "asha", "t2": "completed", "t3": "completed"}, None),
-])
-def test_the_resume_hint_counts_trials_cut_and_never_started(outcomes, line, capsys):
+    ("t0 t1 t2 t3", {"t0": "completed", "t1": "asha", "t2": "completed", "t3": "completed"}, None),
+    ("t0 t1 t2", {"t2": "search ended"}, "1 of 4 trials were still training and 1 never started"),  # resumed: t0, t1
+])                                                                                     # ended in an earlier session
+def test_the_resume_hint_counts_trials_cut_and_never_started(reported, outcomes, line, capsys):
     space = spaces.for_cpu(spaces.load_space(SMOKE.with_name("balanced.yaml")))  # trains until its budget
-    summary.print_resume_hint([object()] * 4, outcomes, space, "/tmp/study")
+    metrics = [{"trial_id": f"t{i}", **({"training_iteration": 1} if f"t{i}" in reported.split() else {})}
+               for i in range(4)]  # 4 trials drawn; Tune's metrics of one that never reported have its id only
+    results = [types.SimpleNamespace(metrics=m) for m in metrics]
+    summary.print_resume_hint(results, outcomes, space, "/tmp/study")
     printed = capsys.readouterr().out
     assert (line in printed) if line else printed == "", printed
 
