@@ -119,10 +119,10 @@ def print_resume_hint(results: tune.ResultGrid, outcomes: dict[str, str], space:
     (no num_samples, or a PBT population without max_epochs) always ends with trials cut off: that is the
     plan, not a failure, and the line says so."""
     cut = sum(reason == "search ended" for reason in outcomes.values())
-    # a resumed study's trials that ended in an earlier session reported, but this session has no outcome for them
-    earlier = sum(1 for result in results
-                  if TRAINING_ITERATION in result.metrics and result.metrics.get("trial_id") not in outcomes)
-    queued = len(results) - len(outcomes) - earlier  # trials the search drew but never started
+    # drawn but never started: no report and no outcome (a resumed study's trials that ended in an earlier
+    # session reported, though this session has no outcome for them)
+    queued = sum(1 for result in results
+                 if TRAINING_ITERATION not in result.metrics and result.metrics.get("trial_id") not in outcomes)
     if cut + queued <= 0:
         return
     command = f"python -m gan_tune.search --resume {shlex.quote(location)}"  # a URI query has ? and &
