@@ -12,6 +12,7 @@ from gan_tune.benchmarks.quality_table import (
     ABLATIONS,
     AUGMENT,
     CAPACITY,
+    LAZY_R1,
     LONG,
     LONG_MARKS,
     SAMPLES,
@@ -25,7 +26,7 @@ from gan_tune.benchmarks.quality_table import (
 from gan_tune.cli import CliParser, out_file, out_folder, positive_float
 from gan_tune.tuning.space_files import packaged_spaces
 
-BLOCKS = ("ablations", "seed-alone", "search-before", "search-now", "long", "augment", "capacity")
+BLOCKS = ("ablations", "seed-alone", "search-before", "search-now", "long", "augment", "capacity", "lazy-r1")
 MAX_MINUTES = 7 * 24 * 60  # a row past a week is a typo (20 digits), not a measurement
 
 
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=minutes, default=14.0, help="budget of each search and the seed row")
     parser.add_argument("--ablation-minutes", type=minutes, default=5.0, help="wall time of each ablation row")
     parser.add_argument("--rows", type=row_blocks, default="ablations,seed-alone,search-before,search-now",
-                        help="which blocks to run, comma-separated (also: long, augment, capacity: configs trained "
+                        help="which blocks to run, comma-separated (also: long, augment, capacity, lazy-r1: configs trained "
                              "for --minutes each, scored along the way)")
     parser.add_argument("--json", type=out_file(".json"), help="also write the rows as JSON")
     parser.add_argument("--keep", type=out_folder, help="keep the searches' logs, studies and MLflow store in this "
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += side_by_side(ABLATIONS, "", args.ablation_minutes * 60, cpus)
             print(format_rows(rows[-len(ABLATIONS):]), flush=True)
         marks = tuple(args.minutes * 60 * share for share in LONG_MARKS)
-        for block, configs in (("long", LONG), ("augment", AUGMENT), ("capacity", CAPACITY)):
+        for block, configs in (("long", LONG), ("augment", AUGMENT), ("capacity", CAPACITY), ("lazy-r1", LAZY_R1)):
             if block in blocks:
                 rows += side_by_side(configs, f"{block}: ", args.minutes * 60, cpus, marks)
                 print(format_rows(rows[-len(configs):]), flush=True)

@@ -2,9 +2,15 @@
 
 import os
 
-import pytest
+# Two xdist workers share two cores with the searches and trials they start. torch's default, one OpenMP thread
+# per core, has each process's threads spin-waiting on cores the others are using: a capture case took 0.09 s
+# alone and 3-6 s in the full run. One thread per process, set before torch loads and inherited by every search
+# the tests start (trials set their own from their CPUs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest modules first (minutes each in CI): pytest-xdist (--dist loadfile) hands whole modules to its two
+import pytest  # noqa: E402
+
+# The longest modules first (minutes each in CI): pytest-xdist hands whole modules (groups) to its two
 # workers in collection order, so a long module collected last (they sort late: test_reliability, test_s3,
 # test_search, test_tracking_outage) kept one worker busy while the other sat idle. Longest first, the short
 # modules fill in at the end.
@@ -13,9 +19,19 @@ LONGEST_FIRST = ("test_reliability", "test_tracking_outage", "test_search", "tes
                  "test_checkpoint_fallback")
 
 
+def module_name(item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable sort
+    items.sort(key=lambda item: rank.get(module_name(item), len(rank)))  # stable sort
+    # One xdist group per module (--dist loadgroup, pyproject's addopts), as --dist loadfile would, except that
+    # the modules using the session's smoke_study share one: split over two workers, each ran that search.
+    smoke = {module_name(item) for item in items if "smoke_study" in getattr(item, "fixturenames", ())}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("smoke_study" if module_name(item) in smoke else module_name(item)))
 
 
 @pytest.fixture(scope="session", autouse=True)

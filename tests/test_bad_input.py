@@ -204,6 +204,7 @@ CASES = {
     "set without =": (train_case("--set", "lr_d"), ["--set", "key=value"]),
     "set beta1 1": (train_case("--set", "beta1=1.0"), ["--set", "beta1", "[0, 1)"]),
     "set g_ema decay 1": (train_case("--set", "g_ema=1.0"), ["--set", "g_ema", "[0, 1)"]),
+    "set r1_every 0": (train_case("--set", "r1_every=0"), ["--set", "r1_every", ">= 1"]),
     "set seed negative": (train_case("--set", "seed=-1"), ["--set", "seed"]),
     "set subset below a batch": (train_case("--set", "subset=10"), ["--set", "subset", "batch"]),
     "set device missing here": (train_case("--set", "device=cuda:7"), ["device", "cuda:7"]),
@@ -381,6 +382,7 @@ CASES = {
     "base hinge with label smoothing": (search_base(loss="hinge", label_smoothing=0.1),
                                         ["{space}", "base.label_smoothing", "hinge"]),
     "base g_ema decay 1": (search_base(g_ema=1.0), ["{space}", "base.g_ema", "[0, 1)"]),
+    "base r1_every past its bound": (search_base(r1_every=10**6), ["{space}", "base.r1_every", "absurdly large"]),
     "base augment target without augment": (search_base(augment_target=0.6), ["{space}", "base.augment_target"]),
     "base subset below a batch": (search_base(subset=100), ["{space}", "base.subset", "batch"]),
     "searched wgan-gp with base batch norm": (search_search(loss={"choice": ["ns", "wgan-gp"]}),
@@ -584,7 +586,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
     check_row(case, tmp_path, row)
 
 
-FRESH = ["space not utf-8", "seed past numpy", "set value broken yaml", "report dead server", "sample dead server",
+FRESH = ["space not utf-8", "set value broken yaml", "report dead server", "sample dead server",
          "replay truncated", "metrics unknown device", "bench one fid sample", "classifier seed past numpy",
          "bench search seeds 0", "ablation minutes 0"]
 

@@ -105,6 +105,20 @@ def test_every_setting_trains_an_iteration_without_a_host_read(images, monkeypat
     assert detector.seen == [], f"host reads in the captured step: {sorted(set(detector.seen))}"
 
 
+@pytest.mark.parametrize("iteration", [0, 1], ids=["with R1", "without"])
+def test_lazy_r1_iterations_read_nothing_on_the_host(images, monkeypatch, iteration):
+    """Lazy R1 runs eagerly on CUDA (two different iterations), but picks its iterations by a host count: neither
+    kind reads a device value."""
+    cfg = TrainConfig(**TINY, r1_gamma=1.0, r1_every=2, g_ema=0.999)
+    gan, gen = capturable_gan(cfg, monkeypatch), loop.make_generator(cfg, CPU)
+    sums, idx = torch.zeros(step.N_STATS), torch.arange(cfg.batch_size).view(1, cfg.batch_size)
+    step.train_iteration(gan, images, idx, gen, sums)
+    gan.iteration = iteration
+    with HostReads() as detector:
+        step.train_iteration(gan, images, idx, gen, sums)
+    assert detector.seen == []
+
+
 @pytest.mark.parametrize("model", ["mlp", "dcgan"])
 def test_the_other_model_families_capture_too(images, monkeypatch, model):
     cfg = TrainConfig(**TINY, model=model, g_ema=0.999, r1_gamma=1.0)

@@ -82,8 +82,9 @@ def run_trial(cfg: TrainConfig, images, idx: torch.Tensor) -> tuple[step.Gan, to
     """An ordinary trial over idx (steps, n_disc, B); its (steps, N_STATS) per-step statistics."""
     gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
     stats = []
-    for batch in idx:
+    for s, batch in enumerate(idx):
         sums = torch.zeros(step.N_STATS)
+        gan.iteration = s  # the steps are one epoch's iterations (lazy R1 picks its own by the index)
         step.train_iteration(gan, images, batch, gen, sums)
         stats.append(sums)
     return gan, torch.stack(stats)
@@ -95,6 +96,7 @@ def run_cohort(c: cohort.Cohort, images, idx: torch.Tensor, gens=None) -> torch.
     stats = []
     for s in range(idx.shape[1]):
         sums = torch.zeros(step.N_STATS, c.members)
+        c.iteration = s
         cohort_step.cohort_iteration(c, images, idx[:, s], gens, sums)
         stats.append(sums)
     return torch.stack(stats)
@@ -167,6 +169,20 @@ def test_n_disc_and_augmentation_train_as_the_trial_does(images, float64):
         gan, ref = run_trial(cfg, images, idx[k])
         assert_member_matches(c, k, gan, stats, ref)
         torch.testing.assert_close(c.augment_p[k], gan.augment_p)
+
+
+def test_lazy_r1_trains_as_the_trial_does(images, float64):
+    """r1_every splits cohorts (it does not fuse): members sharing it regularise the same iterations, with their
+    own r1_gamma (member 1's is 0) times r1_every, as their trials do."""
+    cfgs = member_configs("balanced", "hinge", r1_every=3)[:2]
+    idx = batch_indices(cfgs, 7)
+    c = cohort.make_cohort(cfgs, CPU)
+    stats = run_cohort(c, images, idx)
+    for k, cfg in enumerate(cfgs):
+        gan, ref = run_trial(cfg, images, idx[k])
+        assert_member_matches(c, k, gan, stats, ref)
+    _, every = run_trial(replace(cfgs[0], r1_every=1), images, idx[0])
+    assert not torch.allclose(every, stats[:, :, 0])  # lazy R1 is not R1 on every iteration
 
 
 def test_members_start_from_make_gans_weights_and_padding_stays_zero(images):

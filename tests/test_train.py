@@ -284,3 +284,37 @@ def test_r1_penalty_changes_the_d_update(images):
     (d_off, loss_off), (d_on, loss_on) = updated
     assert all(not torch.equal(a, b) for a, b in zip(d_off, d_on))
     assert loss_on > loss_off  # the penalty is added to D's loss and is never negative
+
+
+def d_after_iterations(cfg: TrainConfig, images, iterations: list[int]) -> tuple[list[torch.Tensor], float]:
+    """D's weights and the summed D loss after one iteration per entry of `iterations` (each run as that
+    iteration of its epoch), on the same batches and noise whatever the config."""
+    gan, gen = step.make_gan(cfg, CPU), loop.make_generator(cfg, CPU)
+    sums = torch.zeros(step.N_STATS)
+    for n, iteration in enumerate(iterations):
+        gan.iteration = iteration
+        step.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * n, gen, sums)
+    return params(gan.d), sums[0].item()
+
+
+def test_lazy_r1_regularises_every_r1_everyth_iteration_at_r1_every_times_gamma(images):
+    """StyleGAN2's lazy R1: iteration 0 of an epoch carries r1_gamma * r1_every, iterations 1..3 none; an eager
+    R1 at 4 gamma, then none, trains the same D exactly."""
+    lazy = d_after_iterations(TrainConfig(**TINY, r1_gamma=1.0, r1_every=4), images, [0, 1, 2, 3])
+    eager_rest = TrainConfig(**TINY, r1_gamma=4.0)
+    gan, gen = step.make_gan(eager_rest, CPU), loop.make_generator(eager_rest, CPU)
+    sums = torch.zeros(step.N_STATS)
+    for n in range(4):
+        if n == 1:
+            gan.cfg = TrainConfig(**TINY)  # R1 off from the second iteration on
+        step.train_iteration(gan, images, torch.arange(32).view(1, 32) + 32 * n, gen, sums)
+    assert all(torch.equal(a, b) for a, b in zip(lazy[0], params(gan.d)))
+    assert lazy[1] == pytest.approx(sums[0].item(), rel=1e-6)
+    every = d_after_iterations(TrainConfig(**TINY, r1_gamma=1.0), images, [0, 1, 2, 3])
+    assert not all(torch.equal(a, b) for a, b in zip(lazy[0], every[0]))  # not R1 on every iteration
+
+
+def test_lazy_r1_trains_eagerly_on_cuda_and_says_why():
+    reason = step.graph_unavailable(TrainConfig(r1_gamma=1.0, r1_every=16, device="cuda"), torch.device("cuda"))
+    assert reason is not None and "r1_every 16" in reason
+    assert step.graph_unavailable(TrainConfig(r1_gamma=1.0, device="cuda"), torch.device("cuda")) is None

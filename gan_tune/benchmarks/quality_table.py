@@ -70,6 +70,9 @@ AUGMENT = {
 }
 CAPACITY = {f"width {width:g}, batch {batch}": {**CPU_DEFAULT, "width": width, "batch_size": batch}
             for width in (0.25, 0.375, 0.5) for batch in (32, 64, 128)}
+# Lazy R1 (StyleGAN2's interval, 16) against R1 on every iteration, at today's CPU batch and beta1.
+LAZY_R1_BASE = {**CPU_DEFAULT, "batch_size": 32, "beta1": 0.0}
+LAZY_R1 = {"r1 every iteration, batch 32": LAZY_R1_BASE, "lazy r1 (r1_every 16), batch 32": {**LAZY_R1_BASE, "r1_every": 16}}
 # The balanced CPU default before issue 16: 10 trials of up to 20 epochs, the ns loss, no G averaging, no R1,
 # no finalists.
 BEFORE = {"num_samples": 10, "max_epochs": 20, "finalists": {"trials": 0}}

@@ -153,6 +153,7 @@ class Cohort:
     step: Callable[[Tensor], None] | None = None  # one iteration on (K, n_disc, B) indices; built by the first epoch
     sums: Tensor | None = None  # (N_STATS, K) the step's statistics, summed on the device over an epoch
     step_mode: str = "eager"
+    iteration: int = 0  # the running iteration's index in its epoch (lazy R1 picks its iterations by it)
     step_inputs: tuple = ()  # the images and generators the step was built on: others build it again
 
     @property

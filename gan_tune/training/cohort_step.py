@@ -20,7 +20,7 @@ from gan_tune.training import augment, losses
 from gan_tune.training.cohort import Cohort
 from gan_tune.training.data import epoch_batches, to_float
 from gan_tune.training.loop import iterations_per_epoch
-from gan_tune.training.step import D_STATS, G_STATS, N_STATS, autocast, set_step
+from gan_tune.training.step import D_STATS, G_STATS, N_STATS, autocast, r1_scale, set_step
 
 
 def member_noise(cohort: Cohort, generators: list[torch.Generator], batch: int) -> Tensor:
@@ -67,16 +67,18 @@ def stop_diverged(cohort: Cohort, loss: Tensor) -> None:
     cohort.alive.mul_(healthy.to(cohort.alive.dtype))
 
 
-def d_losses(cohort: Cohort, real: Tensor, fake: Tensor, generators: list[torch.Generator]) -> tuple[Tensor, ...]:
-    """(K,) D losses with the penalties that are on, and D's (B, K) outputs on real and fake."""
+def d_losses(cohort: Cohort, real: Tensor, fake: Tensor, generators: list[torch.Generator],
+             r1: int) -> tuple[Tensor, ...]:
+    """(K,) D losses with the penalties that are on (R1 times `r1`: step.r1_scale), and D's (B, K) outputs on
+    real and fake."""
     cfg, family = cohort.cfg, losses.LOSSES[cohort.cfg.loss]
     seen_real = augment_members(cohort, real, generators)  # D sees both sides augmented
     seen_fake = augment_members(cohort, fake.detach(), generators)  # detach: D's update spares G
     out_real, out_fake = cohort.d(seen_real).float(), cohort.d(seen_fake).float()
     loss_d = torch.stack([family.d_loss(out_real[:, k], out_fake[:, k], 1.0 - member.label_smoothing)
                           for k, member in enumerate(cohort.cfgs)])  # one-sided: only real labels move
-    if cohort.r1_gamma is not None:
-        loss_d = loss_d + cohort.r1_gamma / 2 * r1_penalties(out_real, real)
+    if r1:
+        loss_d = loss_d + cohort.r1_gamma * r1 / 2 * r1_penalties(out_real, real)
     if family.gradient_penalty:
         loss_d = loss_d + cfg.gp_weight * gradient_penalties(cohort, seen_real, seen_fake, generators)
     return loss_d, out_real, out_fake
@@ -85,11 +87,12 @@ def d_losses(cohort: Cohort, real: Tensor, fake: Tensor, generators: list[torch.
 def d_step(cohort: Cohort, real: Tensor, z: Tensor, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
     """One D update of every live member; returns (stats over D_STATS as a (4, K) tensor, fake)."""
     cfg, family = cohort.cfg, losses.LOSSES[cohort.cfg.loss]
-    if cohort.r1_gamma is not None:
+    r1 = r1_scale(cfg, cohort.iteration) if cohort.r1_gamma is not None else 0
+    if r1:
         real.requires_grad_(True)  # R1 differentiates D(real) with respect to the pixels
     with autocast(cohort):
         fake = cohort.g(z)
-        loss_d, out_real, out_fake = d_losses(cohort, real, fake, generators)
+        loss_d, out_real, out_fake = d_losses(cohort, real, fake, generators, r1)
     if cfg.augment_target:
         for k in range(cohort.members):
             augment.adapt(cohort.augment_p[k], out_real[:, k], family.real_threshold, cfg.augment_target)
@@ -183,6 +186,7 @@ def train_cohort_epoch(cohort: Cohort, images: Tensor, generators: list[torch.Ge
         build_cohort_step(cohort, images, generators)
     cohort.sums.zero_()
     for it in range(iters):
+        cohort.iteration = it
         cohort.step(idx[it])
     values = torch.cat([cohort.sums, cohort.alive.view(1, -1)]).tolist()  # the epoch's one host sync
     elapsed = time.perf_counter() - start

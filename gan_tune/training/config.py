@@ -41,6 +41,7 @@ UPPER_BOUNDS: dict[str, float] = {
     "batch_size": 60_000,  # full MNIST's size: a larger batch never fills
     "width": 16.0,  # channel multiplier: parameters grow with its square (16: 256x the default model)
     "n_disc": 100,  # WGAN's 5 is the most any recipe uses
+    "r1_every": 1_000,  # StyleGAN2 uses 16; a huge interval is one enormous penalty on the first iteration
     "steps_per_epoch": 1_000_000,
     "fid_samples": MAX_COUNT,  # FID-50k is the largest customary count
 }
@@ -94,6 +95,9 @@ class TrainConfig:
     gp_weight: float = 10.0  # wgan-gp only: lambda of Gulrajani et al. 2017
     d_norm: str = "batch"  # a key of gan_tune.models.D_NORMS; batch: the family's own D (BatchNorm where it has it)
     r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(real)||^2 on every D step (Mescheder et al. 2018); 0 = off
+    # lazy R1 (Karras et al. 2020, StyleGAN2): the penalty only in every r1_every-th iteration of an epoch, times
+    # r1_every, so its average weight stays; its double backward is then paid once per r1_every iterations
+    r1_every: int = 1
     g_ema: float = 0.0  # decay of the moving average of G's weights that is scored and exported; 0 = off
     # DiffAugment on every image D sees, real and generated (README: Losses and regularisation): none, or a
     # comma-separated list of color, translation, cutout
@@ -143,6 +147,7 @@ class TrainConfig:
              "batch cannot go with loss wgan-gp: its gradient penalty is per image, and BatchNorm mixes the images "
              "of a batch (use spectral or none)"),
             ("r1_gamma", math.isfinite(self.r1_gamma) and self.r1_gamma >= 0, "must be >= 0 (0 = off)"),
+            ("r1_every", self.r1_every >= 1, "must be >= 1 (1 = every D step)"),
             ("g_ema", 0.0 <= self.g_ema < 1.0, "must be in [0, 1) (0 = off)"),
             ("augment", augment_error(self.augment) is None, augment_error(self.augment) or ""),
             ("augment_p", 0.0 <= self.augment_p <= 1.0, "must be in [0, 1]"),

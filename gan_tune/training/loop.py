@@ -43,6 +43,7 @@ def train_epoch(gan: Gan, images: Tensor, generator: torch.Generator,
         build_step(gan, images, generator)
     gan.sums.zero_()
     for it in wrap(range(iters)):
+        gan.iteration = it
         gan.step(idx[it])
     readback = gan.sums if gan.augment_p is None else torch.cat([gan.sums, gan.augment_p.reshape(1)])
     values = readback.tolist()  # the epoch's one host sync

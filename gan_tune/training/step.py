@@ -51,6 +51,7 @@ class Gan:
     g_ema_bn_fresh: bool = False  # whether g_ema's BatchNorm statistics were recomputed since the last step
     g_ema_updates: Tensor | None = None  # how many updates the average has had, on the device (its warm-up)
     augment_p: Tensor | None = None  # the augmentation probability on the device (None: every image, or no augment)
+    iteration: int = 0  # the running iteration's index in its epoch (a host int: lazy R1 picks its iterations by it)
 
     def eval_generator(self) -> nn.Module:
         """The generator to score, sample, checkpoint for export and log: G itself, or with g_ema on the
@@ -70,9 +71,17 @@ def graph_unavailable(cfg: TrainConfig, device: torch.device) -> str | None:
     """Why the step cannot be captured in a CUDA graph, or None when it can."""
     if not cfg.cuda_graph:
         return "cuda_graph is off"
+    if cfg.r1_every > 1:  # one graph replays one iteration; lazy R1 alternates two different ones
+        return f"r1_every {cfg.r1_every} alternates iterations with and without R1 (a graph replays one)"
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (running on {device.type})"
     return None
+
+
+def r1_scale(cfg: TrainConfig, iteration: int) -> int:
+    """What multiplies r1_gamma in this iteration: 1 on every one, or with lazy R1 r1_every on every r1_every-th
+    iteration of the epoch and 0 between (counted in the epoch: a resumed run regularises the same iterations)."""
+    return 0 if iteration % cfg.r1_every else cfg.r1_every
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +129,8 @@ def d_step(gan: Gan, real: Tensor, z: Tensor, generator: torch.Generator) -> tup
     returns (stats over D_STATS as a (4,) tensor, fake). `generator` draws the gradient penalty's points."""
     cfg, family = gan.cfg, losses.LOSSES[gan.cfg.loss]
     ops = augment.parse(cfg.augment)
-    if cfg.r1_gamma:
+    r1_gamma = cfg.r1_gamma * r1_scale(cfg, gan.iteration)
+    if r1_gamma:
         real.requires_grad_(True)  # R1 differentiates D(real) with respect to the pixels
     with autocast(gan):
         fake = gan.g(z)
@@ -129,8 +139,8 @@ def d_step(gan: Gan, real: Tensor, z: Tensor, generator: torch.Generator) -> tup
         out_real = gan.d(seen_real).float()
         out_fake = gan.d(seen_fake).float()
         loss_d = family.d_loss(out_real, out_fake, 1.0 - cfg.label_smoothing)  # one-sided: only real labels move
-        if cfg.r1_gamma:
-            loss_d = loss_d + cfg.r1_gamma / 2 * losses.r1_penalty(out_real, real)
+        if r1_gamma:
+            loss_d = loss_d + r1_gamma / 2 * losses.r1_penalty(out_real, real)
         if family.gradient_penalty:
             loss_d = loss_d + cfg.gp_weight * losses.gradient_penalty(gan.d, seen_real, seen_fake, generator)
     if cfg.augment_target:
