@@ -318,3 +318,5 @@ def test_lazy_r1_trains_eagerly_on_cuda_and_says_why():
     reason = step.graph_unavailable(TrainConfig(r1_gamma=1.0, r1_every=16, device="cuda"), torch.device("cuda"))
     assert reason is not None and "r1_every 16" in reason
     assert step.graph_unavailable(TrainConfig(r1_gamma=1.0, device="cuda"), torch.device("cuda")) is None
+    # without R1 every iteration is the same one: r1_every alone does not cost the graph
+    assert step.graph_unavailable(TrainConfig(r1_every=16, device="cuda"), torch.device("cuda")) is None

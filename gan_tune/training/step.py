@@ -71,7 +71,7 @@ def graph_unavailable(cfg: TrainConfig, device: torch.device) -> str | None:
     """Why the step cannot be captured in a CUDA graph, or None when it can."""
     if not cfg.cuda_graph:
         return "cuda_graph is off"
-    if cfg.r1_every > 1:  # one graph replays one iteration; lazy R1 alternates two different ones
+    if cfg.r1_gamma and cfg.r1_every > 1:  # one graph replays one iteration; lazy R1 alternates two different ones
         return f"r1_every {cfg.r1_every} alternates iterations with and without R1 (a graph replays one)"
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (running on {device.type})"
