@@ -16,7 +16,7 @@ def test_the_before_row_is_the_balanced_cpu_default_as_it_was(tmp_path):
     assert space.num_samples == 10 and space.max_epochs == 20 and space.finalists["trials"] == 0
     assert (space.base["loss"], space.base["g_ema"], space.base["r1_gamma"]) == ("ns", 0.0, 0.0)
     now = spaces.for_cpu(spaces.load_space(space_files.packaged_spaces() / "balanced.yaml"))
-    assert now.num_samples is None and now.max_epochs == 80
+    assert now.num_samples is None and now.max_epochs == 120
     assert (now.base["loss"], now.base["g_ema"], now.base["r1_gamma"]) == ("hinge", 0.999, 1.0)
     shipped = spaces.load_space(space_files.packaged_spaces() / "balanced.yaml").raw
     assert yaml.safe_load((tmp_path / "balanced-before.yaml").read_text())["search"] == shipped["search"]
