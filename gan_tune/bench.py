@@ -162,9 +162,13 @@ def gpu_check_main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the parts and their limits, run nothing")
     parser.add_argument("--cohort", action="store_true", help="also the cohort row (issue 27: aggregate images/s of "
                         f"cohorts of {gpu_check.COHORT_SIZES} against one trial), {gpu_check.COHORT_LIMIT_S} s more")
+    parser.add_argument("--parts", type=gpu_check.part_names, help="only these parts, comma-separated "
+                        f"({', '.join(gpu_check.PART_NAMES)}): a lent GPU's minutes split over two calls, or one "
+                        "part run again (samples needs search in the same call)")
     args = parser.parse_args(argv)
     args.out = Path(args.out)
-    plan = gpu_check.parts(args.out.resolve(), cohort=args.cohort)
+    plan = gpu_check.parts(args.out.resolve(), cohort=args.cohort or "cohort" in (args.parts or ()))
+    plan = [part for part in plan if args.parts is None or part.name in args.parts]
     if args.dry_run:
         print(gpu_check.describe(plan))
         return 0

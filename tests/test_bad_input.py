@@ -274,6 +274,8 @@ CASES = {
     "metrics score a text file named .pt": (text_checkpoint, ["{tmp}/text.pt", "not a torch file"]),
     "bench cost epochs negative": (command("bench", "--device", "cpu", "--cost-epochs", "-1"), ["--cost-epochs"]),
     "bench gpu-check without a gpu": (command("bench", "gpu-check", "--out", "{tmp}/gc"), ["gpu-check", "CUDA"]),
+    "bench gpu-check unknown part": (command("bench", "gpu-check", "--out", "{tmp}/gc", "--parts", "bench,fid"),
+                                     ["--parts", "unknown part fid"]),
     # round four, every numeric flag at 0, negative and 20 digits where invalid (0 is valid where the help says it
     # means "off" or "the default": bench --fid-samples/--parity-epochs/--cost-epochs, metrics score --n,
     # --gpus-per-trial); numbers as words or nan/inf where a float is read

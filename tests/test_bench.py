@@ -144,7 +144,7 @@ def test_the_bench_splits_a_real_balanced_trials_epoch(ray_local):
 def test_gpu_check_dry_run_prints_every_part_within_eight_minutes(tmp_path, capsys):
     assert bench.main(["gpu-check", "--out", str(tmp_path / "gc"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for part in ("cuda tests", "bench", "search", "samples"):
+    for part in gpu_check.PART_NAMES[:4]:
         assert f"\n{part}" in f"\n{out}"
     assert "--space balanced --time-budget 4m" in out and "-n 5000" in out and "--packed 1,4" in out
     assert sum(part.limit_s for part in gpu_check.parts(tmp_path)) < 8 * 60
@@ -156,6 +156,14 @@ def test_gpu_check_with_cohort_adds_the_cohort_row_last(tmp_path, capsys):
     assert bench.main(["gpu-check", "--out", str(tmp_path / "gc"), "--dry-run", "--cohort"]) == 0
     last = capsys.readouterr().out.splitlines()[-2]  # the line before "in all at most ..."
     assert last.startswith("cohort") and f"--cohort {gpu_check.COHORT_SIZES}" in last and "--device cuda" in last
+
+
+def test_gpu_check_parts_runs_only_the_named_parts_in_order(tmp_path, capsys):
+    """A lent GPU's minutes may come in two calls: --parts picks parts (cohort implies --cohort)."""
+    assert bench.main(["gpu-check", "--out", str(tmp_path), "--dry-run", "--parts", "cohort,cuda-tests"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["cuda-tests", "cohort"]
+    assert lines[-1] == f"in all at most {(90 + gpu_check.COHORT_LIMIT_S) / 60:.1f} min"
 
 
 def running(pid: int) -> bool:

@@ -9,6 +9,7 @@ each part ends.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -47,7 +48,7 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list
                   COHORT_LIMIT_S, "cohort.log")] if cohort else []
     return [
         # the CPU suite already proves capture safety (test_capture.py); here every setting really captures
-        Part("cuda tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        Part("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                             str(TESTS / "test_cuda.py")], 90, "tests.log"),
         Part("bench", [python, "-m", "gan_tune.bench", "--device", "cuda", "--quick", "--packed", "1,4",
                        "--parity-epochs", "5", "--cost-epochs", "6", "--json", str(out / "bench.json")],
@@ -59,6 +60,19 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list
                          "--out", str(out / "samples.npz"), "--tracking-uri", uri], 20, "samples.log"),
         *extra,
     ]
+
+
+PART_NAMES = ("cuda-tests", "bench", "search", "samples", "cohort")
+
+
+def part_names(text: str) -> tuple[str, ...]:
+    """argparse type of --parts: a comma-separated subset of PART_NAMES."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(names) - set(PART_NAMES))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown part {', '.join(unknown) or '(none given)'} "
+                                         f"(known: {', '.join(PART_NAMES)})")
+    return names
 
 
 def run_part(part: Part, out: Path) -> dict:
