@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
     parser.add_argument("--parity-epochs", type=count_arg(1, off=True), default=None, help="(h): epochs of the "
                         "eager-fp32 vs graph-bf16 FID comparison (default 20 on CUDA, 0 = skip on CPU)")
-    parser.add_argument("--cost-epochs", type=count_arg(1, off=True), default=None, help="(i): epochs of one "
+    # at least 2: the split leaves epoch 1 out (warm-up, graph capture), so one epoch would print nan
+    parser.add_argument("--cost-epochs", type=count_arg(2, off=True), default=None, help="(i): epochs of one "
                         "balanced trial with this device's settings, split into train / score / files / report "
                         "(default 12 on CUDA, 3 on CPU; 0 = skip)")
     parser.add_argument("--cohort", default="", help="(j): cohort sizes K, comma-separated: aggregate images/s of K "

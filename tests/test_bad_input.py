@@ -273,6 +273,7 @@ CASES = {
                                 ["--experiment", "empty"]),
     "metrics score a text file named .pt": (text_checkpoint, ["{tmp}/text.pt", "not a torch file"]),
     "bench cost epochs negative": (command("bench", "--device", "cpu", "--cost-epochs", "-1"), ["--cost-epochs"]),
+    "bench cost epochs 1": (command("bench", "--device", "cpu", "--cost-epochs", "1"), ["--cost-epochs", "0 or >= 2"]),
     "bench gpu-check without a gpu": (command("bench", "gpu-check", "--out", "{tmp}/gc"), ["gpu-check", "CUDA"]),
     "bench gpu-check unknown part": (command("bench", "gpu-check", "--out", "{tmp}/gc", "--parts", "bench,fid"),
                                      ["--parts", "unknown part fid"]),
