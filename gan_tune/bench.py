@@ -92,7 +92,9 @@ def check_writable(path: str) -> None:
         raise ConfigError("--json", f"{path}: cannot write ({err.strerror})") from None
 
 
-def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
+def measure(args: argparse.Namespace, save: Saver) -> None:
+    """Each part in turn, handed to `save` as it ends: the per-trial table first, then FID time, packing,
+    cohorts, the cost split and the eager/graph parity."""
     device, on_gpu = torch.device(args.device), args.device == "cuda"
     data = load_mnist(BUNDLED)
     batches = [128] if args.quick or not on_gpu else [128, 1024]
@@ -100,9 +102,12 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, {steps * 128:,} timed images per cell", file=sys.stderr)
     table = trial_table(device, data, args.models, batches, steps)
-    extra = fid_timing(device, data, args.fid_samples) if args.fid_samples else {}
+    save(table)
+    if args.fid_samples:
+        save(**fid_timing(device, data, args.fid_samples))
     reference = table.loc[(table["model"] == "balanced") & (table["batch"] == 128), "a typical loop"] \
         if len(table) else pd.Series(dtype=float)
+    aggregates = {}
     for trials in args.packed:
         # GPU trials start seconds apart and must overlap for several epochs: long ones; a CPU has
         # time for short ones only (2 trials x 1 thread at width 1 train ~60 images/s each)
@@ -111,23 +116,22 @@ def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
         if len(reference):
             packed["x a"] = round(packed["aggregate_img_per_s"] / reference.item(), 1)
         packed["mps"] = mps_running()  # without MPS, processes sharing a GPU take turns on it
-        extra[f"packed {trials} trials"] = packed
+        aggregates[trials] = packed["aggregate_img_per_s"]
+        save(**{f"packed {trials} trials": packed})
     if args.packed:
-        aggregates = {n: extra[f"packed {n} trials"]["aggregate_img_per_s"] for n in args.packed}
-        extra["best packing (trials per device)"] = best_packing(aggregates)
+        save(**{"best packing (trials per device)": best_packing(aggregates)})
     if args.cohort:  # the balanced space's settings on this device: width 1, batch 128 in a CUDA graph on a GPU
         width, batch = (1.0, 128) if on_gpu else (0.25, 64)
-        extra[f"cohort (balanced, width {width:g}, batch {batch}{', cuda graph' if on_gpu else ''})"] = \
-            cohort_throughput(device, data, args.cohort, steps, width, batch, graph=on_gpu)
+        save(**{f"cohort (balanced, width {width:g}, batch {batch}{', cuda graph' if on_gpu else ''})":
+                cohort_throughput(device, data, args.cohort, steps, width, batch, graph=on_gpu)})
     if args.cost_epochs:
-        extra["cost split per epoch (balanced, this device's settings)"] = \
-            trial_costs(device, data, args.cost_epochs, 8 if args.quick and not on_gpu else 0)  # 8: short CPU epochs
+        short = 8 if args.quick and not on_gpu else 0  # 8 steps: short CPU epochs
+        save(**{"cost split per epoch (balanced, this device's settings)":
+                trial_costs(device, data, args.cost_epochs, short)})
     if args.parity_epochs:
         base = TrainConfig(device=args.device, data_source=data.source, max_epochs=args.parity_epochs,
                            fid_samples=args.fid_samples or GPU_FID_SAMPLES)
-        extra["quality parity"] = quality_parity(device, data, base)
-    return table, extra
-
+        save(**{"quality parity": quality_parity(device, data, base)})
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -142,15 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table, extra = measure(args)
-    if len(table):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
-    for key, value in extra.items():
-        print(f"{key}: {value}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": args.device, "trials": table.to_dict("records"), **extra}, fh, indent=2, default=str)
+    measure(args, Saver(args))
     return 0
+
+
+class Saver:
+    """Prints each part of the bench as it ends and rewrites --json with everything so far: a bench stopped at
+    a time limit (a lent GPU's minutes) keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.table, self.extra = args, pd.DataFrame(), {}
+
+    def __call__(self, table: pd.DataFrame | None = None, **extra) -> None:
+        if table is not None:
+            self.table = table
+            if len(table):
+                print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"), flush=True)
+        for key, value in extra.items():
+            print(f"{key}: {value}", flush=True)
+        self.extra.update(extra)
+        if self.args.json:
+            tmp = Path(f"{self.args.json}.tmp")
+            tmp.write_text(json.dumps({"device": self.args.device, "trials": self.table.to_dict("records"),
+                                       **self.extra}, indent=2, default=str))
+            tmp.replace(self.args.json)
 
 
 def gpu_check_main(argv: list[str]) -> int:

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +33,27 @@ def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
     assert numbers["fid_samples"] == 200
     assert all(numbers[f"fid_seconds width {w:g}"] > 0 for w in throughput.FID_WIDTHS)
     assert "b eager fp32" in capsys.readouterr().out  # the printed table
+
+
+def test_a_bench_stopped_midway_keeps_what_it_measured(tmp_path):
+    """A lent GPU's parts run under time limits: --json holds each finished part as soon as it ends (before,
+    it was written once at the end and a stopped bench left an empty file). Killed while packing trials."""
+    out = tmp_path / "bench.json"
+    bench_run = subprocess.Popen([sys.executable, "-m", "gan_tune.bench", "--device", "cpu", "--quick", "--steps",
+                                  "2", "--fid-samples", "200", "--packed", "1", "--cost-epochs", "0", "--json",
+                                  str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "fid_samples" not in (out.read_text() if out.exists() else "") and bench_run.poll() is None:
+            assert time.monotonic() < deadline, "the FID timing never reached --json"
+            time.sleep(0.1)
+    finally:
+        os.killpg(bench_run.pid, signal.SIGKILL)  # packing starts Ray (seconds): still going
+        bench_run.wait()
+    numbers = json.loads(out.read_text())
+    assert numbers["trials"][0]["model"] == "balanced" and numbers["fid_samples"] == 200
+    assert "packed 1 trials" not in numbers
 
 
 def epoch_rows(trial: str, first_start: float, images: float = 100.0) -> list[dict]:
@@ -201,6 +224,30 @@ def test_gpu_check_skips_the_samples_without_a_search_run(tmp_path):
             gpu_check.Part("samples", [py, "-c", "print(1)", "{parent}"], 30, "p.log")]
     records = gpu_check.run_check(tmp_path, plan)
     assert records[1] == {"part": "samples", "rc": None, "skipped": "the search printed no MLflow parent run"}
+
+
+def test_gpu_check_summarises_the_search_trials_cost_split(tmp_path):
+    """The cost split (train / score / files / report) of the GPU check comes from its search's trials, epoch 1
+    (warm-up, capture) left out; a trial that reported nothing is skipped."""
+    def progress(trial: str, epochs: int, mode: str) -> None:
+        folder = tmp_path / "gpu_check" / trial
+        folder.mkdir(parents=True)
+        pd.DataFrame({"epoch": range(1, epochs + 1), "step_mode": mode, "img_per_s": [10.0] + [40.0] * (epochs - 1),
+                      "fid": [50.0 - e for e in range(epochs)], "epoch_time_s": [9.0] + [0.6] * (epochs - 1),
+                      "score_s": 0.2, "files_s": [3.0] + [0.1] * (epochs - 1), "report_s": 0.1}
+                     ).to_csv(folder / "progress.csv", index=False)
+
+    progress("train_gan_a", 6, "cuda_graph")
+    progress("train_gan_b", 2, "cuda_graph")
+    (tmp_path / "gpu_check" / "train_gan_c").mkdir()
+    (tmp_path / "gpu_check" / "train_gan_c" / "progress.csv").touch()
+    summary = gpu_check.search_summary(tmp_path)
+    assert summary["trials"] == 2 and summary["epochs_max"] == 6 and summary["epochs_median"] == 4
+    assert summary["step_mode"] == {"cuda_graph": 8} and summary["img_per_s_median"] == 40.0
+    assert summary["best_fid"] == 45.0
+    assert summary["train_s"] == pytest.approx(0.6) and summary["files_s"] == pytest.approx(0.1)
+    assert summary["train_share"] == pytest.approx(0.6 / 1.0)
+    assert gpu_check.search_summary(tmp_path / "none") == {"trials": 0}
 
 
 def test_cohort_throughput_reports_each_cohort_against_one_trial():

@@ -50,8 +50,9 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list
         # the CPU suite already proves capture safety (test_capture.py); here every setting really captures
         Part("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                             str(TESTS / "test_cuda.py")], 90, "tests.log"),
+        # the cost split comes from the search's own trials (search_summary), not from a trial of the bench's
         Part("bench", [python, "-m", "gan_tune.bench", "--device", "cuda", "--quick", "--packed", "1,4",
-                       "--parity-epochs", "5", "--cost-epochs", "6", "--json", str(out / "bench.json")],
+                       "--parity-epochs", "5", "--cost-epochs", "0", "--json", str(out / "bench.json")],
              90, "bench.log"),
         Part("search", [python, "-m", "gan_tune.search", "--space", "balanced", "--time-budget", "4m",
                         "--storage-path", str(out / "ray_results"), "--name", "gpu_check", "--tracking-uri", uri],
@@ -122,7 +123,30 @@ def run_check(out: Path, plan: list[Part]) -> list[dict]:
               f"{record['seconds']} s; log {out / part.log}", flush=True)
         if part.name == "search":
             parent = parent_run_id((out / part.log).read_text(errors="replace"))
+            record["summary"] = search_summary(out / "ray_results")
+            save(out, records)
+            print(f"gpu-check: search summary: {record['summary']}", flush=True)
     return records
+
+
+def search_summary(storage: Path) -> dict:
+    """What the search's trials reported, read from their progress.csv: how many ran and how far, whether
+    their steps ran in the CUDA graph, their images/s, and where an epoch's time went (cost_split)."""
+    import pandas as pd
+
+    from gan_tune.benchmarks.throughput import cost_split
+
+    frames = [pd.read_csv(path).assign(trial=path.parent.name) for path in sorted(storage.glob("*/*/progress.csv"))
+              if path.stat().st_size]
+    if not frames:
+        return {"trials": 0}
+    reports = pd.concat(frames, ignore_index=True)
+    epochs = reports.groupby("trial")["epoch"].max()
+    later = reports[reports["epoch"] >= 2]  # epoch 1 holds the warm-up and the capture
+    return {"trials": len(epochs), "epochs_median": float(epochs.median()), "epochs_max": int(epochs.max()),
+            "step_mode": reports["step_mode"].value_counts().to_dict(),
+            "img_per_s_median": round(float(later["img_per_s"].median()), 1) if len(later) else None,
+            "best_fid": round(float(reports["fid"].min()), 3), **cost_split(reports)}
 
 
 def save(out: Path, records: list[dict]) -> None:
