@@ -35,7 +35,7 @@ class Part:
 
 
 COHORT_SIZES = "1,4,16,32,64"
-COHORT_LIMIT_S = 75
+COHORT_LIMIT_S = 75  # 60 steps an epoch: K = 64 trains 64 x 60 x 128 = 492k images per timed epoch, 4 epochs in all
 
 
 def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list[Part]:
@@ -44,7 +44,7 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list
     uri = f"sqlite:///{out / 'mlflow.db'}"
     extra = [Part("cohort", [python, "-m", "gan_tune.bench", "--device", "cuda", "--cohort", COHORT_SIZES,
                              "--models", "", "--packed", "", "--fid-samples", "0", "--cost-epochs", "0",
-                             "--parity-epochs", "0", "--steps", "100", "--json", str(out / "cohort.json")],
+                             "--parity-epochs", "0", "--steps", "60", "--json", str(out / "cohort.json")],
                   COHORT_LIMIT_S, "cohort.log")] if cohort else []
     return [
         # the CPU suite already proves capture safety (test_capture.py); here every setting really captures
