@@ -184,10 +184,12 @@ def gpu_check_main(argv: list[str]) -> int:
                         f"cohorts of {gpu_check.COHORT_SIZES} against one trial), {gpu_check.COHORT_LIMIT_S} s more")
     parser.add_argument("--parts", type=gpu_check.part_names, help="only these parts, comma-separated "
                         f"({', '.join(gpu_check.PART_NAMES)}): a lent GPU's minutes split over two calls, or one "
-                        "part run again (samples needs search in the same call)")
+                        "part run again (samples needs search in the same call); quality, a "
+                        f"{gpu_check.QUALITY_BUDGET} balanced search (issue 26's GPU target), runs only when named")
     args = parser.parse_args(argv)
     args.out = Path(args.out)
-    plan = gpu_check.parts(args.out.resolve(), cohort=args.cohort or "cohort" in (args.parts or ()))
+    named = args.parts or ()
+    plan = gpu_check.parts(args.out.resolve(), cohort=args.cohort or "cohort" in named, quality="quality" in named)
     plan = [part for part in plan if args.parts is None or part.name in args.parts]
     if args.dry_run:
         print(gpu_check.describe(plan))

@@ -169,10 +169,12 @@ def test_gpu_check_dry_run_prints_every_part_within_eight_minutes(tmp_path, caps
     out = capsys.readouterr().out
     for part in gpu_check.PART_NAMES[:4]:
         assert f"\n{part}" in f"\n{out}"
-    assert "--space balanced --time-budget 4m" in out and "-n 5000" in out and "--packed 1,4" in out
+    search = next(line for line in out.splitlines() if line.startswith("search"))
+    assert "--space balanced" in search and "--time-budget 4m" in search
+    assert "-n 5000" in out and "--packed 1,4" in out
     assert sum(part.limit_s for part in gpu_check.parts(tmp_path)) < 8 * 60
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
-    assert "cohort" not in out
+    assert "cohort" not in out and "quality" not in out  # each only when asked for
 
 
 def test_gpu_check_with_cohort_adds_the_cohort_row_last(tmp_path, capsys):
@@ -187,6 +189,28 @@ def test_gpu_check_parts_runs_only_the_named_parts_in_order(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[:-1]] == ["cuda-tests", "cohort"]
     assert lines[-1] == f"in all at most {(90 + gpu_check.COHORT_LIMIT_S) / 60:.1f} min"
+
+
+def test_gpu_check_quality_is_a_nine_minute_search_of_its_own(tmp_path, capsys):
+    """Issue 26's GPU target (FID <= 3.0 within 10 minutes) needs a call of its own: --parts quality."""
+    assert bench.main(["gpu-check", "--out", str(tmp_path), "--dry-run", "--parts", "quality"]) == 0
+    (line, total) = capsys.readouterr().out.splitlines()
+    assert line.startswith("quality") and "--space balanced" in line and "--time-budget 9m" in line
+    assert total == "in all at most 9.8 min"  # under a call's 10 minutes
+
+
+def test_gpu_check_records_the_kept_fid_and_the_trials_of_a_search_part(tmp_path):
+    """A search part's record gets its trials' summary and the FID the search printed for its kept generator."""
+    trial = tmp_path / "study" / "s" / "train_gan_a"
+    trial.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2], "step_mode": "cuda_graph", "img_per_s": 9.0, "fid": [9.0, 4.0],
+                  "epoch_time_s": 1.0, "score_s": 0.1, "files_s": 0.1, "report_s": 0.1}).to_csv(trial / "progress.csv")
+    printed = "best trial 1_00000: fid 2.875 on 10000 samples (4.0 on 1000 when reported) at epoch 2"
+    plan = [gpu_check.Part("quality", [sys.executable, "-c", f"print({printed!r})"], 30, "q.log", "study")]
+    (record,) = gpu_check.run_check(tmp_path, plan)
+    assert record["summary"]["kept_fid"] == 2.875 and record["summary"]["kept_fid_samples"] == 10000
+    assert record["summary"]["trials"] == 1 and record["summary"]["best_fid"] == 4.0
+    assert json.loads((tmp_path / gpu_check.RECORD).read_text())["parts"][0]["summary"] == record["summary"]
 
 
 def running(pid: int) -> bool:

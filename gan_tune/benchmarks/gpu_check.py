@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gan_tune.benchmarks.strategies import parent_run_id
@@ -32,20 +33,27 @@ class Part:
     command: list[str]
     limit_s: float
     log: str  # file in DIR for the part's stdout and stderr
+    results: str = ""  # a search's storage folder in DIR: its trials are summed up in the record
 
 
 COHORT_SIZES = "1,4,16,32,64"
 COHORT_LIMIT_S = 75  # 60 steps an epoch: K = 64 trains 64 x 60 x 128 = 492k images per timed epoch, 4 epochs in all
+QUALITY_BUDGET = "9m"  # issue 26's GPU target: FID <= 3.0 within 10 minutes, finalists and start-up included
+QUALITY_LIMIT_S = 590  # one call to a lent GPU runs 10 minutes at most
 
 
-def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list[Part]:
+def parts(out: Path, python: str = sys.executable, cohort: bool = False, quality: bool = False) -> list[Part]:
     """The check's parts in order; limits sum to 7 min 55 s, the search's 4-minute budget included (cohort: the
-    cohort row too, COHORT_LIMIT_S more)."""
+    cohort row too, COHORT_LIMIT_S more; quality: a QUALITY_BUDGET search, a call of its own)."""
     uri = f"sqlite:///{out / 'mlflow.db'}"
+    search = [python, "-m", "gan_tune.search", "--space", "balanced", "--tracking-uri", uri]
     extra = [Part("cohort", [python, "-m", "gan_tune.bench", "--device", "cuda", "--cohort", COHORT_SIZES,
                              "--models", "", "--packed", "", "--fid-samples", "0", "--cost-epochs", "0",
                              "--parity-epochs", "0", "--steps", "60", "--json", str(out / "cohort.json")],
                   COHORT_LIMIT_S, "cohort.log")] if cohort else []
+    extra += [Part("quality", [*search, "--time-budget", QUALITY_BUDGET, "--storage-path", str(out / "quality_results"),
+                               "--name", "gpu_quality"], QUALITY_LIMIT_S, "quality.log", "quality_results")
+              ] if quality else []
     return [
         # the CPU suite already proves capture safety (test_capture.py); here every setting really captures
         Part("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -54,16 +62,15 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False) -> list
         Part("bench", [python, "-m", "gan_tune.bench", "--device", "cuda", "--quick", "--packed", "1,4",
                        "--parity-epochs", "5", "--cost-epochs", "0", "--json", str(out / "bench.json")],
              90, "bench.log"),
-        Part("search", [python, "-m", "gan_tune.search", "--space", "balanced", "--time-budget", "4m",
-                        "--storage-path", str(out / "ray_results"), "--name", "gpu_check", "--tracking-uri", uri],
-             275, "search.log"),
+        Part("search", [*search, "--time-budget", "4m", "--storage-path", str(out / "ray_results"),
+                        "--name", "gpu_check"], 275, "search.log", "ray_results"),
         Part("samples", [python, "-m", "gan_tune.sample", "--run-id", "{parent}", "-n", "5000",
                          "--out", str(out / "samples.npz"), "--tracking-uri", uri], 20, "samples.log"),
         *extra,
     ]
 
 
-PART_NAMES = ("cuda-tests", "bench", "search", "samples", "cohort")
+PART_NAMES = ("cuda-tests", "bench", "search", "samples", "cohort", "quality")
 
 
 def part_names(text: str) -> tuple[str, ...]:
@@ -114,18 +121,20 @@ def run_check(out: Path, plan: list[Part]) -> list[dict]:
                 records.append({"part": part.name, "rc": None, "skipped": "the search printed no MLflow parent run"})
                 save(out, records)
                 continue
-            part = Part(part.name, [arg.replace("{parent}", parent) for arg in part.command], part.limit_s, part.log)
+            part = replace(part, command=[arg.replace("{parent}", parent) for arg in part.command])
         print(f"gpu-check: {part.name} (at most {part.limit_s:g} s) ...", flush=True)
         record = run_part(part, out)
         records.append(record)
         save(out, records)
         print(f"gpu-check: {part.name}: rc {record['rc']}{' (timed out)' if record['timed_out'] else ''}, "
               f"{record['seconds']} s; log {out / part.log}", flush=True)
+        log = (out / part.log).read_text(errors="replace")
         if part.name == "search":
-            parent = parent_run_id((out / part.log).read_text(errors="replace"))
-            record["summary"] = search_summary(out / "ray_results")
+            parent = parent_run_id(log)
+        if part.results:
+            record["summary"] = {**search_summary(out / part.results), **kept_fid(log)}
             save(out, records)
-            print(f"gpu-check: search summary: {record['summary']}", flush=True)
+            print(f"gpu-check: {part.name} summary: {record['summary']}", flush=True)
     return records
 
 
@@ -147,6 +156,12 @@ def search_summary(storage: Path) -> dict:
             "step_mode": reports["step_mode"].value_counts().to_dict(),
             "img_per_s_median": round(float(later["img_per_s"].median()), 1) if len(later) else None,
             "best_fid": round(float(reports["fid"].min()), 3), **cost_split(reports)}
+
+
+def kept_fid(log: str) -> dict:
+    """The kept generator's FID as the search printed it (its finalists scored again on more samples)."""
+    found = re.search(r"^best trial \S+: fid ([\d.]+) on (\d+) samples", log, re.M)
+    return {"kept_fid": float(found[1]), "kept_fid_samples": int(found[2])} if found else {}
 
 
 def save(out: Path, records: list[dict]) -> None:
