@@ -133,6 +133,7 @@ def measure(args: argparse.Namespace, save: Saver) -> None:
                            fid_samples=args.fid_samples or GPU_FID_SAMPLES)
         save(**{"quality parity": quality_parity(device, data, base)})
 
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["search"]:  # python -m gan_tune.bench search: the search strategies' anytime curves

@@ -213,6 +213,21 @@ def test_gpu_check_records_the_kept_fid_and_the_trials_of_a_search_part(tmp_path
     assert json.loads((tmp_path / gpu_check.RECORD).read_text())["parts"][0]["summary"] == record["summary"]
 
 
+def test_gpu_check_goes_on_when_a_search_summary_cannot_be_read(tmp_path):
+    """A trial file without the columns the summary reads (an older trainable, a cut-off write) is one line in
+    the record; the parts after it still run."""
+    trial = tmp_path / "study" / "s" / "train_gan_a"
+    trial.mkdir(parents=True)
+    (trial / "progress.csv").write_text("epoch,fid\n1,9.0\n")
+    py = sys.executable
+    plan = [gpu_check.Part("search", [py, "-c", "print('mlflow parent run: abc123 (experiment x)')"], 30, "s.log",
+                           "study"),
+            gpu_check.Part("samples", [py, "-c", "import sys; print(sys.argv[1])", "{parent}"], 30, "p.log")]
+    search, samples = gpu_check.run_check(tmp_path, plan)
+    assert search["summary"]["error"].startswith("KeyError") and samples["rc"] == 0
+    assert (tmp_path / "p.log").read_text().strip() == "abc123"
+
+
 def running(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie left for init to reap is not)."""
     try:

@@ -132,7 +132,10 @@ def run_check(out: Path, plan: list[Part]) -> list[dict]:
         if part.name == "search":
             parent = parent_run_id(log)
         if part.results:
-            record["summary"] = {**search_summary(out / part.results), **kept_fid(log)}
+            try:
+                record["summary"] = {**search_summary(out / part.results), **kept_fid(log)}
+            except (KeyError, ValueError, OSError) as err:  # a summary must not cost the parts after it
+                record["summary"] = {"error": f"{type(err).__name__}: {err}"}
             save(out, records)
             print(f"gpu-check: {part.name} summary: {record['summary']}", flush=True)
     return records
