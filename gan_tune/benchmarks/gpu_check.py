@@ -70,7 +70,7 @@ def parts(out: Path, python: str = sys.executable, cohort: bool = False, quality
     ]
 
 
-PART_NAMES = ("cuda-tests", "bench", "search", "samples", "cohort", "quality")
+PART_NAMES = tuple(part.name for part in parts(Path(), cohort=True, quality=True))  # in the order they run
 
 
 def part_names(text: str) -> tuple[str, ...]:
