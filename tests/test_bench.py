@@ -300,3 +300,13 @@ def test_cohort_throughput_reports_each_cohort_against_one_trial():
 def test_bad_cohort_sizes_exit_2(capsys):
     assert bench.main(["--cohort", "4,0"]) == 2
     assert "--cohort" in capsys.readouterr().err
+
+
+def test_the_borrowed_machine_script_leaves_every_search_storage_out_of_its_logs():
+    """.ci/gpu-check returns logs.tgz through a 16 MiB limit: a search's checkpoints (a width-1 one is ~30 MB)
+    must stay out of it, or the logs and mlflow.db of that call do not come back."""
+    script = (Path(__file__).resolve().parents[1] / ".ci" / "gpu-check").read_text()
+    tar = next(line for line in script.splitlines() if line.startswith("tar "))
+    stored = {part.results for part in gpu_check.parts(Path("out"), cohort=True, quality=True) if part.results}
+    assert stored == {"ray_results", "quality_results"}
+    assert all(f"--exclude {folder}" in tar for folder in stored), tar

@@ -34,6 +34,7 @@ from gan_tune.tuning import spaces
 SEED_RECIPE = {"lr_d": 2.0e-4, "lr_g": 1.0e-4, "latent_dim": 100, "beta1": 0.5, "loss": "ns", "g_ema": 0.0}
 SHARES = (0.25, 0.5, 1.0)  # of the budget, for the table
 FID_LEVELS = (100.0, 50.0, 30.0)
+RESUMING = ("hyperband", "pbt")  # schedulers that resume trials from checkpoints (spaces refuse clock checkpoints)
 RUN_OVERHEAD_S = 60  # Ray start-up, finalists and tracking around each search's budget (the time estimate)
 
 
@@ -46,7 +47,9 @@ def seed_recipe(raw: dict) -> dict:
 
 def with_scheduler(scheduler: dict, search_alg: str = "random") -> Callable[[dict], dict]:
     def change(raw: dict) -> dict:
-        base = {**raw.get("base", {}), "checkpoint_every": 1}  # HyperBand and PBT pause and resume from checkpoints
+        base = raw.get("base", {})
+        if scheduler["type"] in RESUMING:  # they pause and resume trials from the last epoch's checkpoint
+            base = {**base, "checkpoint_every": 1, "checkpoint_every_s": 0}
         return {**raw, "base": base, "search_alg": search_alg, "scheduler": scheduler}
     return change
 
