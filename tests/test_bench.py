@@ -310,3 +310,21 @@ def test_the_borrowed_machine_script_leaves_every_search_storage_out_of_its_logs
     stored = {part.results for part in gpu_check.parts(Path("out"), cohort=True, quality=True) if part.results}
     assert stored == {"ray_results", "quality_results"}
     assert all(f"--exclude {folder}" in tar for folder in stored), tar
+
+
+@pytest.mark.parametrize("mps", [False, True])
+def test_packed_rows_record_whether_mps_was_on(tmp_path, monkeypatch, mps):
+    """Packed trials on one GPU take turns unless NVIDIA MPS runs: each packed row says which it measured. The
+    packed search itself is replaced (a real one runs in test_a_packed_search_of_two_real_trials_reports_its_...):
+    the row is the claim here."""
+    from gan_tune.tuning import cluster
+    monkeypatch.setenv(cluster.MPS_PIPE_ENV, str(tmp_path))
+    if mps:
+        (tmp_path / "control").touch()  # an MPS control daemon's pipe
+    monkeypatch.setattr(bench, "packed_search", lambda trials, *a, **k: {"aggregate_img_per_s": 10.0 * trials})
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--models", "", "--fid-samples", "0", "--cost-epochs", "0",
+                       "--packed", "1,2", "--json", str(out)]) == 0
+    numbers = json.loads(out.read_text())
+    assert [numbers[f"packed {n} trials"]["mps"] for n in (1, 2)] == [mps, mps]
+    assert numbers["best packing (trials per device)"] == 2

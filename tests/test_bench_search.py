@@ -86,15 +86,16 @@ def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
 
 
 def test_every_strategy_of_the_balanced_gpu_space_is_valid():
-    """On a GPU `balanced` checkpoints by the clock, which HyperBand and PBT refuse (they resume trials from the
-    last epoch's checkpoint): their strategies switch to a checkpoint every epoch, the others keep the clock.
+    """On a GPU `balanced` checkpoints by the clock and scores every other epoch, which HyperBand and PBT refuse
+    (they resume trials from the last epoch's checkpoint and compare scores from epoch 1): their strategies
+    switch to a checkpoint and a score every epoch, the others keep the space's settings.
     Before, `bench search` refused hyperband and pbt, so it exited 2 on every GPU machine."""
     raw = read_yaml(resolve_space("balanced"))
     loaded = {name: spaces.parse_space(strategies.strategy_raw(raw, name, gpu=True), name, name)
               for name in strategies.STRATEGIES}
-    clock = {name: s.base.get("checkpoint_every_s") for name, s in loaded.items()}
-    assert clock == {"seed-recipe": 30, "random-fifo": 30, "random-asha": 30, "optuna-asha": 30,
-                     "random-hyperband": 0, "pbt": 0, "cohort-asha": 30}
+    clock = {name: (s.base.get("checkpoint_every_s"), s.base["eval_every"]) for name, s in loaded.items()}
+    assert clock == {"seed-recipe": (30, 2), "random-fifo": (30, 2), "random-asha": (30, 2), "optuna-asha": (30, 2),
+                     "random-hyperband": (0, 1), "pbt": (0, 1), "cohort-asha": (30, 2)}
     assert all("width" not in s.base and s.time_budget_s == 30 * 60 for s in loaded.values())  # no cpu block
 
 

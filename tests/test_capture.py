@@ -140,6 +140,20 @@ def test_an_epoch_reads_the_host_once(images):
     assert detector.seen == ["tolist"]
 
 
+def test_a_cohort_epoch_reads_the_host_once(images):
+    """Issue 27 item 4: a cohort epoch, like a trial's, reads every member's statistics back in one tolist."""
+    from gan_tune.training import cohort, cohort_step
+
+    cfgs = [TrainConfig(**TINY, seed=seed, lr_d=lr_d, g_ema=0.999, r1_gamma=1.0)
+            for seed, lr_d in ((0, 2e-4), (1, 1e-3))]
+    fused = cohort.make_cohort(cfgs, CPU)
+    gens = cohort_step.make_generators(fused)
+    cohort_step.train_cohort_epoch(fused, images, gens)  # the first epoch builds the step and the optimiser state
+    with HostReads() as detector:
+        records = cohort_step.train_cohort_epoch(fused, images, gens)
+    assert detector.seen == ["tolist"] and len(records) == 2
+
+
 def test_a_failed_capture_trains_on_eagerly_with_the_same_results(images, monkeypatch, caplog):
     """Forced to fail at capture, the graph path logs one line and trains exactly what the eager path trains."""
     cfg = TrainConfig(**TINY, g_ema=0.999, r1_gamma=1.0)

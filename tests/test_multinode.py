@@ -65,6 +65,8 @@ def test_smoke_search_spreads_over_nodes_and_ray_schedules_quarter_gpu_shares_on
     done = run_search(cluster, tmp_path, "--storage-is-shared", "--num-samples", str(TRIALS))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0.25 GPU per trial" in done.stdout
+    # no MPS daemon here: the plan says in one line that the shares take turns on a real GPU
+    assert "note: 0.25 GPU per trial shares each GPU between 4 trials, but NVIDIA MPS is not running" in done.stdout
 
     study = tmp_path / "shared" / "multinode"
     progress = {path.parent.name: pd.read_csv(path) for path in study.glob("*/progress.csv")}

@@ -161,6 +161,16 @@ def test_smoke_search_rescored_its_finalists_and_kept_the_best_of_them(smoke_stu
     assert load_config(exp_dir / study_storage.BEST_CONFIG).max_epochs == int(epoch)  # the kept checkpoint's epoch
 
 
+def test_a_worker_trains_the_trials_after_its_first_in_the_same_process(smoke_study):
+    """reuse_actors: the smoke search's third trial waits for a slot and runs in a finished trial's worker
+    (Tune reports each result's `pid`), so a worker's start-up (process, imports, CUDA context, the cached
+    classifier) is paid once. With reuse_actors=False every trial gets a process of its own."""
+    code, exp_dir, _ = smoke_study
+    pids = {csv.parent.name: set(pd.read_csv(csv)["pid"]) for csv in exp_dir.glob("train_gan_*/progress.csv")}
+    assert code == 0 and len(pids) == 3 and all(len(p) == 1 for p in pids.values()), pids
+    assert len(set.union(*pids.values())) == 2, pids  # two slots (one CPU each on two), two processes
+
+
 def test_a_search_without_num_samples_starts_trials_until_its_budget(ray_local, tmp_path, capfd):
     """Trials that end early free their slots: new ones start until the budget ends, not after the first two.
     The trials still queued at the end are counted as never started, without Tune's FileNotFoundError list."""

@@ -172,7 +172,8 @@ def build_cohort_step(cohort: Cohort, images: Tensor, generators: list[torch.Gen
 
 def train_cohort_epoch(cohort: Cohort, images: Tensor, generators: list[torch.Generator]) -> list[dict[str, float]]:
     """One epoch of every member (loop.train_epoch's draws: each member's batch order from its own generator),
-    eagerly, with one host sync; one record per member (its mean statistics, alive) and the cohort's img_per_s."""
+    through cohort.step (eager, or its CUDA graph), with one host sync; one record per member (its mean
+    statistics, alive) and the cohort's img_per_s."""
     cfg, members = cohort.cfg, cohort.members
     iters = iterations_per_epoch(cfg, images.shape[0])
     for module in (cohort.g, cohort.d):

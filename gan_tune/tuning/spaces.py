@@ -303,6 +303,8 @@ def check_hyperband(settings: dict, fixed: TrainConfig, search_alg: str, where: 
     if fixed.checkpoint_every != 1:  # HyperBand pauses trials at any epoch and resumes them from a checkpoint
         raise ConfigError("base.checkpoint_every", "hyperband resumes paused trials from checkpoints: use 1",
                           where=where)
+    if fixed.eval_every != 1:  # its smallest bracket ranks trials after one epoch, by their scores
+        raise ConfigError("base.eval_every", "hyperband compares trials from their first epoch: use 1", where=where)
     return settings
 
 
