@@ -12,6 +12,7 @@ import torch
 
 from gan_tune.benchmarks import gpu_check
 from gan_tune.benchmarks.throughput import (
+    balanced_plan,
     best_packing,
     cohort_throughput,
     fid_timing,
@@ -22,7 +23,7 @@ from gan_tune.benchmarks.throughput import (
 )
 from gan_tune.cli import CliParser, count_arg, out_file, out_folder
 from gan_tune.quality.scorer import GPU_FID_SAMPLES
-from gan_tune.training.config import MAX_COUNT, ConfigError, TrainConfig
+from gan_tune.training.config import MAX_COUNT, ConfigError, TrainConfig, from_dict
 from gan_tune.training.data import BUNDLED, load_mnist
 from gan_tune.training.models import MODELS
 from gan_tune.tuning.cluster import mps_running
@@ -120,8 +121,9 @@ def measure(args: argparse.Namespace, save: Saver) -> None:
         save(**{f"packed {trials} trials": packed})
     if args.packed:
         save(**{"best packing (trials per device)": best_packing(aggregates)})
-    if args.cohort:  # the balanced space's settings on this device: width 1, batch 128 in a CUDA graph on a GPU
-        width, batch = (1.0, 128) if on_gpu else (0.25, 64)
+    if args.cohort:  # the balanced space's model on this device (width 1, batch 128 in a CUDA graph on a GPU)
+        plan = from_dict(balanced_plan(device).train_fields)
+        width, batch = plan.width, plan.batch_size
         save(**{f"cohort (balanced, width {width:g}, batch {batch}{', cuda graph' if on_gpu else ''})":
                 cohort_throughput(device, data, args.cohort, steps, width, batch, graph=on_gpu)})
     if args.cost_epochs:

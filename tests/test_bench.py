@@ -297,6 +297,16 @@ def test_cohort_throughput_reports_each_cohort_against_one_trial():
     assert numbers["step"] == numbers["cohort 2 step"] == "eager"  # what each ran: a CUDA graph only on a GPU
 
 
+def test_the_cohort_row_trains_the_model_a_search_on_this_device_trains(tmp_path):
+    """The row compares cohorts on the balanced space's own model and batch for the device (its cpu block
+    here: width 0.25, batch 32), so it follows the space when the space changes."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--models", "", "--packed", "", "--fid-samples", "0", "--cost-epochs",
+                       "0", "--steps", "2", "--cohort", "2", "--json", str(out)]) == 0
+    (key,) = [key for key in json.loads(out.read_text()) if key.startswith("cohort")]
+    assert key == "cohort (balanced, width 0.25, batch 32)"
+
+
 def test_bad_cohort_sizes_exit_2(capsys):
     assert bench.main(["--cohort", "4,0"]) == 2
     assert "--cohort" in capsys.readouterr().err

@@ -264,6 +264,16 @@ def cost_split(reports: pd.DataFrame) -> dict:
             "train_share": round(means["train_s"] / total, 3) if total else float("nan")}
 
 
+def balanced_plan(device: torch.device):
+    """The balanced space as a search on this device runs it: as written with a GPU, its cpu block merged in
+    without one (imported here: the bench's other parts need no Ray Tune)."""
+    from gan_tune.tuning.space_files import resolve_space
+    from gan_tune.tuning.spaces import for_cpu, load_space
+
+    space = load_space(resolve_space("balanced"))
+    return space if device.type == "cuda" else for_cpu(space)
+
+
 def trial_costs(device: torch.device, data: Mnist, epochs: int, steps: int = 0) -> dict:
     """One Tune trial of the balanced space with this device's settings (its cpu block without a GPU):
     where an epoch's time goes (cost_split). `steps` > 0 shortens the epochs (a quick CPU run)."""
@@ -272,12 +282,9 @@ def trial_costs(device: torch.device, data: Mnist, epochs: int, steps: int = 0) 
     import ray
 
     from gan_tune.training.config import from_dict
-    from gan_tune.tuning.space_files import resolve_space
-    from gan_tune.tuning.spaces import for_cpu, load_space
     from gan_tune.tuning.trainable import train_gan
 
-    space = load_space(resolve_space("balanced"))
-    plan = space if device.type == "cuda" else for_cpu(space)
+    plan = balanced_plan(device)
     # the trial trains on `data` (the trainable takes it through the object store), whatever data_source says
     cfg = from_dict({**plan.train_fields, "max_epochs": epochs, "steps_per_epoch": steps, "device": device.type})
     resources = {"cpu": plan.resources["cpu"], "gpu": 1 if device.type == "cuda" else 0}
