@@ -294,3 +294,47 @@ def test_a_cohort_search_gives_every_member_its_own_mlflow_run(cohort_study):
     assert best in {r.data.tags["trial_id"] for r in members}
     assert parent.data.tags["best.run_id"] == next(r.info.run_id for r in members if r.data.tags["trial_id"] == best)
     assert sum(json.loads(parent.data.tags["trial_outcomes"]).values()) == 8  # configurations, not trials
+
+
+def test_a_killed_cohort_search_resumes_every_member_to_the_end(tmp_path):
+    """Issue 27: `--resume` works per member. The driver is killed (SIGKILL, nothing saved on the way out) while
+    the cohort trial waits at the fault gate after epoch 2's report and checkpoint; the resumed study trains the
+    cohort from that checkpoint to epoch 3, and MLflow holds one child run per member (the killed search's, reused)
+    with every epoch logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from test_reliability import wait_for_gate
+
+    from gan_tune.tuning import trainable
+
+    space = write_space(tmp_path, num_samples=4, scheduler={"type": "fifo"}, finalists={"trials": 1, "samples": 500})
+    uri, gate, location = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "gate", tmp_path / "rr" / "killed"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "gan_tune.search", "--space", str(space), "--storage-path",
+                               str(tmp_path / "rr"), "--name", "killed", "--tracking-uri", uri],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                              env={**env, trainable.FAULT_GATE_ENV: f"2:{gate}"})
+    try:
+        wait_for_gate(driver, gate, timeout_s=300)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    resumed = subprocess.run([sys.executable, "-m", "gan_tune.search", "--resume", str(location)], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    (trial,) = location.glob("train_cohort_*")
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert reports[-1]["epoch"] == 3 and reports[-1]["members_alive"] == 0  # every member ran to max_epochs
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.run_kind = 'trial'")
+    steps = {run.data.tags["trial_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")]
+             for run in runs}
+    assert len(runs) == 4 and all(sorted(s) == [1, 2, 3] for s in steps.values()), steps
+    assert (location / "best_config.yaml").is_file()
