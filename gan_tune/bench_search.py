@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=count_arg(1), default=3, help="seeds per strategy (default 3)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                         help=f"comma-separated: {', '.join(STRATEGIES)}, or space files (default: all but cohort-asha, "
-                             "which pays on a GPU: compare it with random-asha there)")
+                             "which the README compares with random-asha on its own)")
     parser.add_argument("--out", default="bench_search", type=out_folder, help="output folder (default ./bench_search)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: draw curves.png, table.txt and the verdict again from OUT/curves.json")

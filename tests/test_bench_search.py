@@ -85,6 +85,16 @@ def test_each_strategy_is_the_balanced_cpu_space_with_its_scheduler():
     assert all(s.base["width"] == 0.25 and s.time_budget_s == 14 * 60 for s in loaded.values())
 
 
+def test_the_cohort_spaces_cpu_side_is_the_measured_cohort_asha_strategy():
+    """README, Cohort trials: `--space cohort` on a CPU is what `bench search` measured as cohort-asha
+    (balanced's cpu block with 4 configurations per trial)."""
+    cohort = spaces.for_cpu(spaces.load_space(resolve_space("cohort")))
+    measured = spaces.parse_space(strategies.strategy_raw(read_yaml(resolve_space("balanced")), "cohort-asha",
+                                                          gpu=False), "cohort-asha", "cohort-asha")
+    for key in ("base", "search", "max_epochs", "cohort", "scheduler", "resources", "time_budget_s"):
+        assert getattr(cohort, key) == getattr(measured, key), key
+
+
 def test_every_strategy_of_the_balanced_gpu_space_is_valid():
     """On a GPU `balanced` checkpoints by the clock and scores every other epoch, which HyperBand and PBT refuse
     (they resume trials from the last epoch's checkpoint and compare scores from epoch 1): their strategies
