@@ -122,8 +122,8 @@ def measure(args: argparse.Namespace, save: Saver) -> None:
     if args.packed:
         save(**{"best packing (trials per device)": best_packing(aggregates)})
     if args.cohort:  # the balanced space's model on this device (width 1, batch 128 in a CUDA graph on a GPU)
-        plan = from_dict(balanced_plan(device).train_fields)
-        width, batch = plan.width, plan.batch_size
+        cfg = from_dict(balanced_plan(device).train_fields)
+        width, batch = cfg.width, cfg.batch_size
         save(**{f"cohort (balanced, width {width:g}, batch {batch}{', cuda graph' if on_gpu else ''})":
                 cohort_throughput(device, data, args.cohort, steps, width, batch, graph=on_gpu)})
     if args.cost_epochs:

@@ -227,7 +227,7 @@ def test_gpu_settings_spend_the_gpu_on_training_and_cpu_blocks_keep_every_epoch(
     epoch takes seconds: its block scores, checkpoints and draws every epoch."""
     space = spaces.load_space(SPACES_DIR / f"{name}.yaml")
     gpu, cpu = from_dict(space.train_fields), from_dict(spaces.for_cpu(space).train_fields)
-    resumes = space.scheduler["type"] in ("hyperband", "pbt")
+    resumes = space.scheduler["type"] in spaces.RESUMING_SCHEDULERS
     assert gpu.checkpoint_every == 1 if resumes else gpu.checkpoint_every_s == 30
     assert gpu.sample_every == 10 and gpu.eval_every in (1, 2)
     assert space.epochs_until_budget or space.max_epochs >= 54

@@ -34,7 +34,6 @@ from gan_tune.tuning import spaces
 SEED_RECIPE = {"lr_d": 2.0e-4, "lr_g": 1.0e-4, "latent_dim": 100, "beta1": 0.5, "loss": "ns", "g_ema": 0.0}
 SHARES = (0.25, 0.5, 1.0)  # of the budget, for the table
 FID_LEVELS = (100.0, 50.0, 30.0)
-RESUMING = ("hyperband", "pbt")  # schedulers that resume trials from checkpoints and compare scores from epoch 1
 RUN_OVERHEAD_S = 60  # Ray start-up, finalists and tracking around each search's budget (the time estimate)
 
 
@@ -48,8 +47,8 @@ def seed_recipe(raw: dict) -> dict:
 def with_scheduler(scheduler: dict, search_alg: str = "random") -> Callable[[dict], dict]:
     def change(raw: dict) -> dict:
         base = raw.get("base", {})
-        if scheduler["type"] in RESUMING:  # they resume trials from the last epoch's checkpoint, and compare
-            base = {**base, "checkpoint_every": 1, "checkpoint_every_s": 0, "eval_every": 1}  # from epoch 1
+        if scheduler["type"] in spaces.RESUMING_SCHEDULERS:  # what spaces.check_resuming asks of them
+            base = {**base, "checkpoint_every": 1, "checkpoint_every_s": 0, "eval_every": 1}
         return {**raw, "base": base, "search_alg": search_alg, "scheduler": scheduler}
     return change
 

@@ -42,6 +42,7 @@ REQUIRED = ("metric", "mode", "search_alg", "scheduler")
 # A space with a time_budget may leave these out: trials start (num_samples), or a PBT population trains
 # (max_epochs), until the budget ends. The trainable still needs a number, so such trials get this ceiling.
 UNTIL_BUDGET_EPOCHS = 100_000
+RESUMING_SCHEDULERS = ("pbt", "hyperband")  # resume trials from their last checkpoint, rank them from epoch 1
 # Loaded once by the driver and shared by all trials, or chosen by Ray: a study cannot search these.
 FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "out_dir", "name")
 PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
@@ -160,10 +161,8 @@ def parse_space(raw: dict[str, Any], where: str, name: str) -> Space:
     if epochs_until_budget and scheduler["type"] != "pbt":
         raise ConfigError("max_epochs", f"missing: only a pbt population may train until the time budget "
                           f"({scheduler['type']} needs an epoch limit)", where=where)
-    if fixed.checkpoint_every_s and scheduler["type"] in ("pbt", "hyperband"):
-        raise ConfigError("base.checkpoint_every_s", f"must be 0 with scheduler {scheduler['type']}: it resumes "
-                          "trials from their last checkpoint, so they checkpoint every checkpoint_every epochs",
-                          where=where)
+    if scheduler["type"] in RESUMING_SCHEDULERS:
+        check_resuming(fixed, scheduler["type"], where)
     resources = parse_resources(raw.get("resources") or {}, where)
     description = str(raw.get("description") or "").strip()
     finalists = parse_finalists(raw.get("finalists") or {}, where)
@@ -303,9 +302,18 @@ def check_hyperband(settings: dict, fixed: TrainConfig, search_alg: str, where: 
     if fixed.checkpoint_every != 1:  # HyperBand pauses trials at any epoch and resumes them from a checkpoint
         raise ConfigError("base.checkpoint_every", "hyperband resumes paused trials from checkpoints: use 1",
                           where=where)
-    if fixed.eval_every != 1:  # its smallest bracket ranks trials after one epoch, by their scores
-        raise ConfigError("base.eval_every", "hyperband compares trials from their first epoch: use 1", where=where)
     return settings
+
+
+def check_resuming(fixed: TrainConfig, scheduler: str, where: str) -> None:
+    """PBT and HyperBand restart a trial from its last checkpoint, so one taken by the clock would lose epochs,
+    and rank trials by a score from their first epoch on (PBT raises on a report without the metric; HyperBand's
+    smallest bracket judges after one epoch)."""
+    if fixed.checkpoint_every_s:
+        raise ConfigError("base.checkpoint_every_s", f"must be 0 with scheduler {scheduler}: it resumes trials "
+                          "from their last checkpoint, so they checkpoint every checkpoint_every epochs", where=where)
+    if fixed.eval_every != 1:
+        raise ConfigError("base.eval_every", f"{scheduler} needs a score on every report: use 1", where=where)
 
 
 def check_fifo(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -> dict:
@@ -324,8 +332,6 @@ def check_pbt(settings: dict, fixed: TrainConfig, search_alg: str, where: str) -
                           where=where)
     if search_alg == "optuna":
         raise ConfigError("search_alg", "pbt samples its own population: use random or grid", where=where)
-    if fixed.eval_every != 1:  # PBT raises on any report without the metric
-        raise ConfigError("base.eval_every", "pbt needs a score on every report: use 1", where=where)
     if not 0 < check_number(settings["quantile_fraction"], "scheduler.quantile_fraction", where) <= 0.5:
         raise ConfigError("scheduler.quantile_fraction", "must be in (0, 0.5]", where=where)
     if not 0 <= check_number(settings["resample_probability"], "scheduler.resample_probability", where) <= 1:
