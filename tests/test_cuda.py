@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_capture import SETTINGS, TINY
 
+from gan_tune.benchmarks import throughput
 from gan_tune.training import loop, step
 from gan_tune.training.config import TrainConfig
 from gan_tune.training.data import BUNDLED, load_mnist
@@ -113,3 +114,15 @@ def test_a_cohort_epoch_in_its_cuda_graph_trains_as_it_does_eagerly(images):
         for mine, theirs in zip(graphed, eager):
             for key in step.D_STATS + step.G_STATS:
                 assert math.isclose(mine[key], theirs[key], rel_tol=1e-3, abs_tol=1e-4), key
+
+
+def test_quality_parity_on_cuda_compares_eager_with_a_captured_graph():
+    """The same seed through eager and CUDA-graph steps (both TF32): the graph replays the eager step's kernels,
+    so the first steps' losses agree to rounding; bf16 in a graph trains a GAN of comparable FID."""
+    data = load_mnist(BUNDLED)
+    cfg = TrainConfig(device="cuda", width=0.25, batch_size=32, steps_per_epoch=4, max_epochs=2, fid_samples=200,
+                      data_source=data.source)  # the size of test_bench.PARITY
+    numbers = throughput.quality_parity(CUDA, data, cfg)
+    assert numbers["step_mode b"] == "eager" and numbers["step_mode c"] == numbers["step_mode d"] == "cuda_graph"
+    assert numbers["loss_d rel diff c vs b"] < 1e-3 and numbers["loss_g rel diff c vs b"] < 1e-3, numbers
+    assert math.isfinite(numbers["fid d / fid b"]) and numbers["fid d / fid b"] > 0, numbers
