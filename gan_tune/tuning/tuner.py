@@ -25,7 +25,7 @@ from gan_tune.tracking import child_runs, parent_run, store
 from gan_tune.training.cohort import config_of
 from gan_tune.training.config import first_line, from_dict, resolve_derived
 from gan_tune.training.data import Mnist, load_mnist
-from gan_tune.tuning import console, finalists, schedulers, space_values, spaces
+from gan_tune.tuning import console, finalists, schedulers, searchers, space_values, spaces
 from gan_tune.tuning.cluster import (
     queue_lazily,
     sharing_note,
@@ -195,10 +195,10 @@ def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
     tune_config = tune.TuneConfig(
         metric=space.metric, mode=space.mode, scheduler=schedulers.make_scheduler(space),
-        search_alg=schedulers.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
+        search_alg=searchers.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
         time_budget_s=space.time_budget_s, trial_dirname_creator=cohort_dirname if space.cohort > 1 else None,
         reuse_actors=True)  # a new trial (or a PBT/HyperBand resume) skips starting a process and importing torch
-    return tune.Tuner(trainable, param_space=schedulers.param_space(space, args.seed), tune_config=tune_config,
+    return tune.Tuner(trainable, param_space=searchers.param_space(space, args.seed), tune_config=tune_config,
                       run_config=run_config)
 
 
