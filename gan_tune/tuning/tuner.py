@@ -98,7 +98,7 @@ def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: d
 
 def finish_tracking(best: Finalist | None, space: Space, args: argparse.Namespace, parent: str) -> None:
     """Log the chosen generator (its trial, checkpoint, scores) on the parent run, and end it."""
-    rescored = best is not None and bool(best.scores)  # else search_run picks the trial's best kept checkpoint
+    rescored = best is not None and bool(best.scores)  # else parent_run picks the trial's best kept checkpoint
     parent_run.finish_search_run(args.tracking_uri, parent, best.result if best else None, space.metric, space.mode,
                                  edge_warnings=edge_warnings(space, best.searched) if best else [],
                                  chosen=(best.checkpoint, best.reported) if rescored else None,
@@ -222,7 +222,7 @@ def choose_best(results: tune.ResultGrid, space: Space, data: Mnist) -> tuple[Fi
         result = results.get_best_result(space.metric, space.mode, scope="all")
     except RuntimeError:  # no trial reported the metric
         return None, []
-    row = best_epoch(result, space).to_dict()  # finish_tracking lets search_run pick the kept checkpoint
+    row = best_epoch(result, space).to_dict()  # finish_tracking lets parent_run pick the kept checkpoint
     config = resolve_derived(config_of(result.config, row.get("member")))
     return Finalist(result, result.checkpoint, row, {}, config), []
 
