@@ -1,10 +1,10 @@
 """CLI: `python -m gan_tune.sample --run-id ID [-n 64] [--out grid.png] [--tracking-uri URI]` (or `--model-uri URI`).
 
-Loads the generator a search logged on its parent run (`search_run.finish_search_run`) with
-`mlflow.pytorch.load_model` and writes `n` samples: a grid (`.png`, `artifacts.save_grid`), or the raw
-images for scoring with other tools, as MNIST's own format (uint8, N x 28 x 28): `.npy` holds the array,
-`.npz` the array as `images` beside the `seed` and `model_uri` that made it. No gan_tune model code is
-needed to load the generator: the model is a torch.export program (pt2).
+Loads the generator a search logged on its parent run (`tracking.parent_run.finish_search_run`) with
+`mlflow.pytorch.load_model` (`tracking.logged_model`) and writes `n` samples: a grid (`.png`,
+`artifacts.save_grid`), or the raw images for scoring with other tools, as MNIST's own format (uint8,
+N x 28 x 28): `.npy` holds the array, `.npz` the array as `images` beside the `seed` and `model_uri` that
+made it. No gan_tune model code is needed to load the generator: the model is a torch.export program (pt2).
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from gan_tune.cli import CliParser, count_arg, out_file, seed_arg
-from gan_tune.tracking.parent_run import MODEL_NAME
+from gan_tune.tracking.logged_model import (
+    latent_size,
+    load_generator,
+    model_uri_of_run,
+    sample,
+)
 from gan_tune.tracking.store import (
-    is_outage,
     open_client,
     resolve_tracking_uri,
     store_errors,
@@ -48,38 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_uri_of_run(client: MlflowClient, run_id: str) -> str:
-    """`models:/<id>` of the generator logged on the run; a ConfigError naming --run-id when it has none."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        if is_outage(err):  # a store that failed is not a missing run; store_errors names it
-            raise
-        raise ConfigError("--run-id", f"{run_id}: no such run") from None
-    models = client.search_logged_models([run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
-    if not models:
-        raise ConfigError("--run-id", f"{run_id}: has no logged {MODEL_NAME} model (log one with a finished search; "
-                                      "trial runs have none, use their parent)")
-    return f"models:/{models[0].model_id}"
-
-
-def load_generator(model_uri: str) -> torch.nn.Module:
-    try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except (MlflowException, OSError) as err:
-        raise ConfigError("--model-uri", f"{model_uri}: cannot load a model ({first_line(err)})") from None
-
-
-def latent_size(model_uri: str) -> int:
-    """The noise width, from the model's input signature (batch, latent_dim)."""
-    signature = mlflow.models.get_model_info(model_uri).signature
-    shape = signature.inputs.inputs[0].shape if signature is not None and signature.inputs.is_tensor_spec() else ()
-    if len(shape) != 2:
-        raise ConfigError("--model-uri", f"{model_uri}: no (batch, latent) input signature: not a gan_tune generator")
-    return int(shape[1])
-
-
 def check_out(out: str) -> None:
     """Before any model loads: the folder must exist (its format and place were checked by the parser)."""
     path = Path(out)
@@ -100,13 +69,6 @@ def save(images: torch.Tensor, out: str, seed: int, model_uri: str) -> str:
     except (OSError, ValueError) as err:  # PIL's ValueError: an extension it cannot write
         raise ConfigError("--out", f"{out}: cannot write it ({first_line(err)})") from None
     return out
-
-
-@torch.no_grad()
-def sample(g: torch.nn.Module, latent_dim: int, n: int, seed: int) -> torch.Tensor:
-    """n images in [-1, 1] from seeded noise."""
-    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    return g(z).float()
 
 
 def main(argv: list[str] | None = None) -> int:

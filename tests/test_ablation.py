@@ -41,7 +41,7 @@ def test_a_training_row_stops_before_its_wall_time_and_scores_the_evaluated_gene
 
 
 def test_the_trial_count_is_read_from_either_form_of_the_search_summary():
-    """search.summarise prints "N trials, ..." or, when queued trials never reported, "N trials (M more ...), ..."."""
+    """summary.summarise prints "N trials, ..." or, when queued trials never reported, "N trials (M more ...), ..."."""
     assert quality_table.trials_ran("x\n23 trials, 0 errored; results in rr (1 MiB)\nbudget: ...") == 23
     assert quality_table.trials_ran("2 trials (2 more never reported: queued, or cut by the budget), 0 errored; ...") == 2
 

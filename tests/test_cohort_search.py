@@ -24,7 +24,7 @@ from gan_tune.training import checkpoint, cohort_checkpoint
 from gan_tune.training.cohort import MEMBERS_KEY, config_of, member_configs
 from gan_tune.training.config import ConfigError
 from gan_tune.training.data import BUNDLED, load_mnist
-from gan_tune.tuning import cohort_trainable, schedulers, spaces
+from gan_tune.tuning import cohort_trainable, schedulers, searchers, spaces
 from gan_tune.tuning.cohort_pbt import CohortPbt
 from gan_tune.tuning.cohort_trainable import Halving
 from gan_tune.tuning.stopping import GanStopper
@@ -53,7 +53,7 @@ def test_a_space_draws_fusing_keys_per_member_and_counts_configurations(tmp_path
     assert space.cohort == 4
     assert set(space.member_keys) == {"lr_d", "lr_g", "latent_dim"}  # n_disc does not fuse: one draw per trial
     assert space.tune_num_samples == 3  # 9 configurations in trials of 4
-    params = schedulers.param_space(space, seed=0)
+    params = searchers.param_space(space, seed=0)
     # what Tune's BasicVariantGenerator (search_alg random) does with the param space, once per trial
     rng = np.random.default_rng(0)
     configs = [next(generate_variants(params, random_state=rng))[1] for _ in range(3)]
@@ -67,7 +67,7 @@ def test_a_space_draws_fusing_keys_per_member_and_counts_configurations(tmp_path
 
 def test_an_ordinary_space_is_unchanged(tmp_path):
     space = spaces.load_space(write_space(tmp_path, cohort=1))
-    params = schedulers.param_space(space, seed=0)
+    params = searchers.param_space(space, seed=0)
     assert MEMBERS_KEY not in params and "lr_d" in params and "seed" in params and space.member_keys == []
 
 

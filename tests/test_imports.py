@@ -1,8 +1,9 @@
 """The package's import graph keeps the declared layer order and has no cycle.
 
 Every `import gan_tune...` counts, at module level, inside a function, or under `if TYPE_CHECKING:` (a type-only
-import is still a dependency a reader has to follow). Sub-packages are ordered by how data flows through
-them (gan_tune/__init__.py); the modules at the top level and any `__main__` are commands, above them all.
+import is still a dependency a reader has to follow); a relative import (`from .step import Gan`) is refused, so
+every import is one the graph sees. Sub-packages are in import order (gan_tune/__init__.py), a sub-package's
+`__init__` in its own layer; the modules at the top level and any `__main__` are commands, above them all.
 """
 
 import ast
@@ -20,13 +21,23 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+SUBPACKAGES = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
 
 
 def layer(module: str) -> str:
+    """A sub-package's module, or its `__init__` (gan_tune.training), sits in that sub-package's layer; a
+    top-level module (gan_tune.train) or a `__main__` is a command."""
     parts = module.split(".")
-    if len(parts) == 2 or parts[-1] == "__main__":
+    if parts[-1] == "__main__" or (len(parts) == 2 and parts[1] not in SUBPACKAGES):
         return "commands"
     return parts[1]
+
+
+def relative_imports(source: str) -> list[str]:
+    """`from . import x` / `from .x import y` lines: imports_of reads absolute names only."""
+    return [f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import "
+            f"{', '.join(alias.name for alias in node.names)}"
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.level > 0]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -91,10 +102,37 @@ def test_the_checks_find_a_cycle_and_an_upward_import():
         ["gan_tune.training.step -> gan_tune.quality.scorer"]
 
 
+def test_an_upward_import_in_a_sub_packages_init_is_caught():
+    assert layer("gan_tune.training") == "training" and layer("gan_tune.train") == "commands"
+    assert upward({"gan_tune.training": {"gan_tune.quality.scorer"}}) == \
+        ["gan_tune.training -> gan_tune.quality.scorer"]
+    assert upward({"gan_tune.tracking": {"gan_tune.tracking.child_runs"}}) == []  # an __init__ into its own modules
+
+
+def test_no_module_imports_relatively():
+    assert {name: found for name, path in MODULES.items() if (found := relative_imports(path.read_text()))} == {}
+
+
+def test_the_relative_import_check_finds_both_forms():
+    source = "import gan_tune.training\nfrom gan_tune.training import step\n" \
+             "from .step import Gan\nfrom .. import quality\n"
+    assert relative_imports(source) == ["line 3: from .step import Gan", "line 4: from .. import quality"]
+
+
 def test_every_module_sits_in_a_declared_layer_and_stays_short():
+    assert SUBPACKAGES == set(LAYERS) - {"commands"}
     assert {layer(name) for name in MODULES if name != "gan_tune"} <= set(LAYERS)
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert long == {}
+
+
+def test_each_sub_packages_docstring_names_every_module_it_holds():
+    def unnamed(package):
+        doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
+        return sorted(path.stem for path in (PACKAGE / package).glob("*.py")
+                      if path.stem != "__init__" and f"`{path.stem}`" not in doc)
+
+    assert {package: names for package in SUBPACKAGES if (names := unnamed(package))} == {}
 
 
 def test_reading_spaces_and_drawing_reports_import_no_trainable():

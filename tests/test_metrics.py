@@ -23,7 +23,7 @@ from gan_tune.training.step import make_gan
 CPU = torch.device("cpu")
 N = 2000  # images per baseline set, as in the README's table (FID depends on the count)
 README = Path(__file__).resolve().parents[1] / "README.md"
-# README row -> metrics.BASELINES name
+# README row -> quality.baselines.BASELINES name
 README_ROWS = {
     "real held-out images": "real held-out",
     "real + blur (σ 1 px)": "real + blur (sigma 1 px)",

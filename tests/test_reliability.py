@@ -20,7 +20,7 @@ from ray.tune.experiment import Experiment
 from gan_tune import train
 from gan_tune.training import checkpoint, config, loop, step
 from gan_tune.training.data import DataError
-from gan_tune.tuning import schedulers, spaces, trainable
+from gan_tune.tuning import searchers, spaces, trainable
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 TINY = {"model": "balanced", "width": 0.25, "latent_dim": 32, "batch_size": 128, "max_epochs": 2,
@@ -242,12 +242,12 @@ KILL_TRIALS, KILL_EPOCHS = 3, 4
 
 def uninterrupted_configs(space_path: Path, seed: int = 0) -> list[tuple[float, float, int]]:
     """The (lr_d, lr_g, seed) of every trial an uninterrupted search of the space runs with --seed `seed`, sorted:
-    drawn by the search algorithm and param_space the search builds (spaces.make_search_alg, spaces.param_space),
-    without running a trial."""
+    drawn by the search algorithm and param_space the search builds (searchers.make_search_alg,
+    searchers.param_space), without running a trial."""
     space = spaces.load_space(space_path)
-    alg = schedulers.make_search_alg(space, seed)
+    alg = searchers.make_search_alg(space, seed)
     alg.add_configurations([Experiment("uninterrupted", run=lambda config: None, num_samples=space.tune_num_samples,
-                                       config=schedulers.param_space(space, seed))])
+                                       config=searchers.param_space(space, seed))])
     configs = []
     while (trial := alg.next_trial()) is not None:
         configs.append((trial.config["lr_d"], trial.config["lr_g"], trial.config["seed"]))

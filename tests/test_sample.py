@@ -10,7 +10,7 @@ from PIL import Image
 from ray import tune
 
 from gan_tune import sample
-from gan_tune.tracking import parent_run, store
+from gan_tune.tracking import logged_model, parent_run, store
 from gan_tune.training import checkpoint, loop, step
 from gan_tune.training.config import TrainConfig
 
@@ -141,7 +141,7 @@ def test_a_model_logged_on_a_gpu_machine_validates_and_loads_on_the_cpu(tmp_path
     assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ  # scoped to the logging
     model_uri = f"runs:/{parent}/{parent_run.MODEL_NAME}"
     with store.using_tracking_uri(uri):
-        g = sample.load_generator(model_uri)  # what `python -m gan_tune.sample` loads, on any machine
+        g = logged_model.load_generator(model_uri)  # what `python -m gan_tune.sample` loads, on any machine
         pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})  # README: pyfunc on a GPU host
     z = torch.randn(3, 16)
     assert g(z).shape == (3, 1, 28, 28) and pyfunc.predict(z.numpy()).shape == (3, 1, 28, 28)

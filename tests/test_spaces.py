@@ -18,7 +18,7 @@ from gan_tune.training.config import (
     from_dict,
     resolve_derived,
 )
-from gan_tune.tuning import schedulers, space_values, spaces, summary
+from gan_tune.tuning import schedulers, searchers, space_values, spaces, summary
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SHIPPED = ("balanced", "ttur", "pbt", "wide", "smoke", "cohort")
@@ -41,8 +41,8 @@ def test_shipped_spaces_load_and_build_ray_objects(name):
         assert set(variant.base) <= set(FIELD_TYPES)
         assert set(variant.search) <= set(FIELD_TYPES) | set(DERIVED_PARAMS)
         schedulers.make_scheduler(variant)
-        schedulers.make_search_alg(variant, seed=0)
-        params = schedulers.param_space(variant, seed=0)
+        searchers.make_search_alg(variant, seed=0)
+        params = searchers.param_space(variant, seed=0)
         # every trial, or every member of a cohort trial, gets a seed
         assert all("seed" in own for own in params.get(MEMBERS_KEY, [params]))
         from_dict(variant.train_fields)
@@ -53,8 +53,8 @@ def test_shipped_spaces_use_the_scheduler_and_search_alg_they_promise():
     assert isinstance(schedulers.make_scheduler(load("balanced")), ASHAScheduler)
     assert isinstance(schedulers.make_scheduler(load("pbt")), PopulationBasedTraining)
     assert isinstance(schedulers.make_scheduler(load("wide")), HyperBandScheduler)
-    assert isinstance(schedulers.make_search_alg(load("ttur"), 0), OptunaSearch)
-    assert isinstance(schedulers.make_search_alg(load("balanced"), 0), BasicVariantGenerator)
+    assert isinstance(searchers.make_search_alg(load("ttur"), 0), OptunaSearch)
+    assert isinstance(searchers.make_search_alg(load("balanced"), 0), BasicVariantGenerator)
     assert set(load("pbt").scheduler["hyperparam_mutations"]) == {"lr_d", "lr_g"}
 
 
@@ -172,8 +172,8 @@ def test_finalists_default_and_override(tmp_path):
 
 def test_seed_is_drawn_per_trial_except_under_optuna():
     smoke = spaces.load_space(SPACES_DIR / "smoke.yaml")
-    assert schedulers.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
-    assert schedulers.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7
+    assert searchers.param_space(smoke, seed=7)["seed"].lower == 0  # a tune.randint domain
+    assert searchers.param_space(spaces.load_space(SPACES_DIR / "ttur.yaml"), seed=7)["seed"] == 7
 
 
 @pytest.mark.parametrize("lr_d, latent, warned", [

@@ -1,6 +1,6 @@
 """`python -m gan_tune.ablation`: the README's quality table, each row given the same wall time on this machine.
 
-Rows (issue 16), every generator scored on the same 10,000 latents (metrics.make_scorer):
+Rows (issue 16), every generator scored on the same 10,000 latents (quality.scorer.make_scorer):
 - searches, `--minutes` of budget each, on all CPUs: the `balanced` CPU default as it is (`search-now`), and as
   main had it before the issue (`search-before`: 10 trials of up to 20 epochs, ns loss, no G averaging, no R1,
   no finalists);

@@ -50,7 +50,7 @@ class ClassifierError(RuntimeError):
 class MnistClassifier(nn.Module):
     """LeNet-like CNN: three conv blocks 28 -> 14 -> 7 -> 3, a 128-unit feature layer, 10 logits.
 
-    Input (B, 1, 28, 28) float in [-1, 1], the generator's tanh range (gan_tune.data.to_float).
+    Input (B, 1, 28, 28) float in [-1, 1], the generator's tanh range (gan_tune.training.data.to_float).
     About 2.2M multiply-adds per image (a 1/50 of the balanced generator's), so it adds little to scoring.
     """
 
@@ -138,7 +138,7 @@ def _load_verified(device: str, weights: str) -> MnistClassifier:
     except RuntimeError as err:  # weights of another architecture
         raise ClassifierError(f"{path}: weights do not fit MnistClassifier ({str(err).splitlines()[0]})") from None
     model.eval().requires_grad_(False)
-    return model.to(device, memory_format=torch.channels_last)  # NHWC: oneDNN's faster convolutions (metrics.scoring_copy)
+    return model.to(device, memory_format=torch.channels_last)  # NHWC: oneDNN's faster convolutions (scorer.scoring_copy)
 
 
 @torch.no_grad()

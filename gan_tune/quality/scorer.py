@@ -75,7 +75,7 @@ def image_batches(images: Tensor, batch_size: int, device: torch.device) -> Iter
 
 
 def generated_batches(g: nn.Module, latent_dim: int, n: int, batch_size: int, device: torch.device) -> Iterator[Tensor]:
-    # latents drawn on the CPU, as train.fixed_noise does: every device scores the same latent points
+    # latents drawn on the CPU, as loop.fixed_noise does: every device scores the same latent points
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(SCORE_SEED))
     batch_size = batch_for(device, batch_size)
     for start in range(0, n, batch_size):

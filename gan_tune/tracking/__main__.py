@@ -10,7 +10,7 @@ from gan_tune.cli import CliParser
 
 # Studies started before the tracking split saved their callback in tuner.pkl as
 # gan_tune.tracking.TrackingCallback; `search --resume` of such a study unpickles it from here (and then
-# replaces it with this session's own, search.restore_tuner)
+# replaces it with this session's own, tuning.tuner.restore_tuner)
 from gan_tune.tracking.child_runs import TrackingCallback  # noqa: E402,F401
 from gan_tune.tracking.store import check_tracking, resolve_tracking_uri
 from gan_tune.tracking.write_queue import UNDELIVERED, read_undelivered, replay

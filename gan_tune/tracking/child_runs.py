@@ -289,7 +289,7 @@ class TrackingCallback(MemberRuns, tune.Callback):
         """Append the writes the store never took to the study folder's UNDELIVERED file: (its path, how many).
 
         Trial files not uploaded become one upload_files entry per trial (per member of a cohort trial), and a
-        last entry ends the parent run, which search_run.finish_search_run cannot reach either (its best-trial
+        last entry ends the parent run, which parent_run.finish_search_run cannot reach either (its best-trial
         record is not replayed).
         """
         files = [{"trial_id": t.trial_id, "run_id": None, "kind": "upload_files", "payload": {"folder": t.path}}

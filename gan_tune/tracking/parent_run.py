@@ -2,7 +2,7 @@
 ended with the best trial (tags, best.* params, metrics, the generator as an MLflow model) or FAILED with why.
 
 Like every MLflow write, these happen in the Ray driver: `start_search_run` creates the experiment and the
-parent run before any trial starts, and the trials' child runs (trial_runs) hang under it.
+parent run before any trial starts, and the trials' child runs (child_runs) hang under it.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def find_search_run(tracking_uri: str, experiment: str, experiment_path: str | P
     return runs[0].info.run_id if runs else None
 
 
-EDGE_TAG = "best.edge_warning"  # the best values at the edge of their searched range (spaces.edge_warnings)
-RESCORED_TAG = "best.rescored_samples"  # the samples the kept generator was scored again on (finalists.py)
+EDGE_TAG = "best.edge_warning"  # the best values at the edge of their searched range (tuning.summary.edge_warnings)
+RESCORED_TAG = "best.rescored_samples"  # the samples the kept generator was scored again on (tuning.finalists)
 
 
 def finish_search_run(tracking_uri: str, run_id: str, best_result: Any | None, metric: str, mode: str,

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from gan_tune.training.cohort import MEMBERS_KEY
 
-# The files a trial writes (artifacts.py) that its child run gets; checkpoints stay in Ray's storage.
+# The files a trial writes (training.artifacts) that its child run gets; checkpoints stay in Ray's storage.
 TRIAL_FILES = ("samples/epoch_*.png", "final_grid.png", "progress.gif", "history.png", "history.csv")
 TrialFiles = dict[str, tuple[pafs.FileSystem, pafs.FileInfo]]  # path in the trial folder -> where to read it
 

@@ -2,7 +2,7 @@
 
 A single run keeps it in its run folder; a Ray Tune trial in each `checkpoint_NNNNNN/` folder Tune makes.
 This module owns the file's name and keys, writing it atomically, reading it (a bad file is a DataError
-naming it), restoring a `train.Gan` from it and rebuilding its generator alone (for scoring and MLflow).
+naming it), restoring a `step.Gan` from it and rebuilding its generator alone (for scoring and MLflow).
 """
 
 from __future__ import annotations

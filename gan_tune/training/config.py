@@ -17,7 +17,7 @@ import yaml
 
 from gan_tune.training import augment
 from gan_tune.training.losses import LOSSES
-from gan_tune.training.models import (  # models imports this module for type hints only
+from gan_tune.training.models import (  # models types its settings with a Protocol: no import back
     D_NORMS,
     MODELS,
 )
@@ -80,7 +80,7 @@ def device_available(name: str) -> bool:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    model: str = "balanced"  # a key of gan_tune.models.MODELS
+    model: str = "balanced"  # a key of training.models.MODELS
     latent_dim: int = 100
     width: float = 1.0  # channel multiplier; 0.25 makes the balanced model ~16x cheaper on a CPU
     batch_size: int = 128
@@ -91,9 +91,9 @@ class TrainConfig:
     n_disc: int = 1  # D steps per G step
     label_smoothing: float = 0.0  # one-sided (Salimans et al. 2016): real target = 1 - label_smoothing
     # losses and regularisation (README: Losses and regularisation)
-    loss: str = "ns"  # a key of gan_tune.losses.LOSSES; ns: the non-saturating BCE loss of Goodfellow et al. 2014
+    loss: str = "ns"  # a key of training.losses.LOSSES; ns: the non-saturating BCE loss of Goodfellow et al. 2014
     gp_weight: float = 10.0  # wgan-gp only: lambda of Gulrajani et al. 2017
-    d_norm: str = "batch"  # a key of gan_tune.models.D_NORMS; batch: the family's own D (BatchNorm where it has it)
+    d_norm: str = "batch"  # a key of training.models.D_NORMS; batch: the family's own D (BatchNorm where it has it)
     r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(real)||^2 on every D step (Mescheder et al. 2018); 0 = off
     # lazy R1 (Karras et al. 2020, StyleGAN2): the penalty only in every r1_every-th iteration of an epoch, times
     # r1_every, so its average weight stays; its double backward is then paid once per r1_every iterations

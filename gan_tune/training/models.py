@@ -1,7 +1,7 @@
 """Model families behind a registry: each builder turns a TrainConfig into (generator, discriminator).
 
 Generators map (B, latent_dim) noise to (B, 1, 28, 28) images in [-1, 1]; discriminators return one
-raw output per image, shape (B,), which the loss family reads (gan_tune.losses; a logit for the default
+raw output per image, shape (B,), which the loss family reads (training.losses; a logit for the default
 BCE-with-logits loss, never Sigmoid + BCELoss). `d_norm` then sets D's normalisation (D_NORMS).
 """
 
@@ -169,7 +169,7 @@ class NearestUpConv(nn.Module):
     Each output pixel of the pair sees only a 2x2 patch of distinct input pixels, so the pair is four
     2x2 convolutions at the input's resolution (one per output phase), interleaved: 4/9 of the
     multiply-adds, and no upsampled tensor. Scoring the balanced G on 10k samples on a 2-core CPU goes
-    from ~34 s to ~13 s with it (metrics.scoring_copy). Phase 0 of a row reads input rows (i-1, i)
+    from ~34 s to ~13 s with it (quality.scorer.scoring_copy). Phase 0 of a row reads input rows (i-1, i)
     with kernel rows (w0, w1 + w2); phase 1 reads rows (i, i+1) with (w0 + w1, w2); columns alike.
     """
 

@@ -289,6 +289,3 @@ def discard_capture_error(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     except RuntimeError as err:
         log.warning("after the failed capture: %s", first_line(err))
-
-
-# ---- single-run CLI: python -m gan_tune.train --config FILE.yaml [--set key=value ...] [--resume RUN_DIR]

@@ -1,7 +1,7 @@
 """GAN-aware stopping: end one trial (never the study) whose run has failed in a way more epochs won't fix.
 
 Reasons, checked on every report, first match wins:
-- "diverged": a loss is NaN/inf, or train.diagnose_balance called the epoch diverged;
+- "diverged": a loss is NaN/inf, or loop.diagnose_balance called the epoch diverged;
 - "D dominates": D accuracy above D_DOMINATES_ACC for D_DOMINATES_EPOCHS reports in a row, so G's
   gradients vanish;
 - "mode collapse": the samples cover at most COLLAPSE_MAX_CLASSES digit classes after

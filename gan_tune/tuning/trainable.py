@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: one trial runs the `train.fit` loop and reports every epoch to Tune.
+"""The Ray Tune function trainable: one trial runs the `loop.fit` loop and reports every epoch to Tune.
 
 `train_gan(config, data)` is passed to Tune as `tune.with_parameters(train_gan, data=data)`, so MNIST
 goes through the object store once. Per epoch it reports REPORTED_METRICS; every `checkpoint_every`
@@ -6,7 +6,7 @@ epochs the report carries a checkpoint, which is what PBT exploits, HyperBand re
 from and FailureConfig retries from.
 
 Pictures and tables go into the trial's working directory: Tune makes it the actor's cwd, and
-`SyncConfig(sync_artifacts=True)` (search.py) uploads it to the trial's folder under the storage path,
+`SyncConfig(sync_artifacts=True)` (tuner.build_tuner) uploads it to the trial's folder under the storage path,
 from any node. `tune.get_context().get_trial_dir()` would not do: in Ray 2.60 it is the driver's staging
 folder, which exists only on the driver's node.
 
@@ -17,7 +17,7 @@ each step is logged as a warning and reported in `restore_note`, next to `restor
 
 Scores: `fit` scores every `eval_every` epochs. Between scores the trainable reports the last known
 score (`score_epoch` says when it was measured), because schedulers compare the metric on every report.
-The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports metrics.DIVERGED_SCORES,
+The shipped spaces use eval_every 1. A diverged epoch is not scored; it reports measures.DIVERGED_SCORES,
 each metric's worst finite value, so NaN never reaches a scheduler's comparison or sort.
 """
 
@@ -88,7 +88,7 @@ def earlier_checkpoints(latest: tune.Checkpoint) -> list[tune.Checkpoint]:
     """The checkpoints saved before `latest` in its trial's folder, newest first.
 
     Listed through the checkpoint's own pyarrow filesystem, so local, NFS and s3:// storage all work.
-    Tune keeps several per trial (search.CHECKPOINTS_KEPT); after a PBT exploit these are the donor's.
+    Tune keeps several per trial (tuner.CHECKPOINTS_KEPT); after a PBT exploit these are the donor's.
     """
     folder, name = posixpath.split(latest.path.rstrip("/"))
     found = latest.filesystem.get_file_info(pafs.FileSelector(folder))
@@ -152,7 +152,7 @@ def epoch_metrics(record: dict, scores: dict, context: dict) -> dict:
 
 
 def write_trial_files(trial_dir: Path, gan: step.Gan, noise: torch.Tensor, history: list) -> None:
-    """On sampling epochs (train.due; always the last and a diverged one): the grid and a finished run's files.
+    """On sampling epochs (loop.due; always the last and a diverged one): the grid and a finished run's files.
 
     Written before the epoch's report: a trial that Tune stops (ASHA, the GAN stopper, the time budget)
     runs no code after its last report, so its folder must be complete by then.

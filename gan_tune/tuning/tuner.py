@@ -25,7 +25,7 @@ from gan_tune.tracking import child_runs, parent_run, store
 from gan_tune.training.cohort import config_of
 from gan_tune.training.config import first_line, from_dict, resolve_derived
 from gan_tune.training.data import Mnist, load_mnist
-from gan_tune.tuning import console, finalists, schedulers, space_values, spaces
+from gan_tune.tuning import console, finalists, schedulers, searchers, space_values, spaces
 from gan_tune.tuning.cluster import (
     queue_lazily,
     sharing_note,
@@ -98,7 +98,7 @@ def start_tracking(space: Space, args: argparse.Namespace, data: Mnist, trial: d
 
 def finish_tracking(best: Finalist | None, space: Space, args: argparse.Namespace, parent: str) -> None:
     """Log the chosen generator (its trial, checkpoint, scores) on the parent run, and end it."""
-    rescored = best is not None and bool(best.scores)  # else search_run picks the trial's best kept checkpoint
+    rescored = best is not None and bool(best.scores)  # else parent_run picks the trial's best kept checkpoint
     parent_run.finish_search_run(args.tracking_uri, parent, best.result if best else None, space.metric, space.mode,
                                  edge_warnings=edge_warnings(space, best.searched) if best else [],
                                  chosen=(best.checkpoint, best.reported) if rescored else None,
@@ -195,10 +195,10 @@ def build_tuner(space: Space, args: argparse.Namespace, data: Mnist, trial: dict
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
     tune_config = tune.TuneConfig(
         metric=space.metric, mode=space.mode, scheduler=schedulers.make_scheduler(space),
-        search_alg=schedulers.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
+        search_alg=searchers.make_search_alg(space, args.seed), num_samples=space.tune_num_samples,
         time_budget_s=space.time_budget_s, trial_dirname_creator=cohort_dirname if space.cohort > 1 else None,
         reuse_actors=True)  # a new trial (or a PBT/HyperBand resume) skips starting a process and importing torch
-    return tune.Tuner(trainable, param_space=schedulers.param_space(space, args.seed), tune_config=tune_config,
+    return tune.Tuner(trainable, param_space=searchers.param_space(space, args.seed), tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -222,7 +222,7 @@ def choose_best(results: tune.ResultGrid, space: Space, data: Mnist) -> tuple[Fi
         result = results.get_best_result(space.metric, space.mode, scope="all")
     except RuntimeError:  # no trial reported the metric
         return None, []
-    row = best_epoch(result, space).to_dict()  # finish_tracking lets search_run pick the kept checkpoint
+    row = best_epoch(result, space).to_dict()  # finish_tracking lets parent_run pick the kept checkpoint
     config = resolve_derived(config_of(result.config, row.get("member")))
     return Finalist(result, result.checkpoint, row, {}, config), []
 
