@@ -48,7 +48,7 @@ FIXED_FIELDS = ("data_source", "data_dir", "subset", "device", "max_epochs", "ou
 PBT_MUTABLE = ("lr_d", "lr_g", "beta1")  # values that keep weight shapes, so a checkpoint still loads
 # Bounded above ([0, 1)): PBT multiplies a continuous value by 1.2 again and again, a choice steps between values.
 PBT_CHOICE_ONLY = ("beta1",)
-# the searchers tuning.schedulers makes (SEARCH_ALGS); this module checks names only
+# the searchers tuning.searchers makes (SEARCH_ALGS); this module checks names only
 SEARCH_ALG_NAMES = ("random", "grid", "optuna")
 TIME_ATTR = "training_iteration"  # one report per epoch, restored with the checkpoint
 MAX_SEED = 2**31 - 1
