@@ -127,7 +127,8 @@ def configurations(study: Path) -> int:
 
 def study_reports(study: Path) -> pd.DataFrame:
     frames = [pd.read_csv(path) for path in study.glob("*/progress.csv")]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["timestamp", "fid"])
+    # no report yet: float columns (an empty frame's default, object, breaks np.isfinite in best_so_far)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["timestamp", "fid"], dtype=float)
 
 
 # ---- runs
