@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -27,6 +28,12 @@ from mlflow import MlflowClient
 DEAD_SERVER = "http://127.0.0.1:1"  # nothing listens on port 1
 TWENTY = "9" * 20  # an absurdly large number
 TABLE_TEST = "test_bad_input_exits_2_with_one_line_and_leaves_nothing"  # each table module's parametrized test
+# A hang guard, not a speed claim: a row is refused within seconds (most in well under one on an idle machine; a
+# dead server costs its 3 s check), so one past ROW_LIMIT_S waits on something that may never answer. Its child is
+# killed at twice that, so a hang fails its own row instead of the whole table's server timing out.
+ROW_LIMIT_S = 30
+# A fresh interpreter first imports torch, Ray and MLflow: 3-5 s idle, far more on a loaded machine
+FRESH_LIMIT_S = 2 * ROW_LIMIT_S
 
 
 def fill(tmp_path, args):
@@ -63,14 +70,16 @@ def processes_naming(folder):
     return found
 
 
-# Reads one JSON request per line ({id, module, argv, cwd, env, err, hide}), runs at most two at once, each in a forked
-# child that behaves like `python -m gan_tune.MODULE ARGV`, and prints {id, code} per finished child.
+# Reads one JSON request per line ({id, module, argv, cwd, env, err, hide, kill_after_s}), runs at most two at once,
+# each in a forked child that behaves like `python -m gan_tune.MODULE ARGV`, and prints {id, code, wall_s} per finished
+# child (wall_s: fork to exit, measured by the server, so a child it killed has one too).
 FORK_SERVER = r"""
-import json, os, runpy, sys, tempfile, traceback, warnings
+import json, os, runpy, signal, sys, tempfile, time, traceback, warnings
 import gan_tune.ablation, gan_tune.bench, gan_tune.bench_search, gan_tune.classifier, gan_tune.metrics
 import gan_tune.report, gan_tune.sample, gan_tune.search, gan_tune.tracking, gan_tune.train
 
 def child(request):
+    signal.alarm(request["kill_after_s"])  # SIGALRM's default action ends the child: the hang guard
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -98,7 +107,9 @@ def child(request):
 running = {}
 def reap():
     pid, status = os.wait()
-    print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
+    case, start = running.pop(pid)
+    print(json.dumps({"id": case, "code": os.waitstatus_to_exitcode(status), "wall_s": time.monotonic() - start}),
+          flush=True)
 
 for line in sys.stdin:
     request = json.loads(line)
@@ -107,7 +118,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         child(request)
-    running[pid] = request["id"]
+    running[pid] = request["id"], time.monotonic()
 while running:
     reap()
 """
@@ -122,9 +133,9 @@ def row_env(tmp_path):
     return env
 
 
-def row_result(tmp_path, code, err, runs_before):
+def row_result(tmp_path, code, err, runs_before, wall_s):
     ray_tmp = tmp_path / "tmp"
-    return {"code": code, "err": err, "runs": mlflow_runs(tmp_path), "runs_before": runs_before,
+    return {"code": code, "err": err, "runs": mlflow_runs(tmp_path), "runs_before": runs_before, "wall_s": wall_s,
             "ray": [*ray_tmp.glob("ray*"), *processes_naming(ray_tmp)]}
 
 
@@ -136,23 +147,29 @@ def run_forked(table, rows, hidden):
         module, argv = table[case][0](tmp_path)
         before[case] = mlflow_runs(tmp_path)[0]  # the sample rows make one empty run first
         requests.append({"id": case, "module": module, "argv": argv, "cwd": str(tmp_path), "env": row_env(tmp_path),
-                         "err": str(tmp_path / "stderr.txt"), "hide": hidden.get(case, ())})
+                         "err": str(tmp_path / "stderr.txt"), "hide": hidden.get(case, ()),
+                         "kill_after_s": 2 * ROW_LIMIT_S})
     server = subprocess.run([sys.executable, "-c", FORK_SERVER], capture_output=True, text=True, timeout=900,
                             input="".join(json.dumps(request) + "\n" for request in requests),
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert server.returncode == 0, server.stderr
-    codes = {done["id"]: done["code"] for done in map(json.loads, server.stdout.splitlines())}
-    return {case: row_result(tmp_path, codes[case], (tmp_path / "stderr.txt").read_text(), before[case])
-            for case, tmp_path in rows.items()}
+    ended = {done["id"]: done for done in map(json.loads, server.stdout.splitlines())}
+    return {case: row_result(tmp_path, ended[case]["code"], (tmp_path / "stderr.txt").read_text(), before[case],
+                             ended[case]["wall_s"]) for case, tmp_path in rows.items()}
 
 
 def run_fresh(table, case, tmp_path):
     """One row through a real `python -m gan_tune.X` in a fresh interpreter."""
     module, argv = table[case][0](tmp_path)
     runs_before = mlflow_runs(tmp_path)[0]
-    done = subprocess.run([sys.executable, "-m", f"gan_tune.{module}", *argv], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=row_env(tmp_path))
-    return row_result(tmp_path, done.returncode, done.stderr, runs_before)
+    start = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", f"gan_tune.{module}", *argv], capture_output=True, text=True,
+                              timeout=2 * FRESH_LIMIT_S, cwd=tmp_path, env=row_env(tmp_path))
+    except subprocess.TimeoutExpired as hung:  # killed by the hang guard: check_row says how long it ran
+        err = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
+        return row_result(tmp_path, None, err, runs_before, time.monotonic() - start)
+    return row_result(tmp_path, done.returncode, done.stderr, runs_before, time.monotonic() - start)
 
 
 def table_outcomes(request, tmp_path_factory, table, skips, hidden):
@@ -165,9 +182,10 @@ def table_outcomes(request, tmp_path_factory, table, skips, hidden):
     return {case: (rows[case], result) for case, result in run_forked(table, rows, hidden).items()} if rows else {}
 
 
-def check_row(table, case, tmp_path, row):
+def check_row(table, case, tmp_path, row, limit_s=ROW_LIMIT_S):
     err = row["err"]
     lines = err.strip().splitlines()
+    assert row["wall_s"] < limit_s, f"{case} took {row['wall_s']:.1f} s, the hang guard allows {limit_s} s: {err}"
     assert row["code"] == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for text in table[case][1]:

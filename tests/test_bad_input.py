@@ -7,16 +7,30 @@ Some rows repeat a case of test_search.py or test_train.py on purpose (those che
 table is the one place listing every bad input.
 """
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from bad_input import DEAD_SERVER, TWENTY, check_row, command, commands_of, fill, run_fresh, table_outcomes
+from bad_input import (
+    DEAD_SERVER,
+    FRESH_LIMIT_S,
+    ROW_LIMIT_S,
+    TWENTY,
+    check_row,
+    command,
+    commands_of,
+    fill,
+    run_fresh,
+    table_outcomes,
+)
 from mlflow import MlflowClient
+from servers import SilentServer
 
 from gan_tune import search
+from gan_tune.tracking.store import SERVER_CHECK_TIMEOUT_S
 from gan_tune.tuning import stopping
 
 SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
@@ -66,6 +80,18 @@ def train_config(text):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         return "train", ["--config", str(path), "--dry-run"]
     return argv
+
+
+@functools.cache
+def silent_server() -> SilentServer:
+    """One for the module, opened by the first row that names it and kept open while the tests run."""
+    return SilentServer()
+
+
+def search_silent_postgres(tmp_path):
+    """A PostgreSQL URI whose host accepts the connection and never answers (port 1 refuses at once instead)."""
+    uri = f"postgresql://u:p@127.0.0.1:{silent_server().port}/db"
+    return search_case(None, "--tracking-uri", uri)(tmp_path)
 
 
 def file_under_a_file(tmp_path):
@@ -171,6 +197,10 @@ CASES = {
     "study name blank": (search_case(None, "--name", "  "), ["--name", "empty"]),
     "tracking uri postgresql down": (search_case(None, "--tracking-uri", "postgresql://gan:pw@127.0.0.1:1/mlflow"),
                                      ["--tracking-uri", "127.0.0.1:1", "did not accept a connection"]),
+    # a host that takes the connection and never answers: the store check's connect timeout ends it (LIMITS)
+    "tracking uri postgresql silent": (search_silent_postgres, ["--tracking-uri", "postgresql://u:***@127.0.0.1:",
+                                       f"did not accept a connection within {SERVER_CHECK_TIMEOUT_S:g} s",
+                                       "connection timeout expired"]),
     # round four, every numeric flag at 0, negative and 20 digits where invalid (0 is valid where the help says it
     # means "off" or "the default": bench --fid-samples/--parity-epochs/--cost-epochs, metrics score --n,
     # --gpus-per-trial); numbers as words or nan/inf where a float is read
@@ -264,6 +294,8 @@ SKIPS = {
 }
 # The test extra installs PostgreSQL's driver: this row runs with it hidden (an import of it fails in its child)
 HIDDEN = {"tracking uri without its driver": ("psycopg", "psycopg2")}
+# The silent server costs the store check its whole connect timeout: the row must end soon after it
+LIMITS = {"tracking uri postgresql silent": SERVER_CHECK_TIMEOUT_S + 10}
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +310,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, case):
     if skip:
         pytest.skip(why)
     tmp_path, row = outcomes[case]
-    check_row(CASES, case, tmp_path, row)
+    check_row(CASES, case, tmp_path, row, LIMITS.get(case, ROW_LIMIT_S))
 
 
 FRESH = ["space not utf-8", "set value broken yaml"]
@@ -292,7 +324,7 @@ def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
             folder.mkdir()
         results = list(pool.map(lambda case, folder: run_fresh(CASES, case, folder), FRESH, folders))
     for case, folder, row in zip(FRESH, folders, results):
-        check_row(CASES, case, folder, row)
+        check_row(CASES, case, folder, row, FRESH_LIMIT_S)
 
 
 def test_the_table_covers_search_and_train(tmp_path):

@@ -7,7 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from bad_input import DEAD_SERVER, TWENTY, check_row, command, commands_of, run_fresh, table_outcomes
+from bad_input import DEAD_SERVER, FRESH_LIMIT_S, TWENTY, check_row, command, commands_of, run_fresh, table_outcomes
 from mlflow import MlflowClient
 
 
@@ -205,7 +205,7 @@ def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
             folder.mkdir()
         results = list(pool.map(lambda case, folder: run_fresh(CASES, case, folder), FRESH, folders))
     for case, folder, row in zip(FRESH, folders, results):
-        check_row(CASES, case, folder, row)
+        check_row(CASES, case, folder, row, FRESH_LIMIT_S)
 
 
 MAKES_A_STORE = ("sample run without a model", "sample unknown run", "report unknown run", "report unknown experiment")
