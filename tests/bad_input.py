@@ -79,6 +79,7 @@ import gan_tune.ablation, gan_tune.bench, gan_tune.bench_search, gan_tune.classi
 import gan_tune.report, gan_tune.sample, gan_tune.search, gan_tune.tracking, gan_tune.train
 
 def child(request):
+    os.setpgid(0, 0)  # a group of its own, so the server can end what it started (training workers, Ray)
     signal.alarm(request["kill_after_s"])  # SIGALRM's default action ends the child: the hang guard
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -108,6 +109,11 @@ running = {}
 def reap():
     pid, status = os.wait()
     case, start = running.pop(pid)
+    if os.WIFSIGNALED(status):  # killed by the hang guard (or crashed): its processes would train on, orphaned
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     print(json.dumps({"id": case, "code": os.waitstatus_to_exitcode(status), "wall_s": time.monotonic() - start}),
           flush=True)
 

@@ -157,6 +157,8 @@ CASES = {
                                   ["--storage-path", "{tmp}/plain"]),
     "storage path under /proc": (search_case(None, "--storage-path", "/proc/gan_tune_rr"),
                                  ["--storage-path", "/proc/gan_tune_rr"]),
+    "tracking uri sqlite under /proc": (search_case(None, "--tracking-uri", "sqlite:////proc/gan_tune.db"),
+                                        ["--tracking-uri", "/proc/gan_tune.db", "not writable"]),
     "storage path read-only": (search_case(None, "--storage-path", "/sys/gan_tune_rr"),
                                ["--storage-path", "/sys/gan_tune_rr"]),
     "tracking uri ftp": (search_case(None, "--tracking-uri", "ftp://x"), ["--tracking-uri", "ftp://x"]),
