@@ -4,6 +4,7 @@ test_bad_input.py, which says what every row must show; tests/bad_input.py runs 
 """
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -40,6 +41,7 @@ def text_checkpoint(tmp_path):
     return "metrics", ["--device", "cpu", "score", str(tmp_path / "text.pt")]
 
 
+CPUS = os.cpu_count()
 WRITE = {"trial_id": None, "run_id": "abc", "kind": "set_terminated", "payload": {"status": "FINISHED", "end_time": 1}}
 
 # id -> (argv builder, strings stderr must contain; "{tmp}" is the row's folder)
@@ -108,7 +110,19 @@ CASES = {
     "metrics baselines n 0": (command("metrics", "--device", "cpu", "baselines", "--n", "0"), ["--n"]),
     "metrics baselines n 20 digits": (command("metrics", "--device", "cpu", "baselines", "--n", TWENTY), ["--n"]),
     "bench packed negative": (command("bench", "--device", "cpu", "--packed", "-1"), ["--packed"]),
-    "bench packed 20 digits": (command("bench", "--device", "cpu", "--packed", TWENTY), ["--packed", "100,000"]),
+    "bench packed 20 digits": (command("bench", "--device", "cpu", "--packed", TWENTY), ["--packed", f"[1, {CPUS}]"]),
+    # each packed trial takes a CPU of the bench's Ray at least: one more than the machine has would queue
+    "bench packed past the cpus": (command("bench", "--device", "cpu", "--packed", f"1,{CPUS + 1}"),
+                                   ["--packed", f"[1, {CPUS}]", f"{CPUS} CPUs"]),
+    "bench steps 0": (command("bench", "--device", "cpu", "--steps", "0"), ["--steps", ">= 2"]),
+    "bench steps negative": (command("bench", "--device", "cpu", "--steps", "-5"), ["--steps", ">= 2"]),
+    "bench steps 20 digits": (command("bench", "--device", "cpu", "--steps", TWENTY), ["--steps", "100,000"]),
+    # cohort sizes: a space caps a cohort at 256 members (spaces.MAX_COHORT), and so does the bench
+    "bench cohort 0": (command("bench", "--device", "cpu", "--cohort", "0"), ["--cohort", "[1, 256]"]),
+    "bench cohort negative": (command("bench", "--device", "cpu", "--cohort", "4,-1"), ["--cohort", "[1, 256]"]),
+    "bench cohort 20 digits": (command("bench", "--device", "cpu", "--cohort", TWENTY), ["--cohort", "[1, 256]"]),
+    "bench cohort past a space's limit": (command("bench", "--device", "cpu", "--cohort", "1,257"),
+                                          ["--cohort", "[1, 256]"]),
     "bench fid samples negative": (command("bench", "--device", "cpu", "--fid-samples", "-5"), ["--fid-samples"]),
     "bench fid samples 20 digits": (command("bench", "--device", "cpu", "--fid-samples", TWENTY),
                                     ["--fid-samples", "100,000"]),
