@@ -38,6 +38,7 @@ SMOKE_RAW = yaml.safe_load(SMOKE.read_text())
 SMOKE_BASE = SMOKE_RAW["base"]
 NO_GPU = torch.cuda.device_count() == 0
 NOT_UTF8 = b"base:\n  model: \xff\xfe balanced\n"
+PBT = {"type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-4, 1.0e-3]}}}
 
 
 def space_file(tmp_path, change):
@@ -92,6 +93,12 @@ def search_silent_postgres(tmp_path):
     """A PostgreSQL URI whose host accepts the connection and never answers (port 1 refuses at once instead)."""
     uri = f"postgresql://u:p@127.0.0.1:{silent_server().port}/db"
     return search_case(None, "--tracking-uri", uri)(tmp_path)
+
+
+def search_data_dir_a_file(tmp_path):
+    """A space whose base data_dir (MNIST's cache) is a plain file."""
+    (tmp_path / "plain").write_text("a file, not a folder\n")
+    return search_base(data_dir=str(tmp_path / "plain"))(tmp_path)
 
 
 def file_under_a_file(tmp_path):
@@ -180,6 +187,8 @@ CASES = {
     "set g_ema decay 1": (train_case("--set", "g_ema=1.0"), ["--set", "g_ema", "[0, 1)"]),
     "set r1_every 0": (train_case("--set", "r1_every=0"), ["--set", "r1_every", ">= 1"]),
     "set seed negative": (train_case("--set", "seed=-1"), ["--set", "seed"]),
+    "set data_dir a file": (train_case("--set", "data_dir={tmp}/plain"),
+                            ["--set", "data_dir", "{tmp}/plain", "a file"]),
     "set subset below a batch": (train_case("--set", "subset=10"), ["--set", "subset", "batch"]),
     "set device missing here": (train_case("--set", "device=cuda:7"), ["device", "cuda:7"]),
     "out_dir not makeable": (command("train", "--set", "out_dir=/proc/gan_tune_runs", "--set", "max_epochs=1"),
@@ -215,6 +224,7 @@ CASES = {
     "cpus per trial 0": (search_case(None, "--cpus-per-trial", "0"), ["--cpus-per-trial", "> 0"]),
     "cpus per trial negative": (search_case(None, "--cpus-per-trial", "-2"), ["--cpus-per-trial", "> 0"]),
     "cpus per trial nan": (search_case(None, "--cpus-per-trial", "nan"), ["--cpus-per-trial", "nan"]),
+    "cpus per trial inf": (search_case(None, "--cpus-per-trial", "inf"), ["--cpus-per-trial", "inf"]),
     "cpus per trial 20 digits": (search_case(None, "--cpus-per-trial", TWENTY), ["--cpus-per-trial"]),
     "set max_epochs 0": (train_case("--set", "max_epochs=0"), ["--set", "max_epochs", ">= 1"]),
     "set max_epochs 20 digits": (train_case("--set", f"max_epochs={TWENTY}"), ["--set", "max_epochs", "100,000"]),
@@ -230,6 +240,9 @@ CASES = {
     "time budget 5x": (search_case(None, "--time-budget", "5x"), ["--time-budget", "5x"]),
     "time budget empty": (search_case(None, "--time-budget", ""), ["--time-budget", "''"]),
     "time budget 0s": (search_case(None, "--time-budget", "0s"), ["--time-budget", "> 0"]),
+    "time budget negative": (search_case(None, "--time-budget=-5m"), ["--time-budget", "bad duration '-5m'"]),
+    # without "=", argparse takes -5m for an option: still one line naming the flag
+    "time budget negative as a word": (search_case(None, "--time-budget", "-5m"), ["--time-budget", "expected one"]),
     "time budget 20 digits": (search_case(None, "--time-budget", TWENTY + "h"), ["--time-budget", "a year"]),
     "time budget in a space unknown unit": (search_case({"time_budget": "5 parsecs"}), ["{space}", "time_budget"]),
     # --resume of a study that does not exist: a folder holding none, a file
@@ -262,6 +275,12 @@ CASES = {
     "pbt mutation range reversed": (search_case({"scheduler": {
         "type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": {"lr_d": {"loguniform": [1.0e-3, 1.0e-4]}}}}),
         ["{space}", "scheduler.hyperparam_mutations.lr_d", "low"]),
+    "pbt mutation uniform reversed": (search_case({"scheduler": {**PBT, "hyperparam_mutations": {
+        "lr_d": {"uniform": [1.0e-3, 1.0e-4]}}}}),
+        ["{space}", "scheduler.hyperparam_mutations.lr_d", "low 0.001 > high"]),
+    "pbt mutation choice empty": (search_case({"scheduler": {
+        **PBT, "hyperparam_mutations": {"beta1": {"choice": []}}}}),
+        ["{space}", "scheduler.hyperparam_mutations.beta1", "non-empty"]),
     # incompatible settings (README, TrainConfig.__post_init__): through train --set, train --config, a space's base
     "set wgan-gp with batch norm": (train_case("--set", "loss=wgan-gp"), ["--set", "d_norm", "wgan-gp"]),
     "set hinge with label smoothing": (train_case("--set", "loss=hinge", "--set", "label_smoothing=0.1"),
@@ -280,6 +299,37 @@ CASES = {
     "hyperband with checkpoint_every_s": (search_case({"base": {**SMOKE_BASE, "checkpoint_every_s": 30.0},
                                                        "scheduler": {"type": "hyperband"}}),
                                           ["{space}", "base.checkpoint_every_s", "hyperband"]),
+    # the other pairs README and search_spaces/README.md name, each through a space (spaces.py, TrainConfig)
+    "base wgan-gp with label smoothing": (search_base(loss="wgan-gp", d_norm="spectral", label_smoothing=0.1),
+                                          ["{space}", "base.label_smoothing", "wgan-gp"]),
+    "set wgan-gp with label smoothing": (train_case("--set", "loss=wgan-gp", "--set", "d_norm=spectral", "--set",
+                                                    "label_smoothing=0.1"), ["--set", "label_smoothing", "wgan-gp"]),
+    "base data_dir a file": (search_data_dir_a_file, ["{space}", "base.data_dir", "{tmp}/plain", "a file"]),
+    "pbt with checkpoint_every_s": (search_case({"base": {**SMOKE_BASE, "checkpoint_every_s": 30.0}, "scheduler": PBT}),
+                                    ["{space}", "base.checkpoint_every_s", "pbt"]),
+    "pbt with optuna": (search_case({"search_alg": "optuna", "scheduler": PBT}),
+                        ["{space}", "search_alg", "pbt samples its own population"]),
+    "pbt with eval_every 2": (search_case({"base": {**SMOKE_BASE, "eval_every": 2}, "scheduler": PBT}),
+                              ["{space}", "base.eval_every", "pbt needs a score on every report"]),
+    "pbt interval not a multiple of checkpoint_every": (search_case({"base": {**SMOKE_BASE, "checkpoint_every": 2},
+                                                                     "scheduler": {**PBT, "perturbation_interval": 3}}),
+                                                        ["{space}", "scheduler.perturbation_interval", "multiple"]),
+    "hyperband with checkpoint_every 2": (search_case({"base": {**SMOKE_BASE, "checkpoint_every": 2},
+                                                       "scheduler": {"type": "hyperband"}}),
+                                          ["{space}", "base.checkpoint_every", "hyperband"]),
+    "hyperband with eval_every 2": (search_case({"base": {**SMOKE_BASE, "eval_every": 2},
+                                                 "scheduler": {"type": "hyperband"}}),
+                                    ["{space}", "base.eval_every", "hyperband needs a score on every report"]),
+    "asha grace period below eval_every": (search_case({"base": {**SMOKE_BASE, "eval_every": 2}}),
+                                           ["{space}", "scheduler.grace_period", "below eval_every 2"]),
+    "grid with a random entry": (search_case({"search_alg": "grid"}), ["{space}", "search.lr_d", "only grid entries"]),
+    "optuna with a grid entry": (search_case({"search_alg": "optuna", "search": {"lr_d": {"grid": [1.0e-4, 1.0e-3]}}}),
+                                 ["{space}", "search.lr_d", "optuna cannot take grid entries"]),
+    "cohort with grid": (search_case({"cohort": 4, "search_alg": "grid",
+                                      "search": {"lr_d": {"grid": [1.0e-4, 1.0e-3]}}}),
+                         ["{space}", "cohort", "random"]),
+    "optuna not installed": (search_case({"search_alg": "optuna"}),
+                             ["{space}", "search_alg", "pip install 'gan_tune[optuna]'"]),
     # output paths: a file for a folder, a folder for a file, under a file
     "storage path a file": (search_case(None, "--storage-path", "{tmp}/plain"), ["--storage-path", "{tmp}/plain"]),
     "tracking uri sqlite under a file": (search_case(None, "--tracking-uri", "sqlite:///{tmp}/plain/m.db"),
@@ -294,8 +344,9 @@ CASES = {
 SKIPS = {
     "gpus on a cpu cluster": (not NO_GPU, "this machine has a GPU"),
 }
-# The test extra installs PostgreSQL's driver: this row runs with it hidden (an import of it fails in its child)
-HIDDEN = {"tracking uri without its driver": ("psycopg", "psycopg2")}
+# The test extra installs PostgreSQL's driver and optuna: these rows run with one hidden (its import fails in their
+# child)
+HIDDEN = {"tracking uri without its driver": ("psycopg", "psycopg2"), "optuna not installed": ("optuna",)}
 # The silent server costs the store check its whole connect timeout: the row must end soon after it
 LIMITS = {"tracking uri postgresql silent": SERVER_CHECK_TIMEOUT_S + 10}
 

@@ -67,6 +67,7 @@ CASES = {
                            ["--tracking-uri", DEAD_SERVER]),
     "sample seed negative": (command("sample", "--run-id", "x", "--seed", "-1"), ["--seed"]),
     "sample n 0": (command("sample", "--run-id", "x", "-n", "0"), ["-n", ">= 1"]),
+    "sample seed 20 digits": (command("sample", "--run-id", "x", "--seed", TWENTY), ["--seed", "4294967295"]),
     "sample without a run": (command("sample"), ["--run-id", "required"]),
     # tracking replay
     "replay not json": (replay_case("this is not json\n"), ["{tmp}/mlflow_undelivered.jsonl", "line 1", "JSON"]),
@@ -87,6 +88,7 @@ CASES = {
     "bench json unwritable": (command("bench", "--device", "cpu", "--json", "/proc/gan_tune.json"), ["--json"]),
     "classifier epochs 0": (command("classifier", "train", "--epochs", "0"), ["--epochs"]),
     "classifier seed past numpy": (command("classifier", "train", "--seed", str(2**40)), ["--seed"]),
+    "classifier seed negative": (command("classifier", "train", "--seed", "-1"), ["--seed", "-1", "[0, 4294967295]"]),
     "classifier device missing here": (command("classifier", "train", "--device", "cuda:7"), ["--device", "cuda:7"]),
     # round four (issue 25): absurd numbers, empty names, a database that is down, a text file named .pt
     "report postgresql down": (command("report", "--tracking-uri", "postgresql://gan@127.0.0.1:1/mlflow"),
@@ -109,6 +111,7 @@ CASES = {
                                   ["--n", "100,000"]),
     "metrics baselines n 0": (command("metrics", "--device", "cpu", "baselines", "--n", "0"), ["--n"]),
     "metrics baselines n 20 digits": (command("metrics", "--device", "cpu", "baselines", "--n", TWENTY), ["--n"]),
+    "metrics baselines n negative": (command("metrics", "--device", "cpu", "baselines", "--n", "-3"), ["--n", "-3"]),
     "bench packed negative": (command("bench", "--device", "cpu", "--packed", "-1"), ["--packed"]),
     "bench packed 20 digits": (command("bench", "--device", "cpu", "--packed", TWENTY), ["--packed", f"[1, {CPUS}]"]),
     # each packed trial takes a CPU of the bench's Ray at least: one more than the machine has would queue
@@ -146,6 +149,10 @@ CASES = {
                                ["--ablation-minutes", "> 0"]),
     "ablation row minutes 20 digits": (command("ablation", "--ablation-minutes", TWENTY, "--keep", "{tmp}/keep"),
                                        ["--ablation-minutes"]),
+    "ablation row minutes negative": (command("ablation", "--ablation-minutes", "-5", "--keep", "{tmp}/keep"),
+                                      ["--ablation-minutes", "> 0"]),
+    "ablation row minutes nan": (command("ablation", "--ablation-minutes", "nan", "--keep", "{tmp}/keep"),
+                                 ["--ablation-minutes", "nan"]),
     "ablation unknown rows": (command("ablation", "--rows", "ablations,everything", "--keep", "{tmp}/keep"),
                               ["--rows", "everything"]),
     # time budgets: unknown units, empty, zero, 20 digits (search --time-budget and bench search --budget)
@@ -154,6 +161,11 @@ CASES = {
     "bench search budget empty": (command("bench", "search", "--budget", "", "--out", "{tmp}/bs"), ["--budget"]),
     "bench search budget 20 digits": (command("bench", "search", "--budget", TWENTY + "m", "--out", "{tmp}/bs"),
                                       ["--budget", "a year"]),
+    "bench search budget 0s": (command("bench", "search", "--budget", "0s", "--out", "{tmp}/bs"), ["--budget", "> 0"]),
+    "bench search budget negative": (command("bench", "search", "--budget=-5m", "--out", "{tmp}/bs"),
+                                     ["--budget", "bad duration '-5m'"]),
+    "bench search space a folder": (command("bench", "search", "--space", "{tmp}", "--out", "{tmp}/bs"),
+                                    ["--space", "{tmp}", "a folder"]),
     # output paths: unknown extensions, under a file, a folder for a file and a file for a folder
     "sample out bmp": (command("sample", "--run-id", "x", "--out", "{tmp}/g.bmp"), ["--out", "g.bmp", ".png"]),
     "sample out under a file": (command("sample", "--run-id", "x", "--out", "{tmp}/plain/g.png"), ["--out", "{tmp}/plain"]),
