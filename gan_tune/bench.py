@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,20 +24,25 @@ from gan_tune.benchmarks.throughput import (
 )
 from gan_tune.cli import CliParser, count_arg, out_file, out_folder
 from gan_tune.quality.scorer import GPU_FID_SAMPLES
-from gan_tune.training.config import MAX_COUNT, ConfigError, TrainConfig, from_dict
+from gan_tune.training.config import ConfigError, TrainConfig, from_dict
 from gan_tune.training.data import BUNDLED, load_mnist
 from gan_tune.training.models import MODELS
 from gan_tune.tuning.cluster import mps_running
+from gan_tune.tuning.spaces import MAX_COHORT
+
+# (e) starts a Ray of os.cpu_count() CPUs and gives each packed trial at least one: more trials than CPUs would
+# queue instead of sharing the device, and the row would name a packing it never ran
+MAX_PACKED = os.cpu_count() or 1
 
 
-def counts(flag: str, text: str) -> list[int]:
-    """A comma-separated list of positive integers ('' = none); anything else is a ConfigError naming the flag."""
+def counts(flag: str, text: str, high: int, why: str = "") -> list[int]:
+    """A comma-separated list of integers in [1, high] ('' = none); anything else is a ConfigError naming the flag."""
     try:
         values = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
         values = [0]
-    if any(not 1 <= n <= MAX_COUNT for n in values):
-        raise ConfigError(flag, f"{text!r} is not a comma-separated list of integers in [1, {MAX_COUNT:,}]")
+    if any(not 1 <= n <= high for n in values):
+        raise ConfigError(flag, f"{text!r} is not a comma-separated list of integers in [1, {high:,}]{why}")
     return values
 
 
@@ -49,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 500 on CUDA, 200 with --quick; 20 on CPU; the first warms up); fewer: noisier")
     parser.add_argument("--models", default=None, help="(a)-(d): model families, comma-separated "
                         "(default balanced,dcgan,mlp; balanced with --quick; '' to skip the table)")
-    parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated "
-                        "(default 1,2,4,8 on CUDA, 1,2 on CPU; '' to skip)")
+    parser.add_argument("--packed", default=None, help="(e): trials sharing the device, comma-separated, each at "
+                        f"most this machine's CPU count ({MAX_PACKED}: every trial takes a CPU at least, so more would "
+                        "queue, not share; default 1,2,4,8 on CUDA, 1,2 on CPU, counts above that left out; '' to skip)")
     # 0 skips each of these three parts (their help says so); 1 FID sample has no covariance
     parser.add_argument("--fid-samples", type=count_arg(2, off=True), default=GPU_FID_SAMPLES,
                         help=f"(f): samples scored (default {GPU_FID_SAMPLES}, the customary FID count; 0 skips)")
@@ -60,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cost-epochs", type=count_arg(2, off=True), default=None, help="(i): epochs of one "
                         "balanced trial with this device's settings, split into train / score / files / report "
                         "(default 12 on CUDA, 3 on CPU; 0 = skip)")
-    parser.add_argument("--cohort", default="", help="(j): cohort sizes K, comma-separated: aggregate images/s of K "
-                        "members fused into one model (balanced, width 0.25, batch 64) vs one trial (default '': skip)")
+    parser.add_argument("--cohort", default="", help=f"(j): cohort sizes K in [1, {MAX_COHORT}] (a space's limit), "
+                        "comma-separated: aggregate images/s of K members fused into one model (balanced, width 0.25, "
+                        "batch 64) vs one trial (default '': skip)")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -72,25 +80,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.models) - set(MODELS)
     if unknown:
         raise ConfigError("--models", f"unknown {', '.join(sorted(unknown))} (known: {', '.join(MODELS)})")
-    args.packed = counts("--packed", args.packed if args.packed is not None else "1,2,4,8" if on_gpu else "1,2")
-    args.cohort = counts("--cohort", args.cohort)
+    if args.packed is None:
+        args.packed = ",".join(str(n) for n in ((1, 2, 4, 8) if on_gpu else (1, 2)) if n <= MAX_PACKED)
+    args.packed = counts("--packed", args.packed, MAX_PACKED, f" (this machine's {MAX_PACKED} CPUs: each packed trial "
+                         "takes one at least, so more would queue instead of sharing the device)")
+    args.cohort = counts("--cohort", args.cohort, MAX_COHORT, " (a space's cohort limit)")
     if args.parity_epochs is None:
         args.parity_epochs = 20 if on_gpu else 0
     if args.cost_epochs is None:
         args.cost_epochs = 12 if on_gpu else 3
     if args.steps is None:
         args.steps = (200 if args.quick else 500) if on_gpu else 20
-    if args.json:
-        check_writable(args.json)
     return args
-
-
-def check_writable(path: str) -> None:
-    """--json is written after minutes of measuring: a path that cannot take it fails now (an empty file stays)."""
-    try:
-        open(path, "a").close()
-    except OSError as err:
-        raise ConfigError("--json", f"{path}: cannot write ({err.strerror})") from None
 
 
 def measure(args: argparse.Namespace, save: Saver) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -88,16 +91,17 @@ def duration_arg(text: str) -> str:
 
 
 def out_folder(text: str) -> str:
-    """argparse type of a folder a command writes into: not a file, and not under one (made later if missing)."""
+    """argparse type of a folder a command writes into (made later if missing): not a file, not under one, and
+    writable now, not after the minutes (or the hour) of work whose results it is for."""
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a file, not a folder")
-    check_ancestors(path, text)
+    writable_arg(path, text)
     return text
 
 
 def out_file(*suffixes: str) -> Callable[[str], str]:
-    """argparse type of a file a command writes: a known suffix, not a folder, not under a file."""
+    """argparse type of a file a command writes: a known suffix, not a folder, not under a file, writable now."""
     def out_file(text: str) -> str:
         path = Path(text).expanduser()
         if path.suffix.lower() not in suffixes:
@@ -105,15 +109,39 @@ def out_file(*suffixes: str) -> Callable[[str], str]:
                                              f"(use {', '.join(suffixes)})")
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
-        check_ancestors(path, text)
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: cannot write it (read-only)")
+        writable_arg(path.absolute().parent, text)
         return text
     return out_file
 
 
-def check_ancestors(path: Path, text: str) -> None:
-    """The nearest existing folder above `path` must be a folder: a path under a file can never be made."""
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
-            return
+def writable_arg(folder: Path, text: str) -> None:
+    """`folder` (where the flag's file or files go) is not under a file and can take a file: else an argparse
+    error naming the flag's value."""
+    for nearest in (folder, *folder.absolute().parents):  # the nearest existing path: a file, nothing goes under it
+        if nearest.exists():
+            if not nearest.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: {nearest} is a file, not a folder")
+            break
+    try:
+        check_writable(folder)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror or type(err).__name__})") from None
+
+
+def check_writable(folder: Path) -> None:
+    """OSError unless a file can be made in `folder`. Only trying tells: os.access says yes to root under /proc and
+    on a read-only mount. So the missing folders are made, a probe file is made in the deepest, and all of them are
+    removed again: nothing stays behind."""
+    folder = folder.expanduser().absolute()
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".gan_tune-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    finally:
+        for made in missing:
+            with contextlib.suppress(OSError):  # never made, or someone else put a file in it meanwhile
+                made.rmdir()

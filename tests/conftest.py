@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 # test_search, test_tracking_outage) kept one worker busy while the other sat idle. Longest first, the short
 # modules fill in at the end.
 LONGEST_FIRST = ("test_reliability", "test_tracking_outage", "test_search", "test_s3", "test_cohort_search",
-                 "test_bad_input", "test_bench_search", "test_postgres", "test_multinode", "test_tracking",
-                 "test_checkpoint_fallback")
+                 "test_bad_input", "test_bad_input_tools", "test_bench_search", "test_postgres", "test_multinode",
+                 "test_tracking", "test_checkpoint_fallback")
 
 
 def module_name(item) -> str:

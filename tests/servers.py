@@ -33,6 +33,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class SilentServer:
+    """A TCP port on 127.0.0.1 that accepts connections and never answers: the kernel completes each client's
+    handshake into the listen backlog, and nothing reads or writes, as with a database host whose server process
+    hangs. A client that connects without a timeout waits on it forever."""
+
+    def __init__(self, backlog: int = 16):
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class S3Server:
     """moto's S3 API on 127.0.0.1:PORT, in this process. Its buckets live in moto's in-process backend, so they
     survive stop() and start() on the same port, as a restarted MinIO keeps its disk."""

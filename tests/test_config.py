@@ -61,6 +61,14 @@ def test_bad_override_names_the_flag():
         config.load(None, ["n_disc=0"])
 
 
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
+    """data_source auto used to fail to cache MNIST under it and train on the bundled 10k without a word."""
+    (tmp_path / "plain").write_text("a file\n")
+    with pytest.raises(ConfigError, match="data_dir: .*plain is a file"):
+        TrainConfig(data_dir=str(tmp_path / "plain"))
+    TrainConfig(data_dir=str(tmp_path / "not yet made"))  # a folder made when MNIST is first cached
+
+
 def test_new_options_default_to_todays_training():
     cfg = TrainConfig()
     assert (cfg.loss, cfg.d_norm, cfg.r1_gamma, cfg.g_ema) == ("ns", "batch", 0.0, 0.0)

@@ -160,6 +160,8 @@ class TrainConfig:
             ("subset", self.subset == 0 or self.subset >= self.batch_size,
              f"{self.subset} images are fewer than one batch of {self.batch_size} (0 = all)"),
             ("data_source", self.data_source in DATA_SOURCES, f"must be one of {', '.join(DATA_SOURCES)}"),
+            # auto would otherwise fail to cache full MNIST there and quietly train on the bundled 10k instead
+            ("data_dir", not self.data_path.is_file(), f"{self.data_dir} is a file, not the folder MNIST is cached in"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
             ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
              "must be auto, cpu, mps or cuda[:N]"),
