@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from gan_tune.cli import CliParser, count_arg, device_arg, out_file, out_folder, seed_arg
+from gan_tune.cli import CliParser, count_arg, device_arg, data_folder, out_file, seed_arg
 from gan_tune.quality.mnist_classifier import (
     FEATURE_DIM,
     WEIGHTS_FILE,
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the classifier and write weights + sidecar")
     train.add_argument("--data-source", default="auto", choices=("auto", FULL, BUNDLED))
-    train.add_argument("--data-dir", default="~/.cache/gan_tune", type=out_folder)  # MNIST is downloaded into it
+    train.add_argument("--data-dir", default="~/.cache/gan_tune", type=data_folder)  # MNIST is downloaded into it
     train.add_argument("--epochs", type=count_arg(1), default=10)
     train.add_argument("--seed", type=seed_arg, default=0)
     train.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -100,6 +100,12 @@ def out_folder(text: str) -> str:
     return text
 
 
+def data_folder(text: str) -> str:
+    """argparse type of a folder data is read from and downloaded into: an existing one may be read-only (a cache
+    filled before); a missing one is made later, so it must be possible to make it now."""
+    return text if Path(text).expanduser().is_dir() else out_folder(text)
+
+
 def out_file(*suffixes: str) -> Callable[[str], str]:
     """argparse type of a file a command writes: a known suffix, not a folder, not under a file, writable now."""
     def out_file(text: str) -> str:

@@ -39,3 +39,16 @@ def test_a_path_under_a_file_names_the_file(tmp_path, check):
     with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path / 'plain'} is a file, not a folder"):
         check(str(tmp_path / "plain" / "deeper" / "g.png"))
     assert (tmp_path / "plain").read_text() == "a file\n"
+
+
+def test_a_data_folder_may_be_read_only_once_it_exists(tmp_path):
+    """classifier --data-dir: a cache filled before may sit on a read-only mount (/proc stands for one: nothing can
+    be made there, even by root); a folder still to be made must be makeable."""
+    assert cli.data_folder("/proc") == "/proc"
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
+        cli.out_folder("/proc")
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write"):
+        cli.data_folder("/proc/gan_tune_data")
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
+        cli.data_folder(str(tmp_path / "plain"))
