@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from gan_tune.training.config import MAX_COUNT, SEED_MAX, ConfigError, device_available
+from gan_tune.training.config import MAX_COUNT, SEED_MAX, ConfigError, check_writable, device_available
 
 
 class CliParser(argparse.ArgumentParser):
@@ -134,20 +132,3 @@ def writable_arg(folder: Path, text: str) -> None:
         check_writable(folder)
     except OSError as err:
         raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror or type(err).__name__})") from None
-
-
-def check_writable(folder: Path) -> None:
-    """OSError unless a file can be made in `folder`. Only trying tells: os.access says yes to root under /proc and
-    on a read-only mount. So the missing folders are made, a probe file is made in the deepest, and all of them are
-    removed again: nothing stays behind."""
-    folder = folder.expanduser().absolute()
-    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".gan_tune-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    finally:
-        for made in missing:
-            with contextlib.suppress(OSError):  # never made, or someone else put a file in it meanwhile
-                made.rmdir()

@@ -6,9 +6,12 @@ trial's config dict into a TrainConfig once) and the search spaces all name thes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +66,23 @@ def first_line(err: BaseException) -> str:
     """An exception as one line of an error message (its message's first line, or its type)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_writable(folder: Path) -> None:
+    """OSError unless a file can be made in `folder`. Only trying tells: os.access says yes to root under /proc and
+    on a read-only mount. So the missing folders are made, a probe file is made in the deepest, and all of them are
+    removed again: nothing stays behind."""
+    folder = folder.expanduser().absolute()
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".gan_tune-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    finally:
+        for made in missing:
+            with contextlib.suppress(OSError):  # never made, or someone else put a file in it meanwhile
+                made.rmdir()
 
 
 def device_available(name: str) -> bool:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
 
-from gan_tune.training.config import ConfigError, first_line
+from gan_tune.training.config import ConfigError, check_writable, first_line
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -97,24 +95,17 @@ def study_exists(location: str) -> bool:
 
 
 def check_storage_path(storage_path: str) -> None:
-    """A local results folder must be one this process can make and write (else Tune fails mid-study): the missing
-    folders and a file in them are made, then removed. os.access answers yes to root under /proc or on a
-    read-only mount, where only trying tells."""
+    """A local results folder must be one this process can make and write (else Tune fails mid-study): tried
+    (config.check_writable), nothing left behind."""
     if "://" in storage_path:
         check_storage_uri(storage_path)
         return
     path = Path(storage_path).expanduser().absolute()
-    missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        check_writable(path)
     except OSError as err:
         raise ConfigError("--storage-path", f"{path}: cannot make or write a folder there "
                                             f"({err.strerror or type(err).__name__})") from None
-    finally:
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 def check_storage_uri(storage_path: str, flag: str = "--storage-path") -> None:
