@@ -21,7 +21,9 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-SUBPACKAGES = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+# an installed package (CI tests the wheel's install) also holds gan_tune.search_spaces: the YAML spaces, no code
+DATA_PACKAGES = {"search_spaces"}
+SUBPACKAGES = {path.parent.name for path in PACKAGE.glob("*/__init__.py")} - DATA_PACKAGES
 
 
 def layer(module: str) -> str:
