@@ -8,48 +8,73 @@ and the trainable falls back to the CPU because torch sees no CUDA device.
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
+
+from gan_tune.tuning import trainable
+
+SMOKE = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
 
 TRIALS = 6  # 4 fill the 4-CPU fake-GPU node, 2 the other worker
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    env_before = os.environ.get("GAN_TUNE_CACHE")
-    os.environ["GAN_TUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # raylets pass it to the trial workers
+def gates(tmp_path_factory) -> Path:
+    """Every trial on the cluster waits after epoch 1 at a gate of its own (trainable.fault_gate, "*") until the
+    test opens them all: how many trials run at once is then read from the gates, not from timings."""
+    return tmp_path_factory.mktemp("gates") / "gate"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, gates):
+    # raylets pass their environment to the trial workers (the search's own does not reach them)
+    env = {"GAN_TUNE_CACHE": str(tmp_path_factory.mktemp("cache")), trainable.FAULT_GATE_ENV: f"1:{gates}",
+           trainable.FAULT_GATE_TRIAL_ENV: "*"}
+    env_before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no trials
     gpu_node = cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
-    if env_before is None:
-        os.environ.pop("GAN_TUNE_CACHE")
-    else:
-        os.environ["GAN_TUNE_CACHE"] = env_before
+    for key, value in env_before.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
     yield cluster, gpu_node.node_id
     cluster.shutdown()  # stops only the processes this cluster started
 
 
+def search_command(cluster, tmp_path, *extra) -> list[str]:
+    """The smoke search on the cluster, FIFO: no scheduler stops a trial while it waits at its gate."""
+    space = yaml.safe_load(SMOKE.read_text())
+    (tmp_path / "smoke_fifo.yaml").write_text(yaml.safe_dump({**space, "scheduler": {"type": "fifo"}}))
+    return [sys.executable, "-m", "gan_tune.search", "--space", str(tmp_path / "smoke_fifo.yaml"), "--address",
+            cluster.address, "--storage-path", str(tmp_path / "shared"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db", "--name", "multinode", *extra]
+
+
 def run_search(cluster, tmp_path, *extra):
-    args = [sys.executable, "-m", "gan_tune.search", "--space", "smoke", "--address", cluster.address,
-            "--storage-path", str(tmp_path / "shared"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--name", "multinode", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    return subprocess.run(search_command(cluster, tmp_path, *extra), capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
 
 
-def max_concurrent(intervals):
-    """The most intervals that share one instant."""
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
-                    key=lambda e: (e[0], -e[1]))  # a start at the same second as an end counts as overlapping
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
+def held_at_once(gates: Path, search: subprocess.Popen, expected: int) -> list[Path]:
+    """Until `expected` trials wait at their gates at the same time (each holds its resources while it waits, so
+    only trials Ray placed at once can all get there), then opens the gates; the gate files."""
+    deadline = time.monotonic() + trainable.FAULT_GATE_TIMEOUT_S - 60  # before a held gate opens by itself
+    while len(held := sorted(gates.parent.glob(f"{gates.name}-*[0-9]"))) < expected:
+        assert search.poll() is None, f"the search ended (exit {search.returncode}) with {len(held)} trials held"
+        assert time.monotonic() < deadline, f"only {len(held)} of {expected} trials were ever held at once"
+        time.sleep(0.2)
+    Path(f"{gates}.release").touch()
+    return held
 
 
 def test_local_storage_on_a_multinode_cluster_is_refused(cluster, tmp_path):
@@ -58,25 +83,32 @@ def test_local_storage_on_a_multinode_cluster_is_refused(cluster, tmp_path):
     assert "--storage-path" in done.stderr and "--storage-is-shared" in done.stderr
 
 
-def test_smoke_search_spreads_over_nodes_and_ray_schedules_quarter_gpu_shares_on_fake_gpus(cluster, tmp_path):
+def test_smoke_search_spreads_over_nodes_and_ray_schedules_quarter_gpu_shares_on_fake_gpus(cluster, gates, tmp_path):
     """Ray's fractional GPU scheduling, not GPU sharing: the workers' GPUs are fake (torch sees no CUDA device and
     every trial trains on the CPU), so this proves that Ray places four 0.25-GPU trials at once on a 2-GPU node."""
     cluster, gpu_node_id = cluster
-    done = run_search(cluster, tmp_path, "--storage-is-shared", "--num-samples", str(TRIALS))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "0.25 GPU per trial" in done.stdout
+    with open(tmp_path / "search.out", "w") as out, open(tmp_path / "search.err", "w") as err:
+        search = subprocess.Popen(search_command(cluster, tmp_path, "--storage-is-shared", "--num-samples",
+                                                 str(TRIALS)), stdout=out, stderr=err, text=True, cwd=tmp_path,
+                                  env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        try:
+            held = held_at_once(gates, search, TRIALS)  # all six at once: 4 on the fake-GPU node, 2 on the other
+            assert search.wait(timeout=300) == 0, (tmp_path / "search.err").read_text()[-3000:]
+        finally:
+            search.kill()
+    stdout = (tmp_path / "search.out").read_text()
+    assert "0.25 GPU per trial" in stdout
     # no MPS daemon here: the plan says in one line that the shares take turns on a real GPU
-    assert "note: 0.25 GPU per trial shares each GPU between 4 trials, but NVIDIA MPS is not running" in done.stdout
+    assert "note: 0.25 GPU per trial shares each GPU between 4 trials, but NVIDIA MPS is not running" in stdout
 
     study = tmp_path / "shared" / "multinode"
     progress = {path.parent.name: pd.read_csv(path) for path in study.glob("*/progress.csv")}
     assert len(progress) == TRIALS
+    assert {path.name.split("-", 1)[1] for path in held} == {frame["trial_id"].iloc[0] for frame in progress.values()}
     nodes = {frame["node_id"].iloc[-1] for frame in progress.values()}
     assert len(nodes) >= 2, nodes  # trials ran on both workers
-
-    on_gpu_node = [frame for frame in progress.values() if frame["node_id"].iloc[-1] == gpu_node_id]
-    intervals = [((frame["timestamp"] - frame["time_total_s"]).min(), frame["timestamp"].max()) for frame in on_gpu_node]
-    assert max_concurrent(intervals) >= 4  # four 0.25-GPU trials at once on the fake-GPU node (its 4 CPUs)
+    # the six held at once: four 0.25-GPU trials on the 2-GPU node (its 4 CPUs), the other two on the 1-GPU node
+    assert sum(frame["node_id"].iloc[-1] == gpu_node_id for frame in progress.values()) == 4
 
     checkpoints = list(study.glob("*/checkpoint_*/checkpoint.pt"))
     assert len({path.parents[1] for path in checkpoints}) == TRIALS  # every trial checkpointed to shared storage

@@ -54,7 +54,8 @@ REPORTED_METRICS = (*loop.RECORD_KEYS, *measures.SCORE_KEYS, "score_epoch", "lr_
                     "node_id", "data_source", "restored_from", "restored_epoch", "restore_note")
 # Tests only: "EPOCH:FILE" makes the first trial that reports EPOCH write its pid to FILE and wait there
 # (for FILE.release, or FAULT_GATE_TIMEOUT_S) so a fault test kills or breaks it at a known point, however
-# fast the machine trains; FAULT_GATE_TRIAL_ENV, if set, limits it to trial ids ending so (e.g. "_00000").
+# fast the machine trains; FAULT_GATE_TRIAL_ENV, if set, limits it to trial ids ending so (e.g. "_00000"), or with
+# "*" gives every trial a gate of its own (FILE-TRIAL_ID), all opened by FILE.release (trials held at once).
 # Unset, it costs one dict lookup per epoch.
 # Ray Train logs "Checkpoint successfully created" per checkpoint in every worker: one line per trial and
 # epoch on the driver's console (search --verbose keeps it)
@@ -177,16 +178,18 @@ def fault_gate(epoch: int) -> None:
     spec = os.environ.get(FAULT_GATE_ENV)
     if not spec or int(spec.split(":", 1)[0]) != epoch:
         return
-    if not tune.get_context().get_trial_id().endswith(os.environ.get(FAULT_GATE_TRIAL_ENV, "")):
+    trials, trial_id = os.environ.get(FAULT_GATE_TRIAL_ENV, ""), tune.get_context().get_trial_id()
+    if trials != "*" and not trial_id.endswith(trials):
         return
-    gate = Path(spec.split(":", 1)[1])
+    path = spec.split(":", 1)[1]
+    release, gate = Path(f"{path}.release"), Path(f"{path}-{trial_id}" if trials == "*" else path)
     try:  # O_EXCL: of several trials, and of one trial's restarts, only the first claims the gate
         os.close(os.open(f"{gate}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
     gate.with_name(f"{gate.name}.tmp").write_text(str(os.getpid()))
     gate.with_name(f"{gate.name}.tmp").rename(gate)  # the test reads a whole pid or nothing
-    release, deadline = Path(f"{gate}.release"), time.monotonic() + FAULT_GATE_TIMEOUT_S
+    deadline = time.monotonic() + FAULT_GATE_TIMEOUT_S
     while not release.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
 
