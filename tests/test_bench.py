@@ -12,11 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_reliability import held_at_once
 
 from gan_tune import bench
 from gan_tune.benchmarks import gpu_check, throughput
 from gan_tune.training.config import TrainConfig
 from gan_tune.training.data import BUNDLED, load_mnist
+from gan_tune.tuning import trainable
 
 
 def test_quick_cpu_bench_writes_every_cpu_column(tmp_path, capsys):
@@ -88,13 +90,21 @@ print(json.dumps(packed_search(2, torch.device("cpu"), load_mnist(BUNDLED), step
 """
 
 
-def test_a_packed_search_of_two_real_trials_reports_its_window_and_overheads():
-    # its own process: the bench starts and stops its own Ray, apart from the suite's shared one;
-    # mlp epochs of ~1 s on one thread are long enough for both trials to overlap after their start-up
-    done = subprocess.run([sys.executable, "-c", PACKED_TWO_MLP_TRIALS], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+def test_a_packed_search_of_two_real_trials_reports_its_window_and_overheads(tmp_path):
+    """Its own process: the bench starts and stops its own Ray, apart from the suite's shared one. Both trials wait
+    after epoch 1 at gates of their own (trainable.fault_gate, "*") until both are there, so they train epochs 2-5
+    together however fast the machine: the concurrent window is never empty by chance."""
+    gates = tmp_path / "gate"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", trainable.FAULT_GATE_ENV: f"1:{gates}",
+           trainable.FAULT_GATE_TRIAL_ENV: "*"}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        packed = subprocess.Popen([sys.executable, "-c", PACKED_TWO_MLP_TRIALS], stdout=out, stderr=err, env=env)
+        try:
+            held_at_once(gates, packed, 2)
+            assert packed.wait(timeout=300) == 0, (tmp_path / "err").read_text()[-2000:]
+        finally:
+            packed.kill()
+    numbers = json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])
     assert numbers["cpus_per_trial"] >= 1 and numbers["gpu_per_trial"] == 0
     for key in ("aggregate_img_per_s", "sum_of_trial_img_per_s", "concurrent_window_s", "ray_start_s",
                 "trial_setup_s_median", "first_epoch_s_median", "search_wall_s"):

@@ -8,7 +8,6 @@ and the trainable falls back to the CPU because torch sees no CUDA device.
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
+from test_reliability import held_at_once
 
 from gan_tune.tuning import trainable
 
@@ -63,18 +63,6 @@ def search_command(cluster, tmp_path, *extra) -> list[str]:
 def run_search(cluster, tmp_path, *extra):
     return subprocess.run(search_command(cluster, tmp_path, *extra), capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-
-
-def held_at_once(gates: Path, search: subprocess.Popen, expected: int) -> list[Path]:
-    """Until `expected` trials wait at their gates at the same time (each holds its resources while it waits, so
-    only trials Ray placed at once can all get there), then opens the gates; the gate files."""
-    deadline = time.monotonic() + trainable.FAULT_GATE_TIMEOUT_S - 60  # before a held gate opens by itself
-    while len(held := sorted(gates.parent.glob(f"{gates.name}-*[0-9]"))) < expected:
-        assert search.poll() is None, f"the search ended (exit {search.returncode}) with {len(held)} trials held"
-        assert time.monotonic() < deadline, f"only {len(held)} of {expected} trials were ever held at once"
-        time.sleep(0.2)
-    Path(f"{gates}.release").touch()
-    return held
 
 
 def test_local_storage_on_a_multinode_cluster_is_refused(cluster, tmp_path):

@@ -107,6 +107,19 @@ def wait_for_gate(search: subprocess.Popen, gate: Path, timeout_s: float = 240) 
     return pid
 
 
+def held_at_once(gates: Path, search: subprocess.Popen, expected: int) -> list[Path]:
+    """With GAN_TUNE_FAULT_GATE_TRIAL=* (a gate per trial): until `expected` trials wait at their gates at the same
+    time (each holds its resources while it waits, so only trials Ray placed at once can all get there), then
+    opens the gates; the gate files."""
+    deadline = time.monotonic() + trainable.FAULT_GATE_TIMEOUT_S - 60  # before a held gate opens by itself
+    while len(held := sorted(gates.parent.glob(f"{gates.name}-*[0-9]"))) < expected:
+        assert search.poll() is None, f"the search ended (exit {search.returncode}) with {len(held)} trials held"
+        assert time.monotonic() < deadline, f"only {len(held)} of {expected} trials were ever held at once"
+        time.sleep(0.2)
+    Path(f"{gates}.release").touch()
+    return held
+
+
 def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
