@@ -2,10 +2,10 @@
 
 Tune's default console (its "new output engine") prints a config box when a trial starts and a result box
 of ~30 lines when it ends, and each worker logs a "Checkpoint successfully created" line per checkpoint
-(the trainables' `quiet` lowers that logger); in a CPU default search that buried the table and gan_tune's own lines. By default a search uses Tune's
-`CLIReporter` table instead (the engine Ray's own RLlib examples switch to, `RAY_AIR_NEW_OUTPUT=0`), every
-30 s with the searched values and the objective, and `TrialLines` prints one line per event. `--verbose`
-gives Tune's default console and Ray's log lines back.
+(the trainables' `quiet` lowers that logger); in a CPU default search that buried the table and gan_tune's
+own lines. By default a search uses Tune's `CLIReporter` table instead (the engine Ray's own RLlib examples
+switch to, `RAY_AIR_NEW_OUTPUT=0`), every 30 s with the searched values and the objective, and `TrialLines`
+prints one line per event. `--verbose` gives Tune's default console and Ray's log lines back.
 """
 
 from __future__ import annotations
