@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -176,6 +177,18 @@ def run_fresh(table, case, tmp_path):
         err = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
         return row_result(tmp_path, None, err, runs_before, time.monotonic() - start)
     return row_result(tmp_path, done.returncode, done.stderr, runs_before, time.monotonic() - start)
+
+
+def check_fresh_rows(table, cases, tmp_path):
+    """`cases` through real `python -m` runs, two at a time: the table's verdicts hold without the fork server's
+    preloaded imports."""
+    folders = [tmp_path / f"row{i}" for i in range(len(cases))]
+    for folder in folders:
+        folder.mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case, folder: run_fresh(table, case, folder), cases, folders))
+    for case, folder, row in zip(cases, folders, results):
+        check_row(table, case, folder, row, FRESH_LIMIT_S)
 
 
 def table_outcomes(request, tmp_path_factory, table, skips, hidden):

@@ -8,7 +8,6 @@ table is the one place listing every bad input.
 """
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,13 @@ import torch
 import yaml
 from bad_input import (
     DEAD_SERVER,
-    FRESH_LIMIT_S,
     ROW_LIMIT_S,
     TWENTY,
+    check_fresh_rows,
     check_row,
     command,
     commands_of,
     fill,
-    run_fresh,
     table_outcomes,
 )
 from mlflow import MlflowClient
@@ -370,14 +368,8 @@ FRESH = ["space not utf-8", "set value broken yaml"]
 
 
 def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
-    """A real `python -m` per command, two at a time: the table's verdicts hold without the preloaded imports."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        folders = [tmp_path / f"row{i}" for i in range(len(FRESH))]
-        for folder in folders:
-            folder.mkdir()
-        results = list(pool.map(lambda case, folder: run_fresh(CASES, case, folder), FRESH, folders))
-    for case, folder, row in zip(FRESH, folders, results):
-        check_row(CASES, case, folder, row, FRESH_LIMIT_S)
+    """A real `python -m` per command: the table's verdicts hold without the preloaded imports."""
+    check_fresh_rows(CASES, FRESH, tmp_path)
 
 
 def test_the_table_covers_search_and_train(tmp_path):

@@ -5,10 +5,9 @@ test_bad_input.py, which says what every row must show; tests/bad_input.py runs 
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from bad_input import DEAD_SERVER, FRESH_LIMIT_S, TWENTY, check_row, command, commands_of, run_fresh, table_outcomes
+from bad_input import DEAD_SERVER, TWENTY, check_fresh_rows, check_row, command, commands_of, table_outcomes
 from mlflow import MlflowClient
 
 
@@ -248,14 +247,8 @@ FRESH = ["report dead server", "sample dead server", "replay truncated", "metric
 
 
 def test_one_row_per_command_in_a_fresh_interpreter(tmp_path):
-    """A real `python -m` per command, two at a time: the table's verdicts hold without the preloaded imports."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        folders = [tmp_path / f"row{i}" for i in range(len(FRESH))]
-        for folder in folders:
-            folder.mkdir()
-        results = list(pool.map(lambda case, folder: run_fresh(CASES, case, folder), FRESH, folders))
-    for case, folder, row in zip(FRESH, folders, results):
-        check_row(CASES, case, folder, row, FRESH_LIMIT_S)
+    """A real `python -m` per command: the table's verdicts hold without the preloaded imports."""
+    check_fresh_rows(CASES, FRESH, tmp_path)
 
 
 MAKES_A_STORE = ("sample run without a model", "sample unknown run", "report unknown run", "report unknown experiment")
