@@ -52,9 +52,11 @@ def cluster(tmp_path_factory, gates):
 
 
 def search_command(cluster, tmp_path, *extra) -> list[str]:
-    """The smoke search on the cluster, FIFO: no scheduler stops a trial while it waits at its gate."""
+    """The smoke search on the cluster, FIFO: no scheduler stops a trial while it waits at its gate. The claims are
+    about placement and storage: 200-sample scores, no finalists."""
     space = yaml.safe_load(SMOKE.read_text())
-    (tmp_path / "smoke_fifo.yaml").write_text(yaml.safe_dump({**space, "scheduler": {"type": "fifo"}}))
+    (tmp_path / "smoke_fifo.yaml").write_text(yaml.safe_dump({**space, "base": {**space["base"], "fid_samples": 200},
+                                                              "scheduler": {"type": "fifo"}, "finalists": {"trials": 0}}))
     return [sys.executable, "-m", "gan_tune.search", "--space", str(tmp_path / "smoke_fifo.yaml"), "--address",
             cluster.address, "--storage-path", str(tmp_path / "shared"), "--tracking-uri",
             f"sqlite:///{tmp_path}/mlflow.db", "--name", "multinode", *extra]
