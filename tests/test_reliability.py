@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -93,15 +94,22 @@ STEPS_KILL = 10  # D steps per epoch; the fault gate, not the epoch's length, ke
 GATE_EPOCH = 2  # the trial waits after reporting (and checkpointing) this epoch until the test has injected its fault
 
 
+def wait_until(ready: Callable[[], object], search: subprocess.Popen, what: str, timeout_s: float,
+               every_s: float = 0.2) -> None:
+    """Poll `ready` until it is true: the event a fault test waits for. Fails naming `what` when the search ends
+    first, or when `timeout_s` passes (a hang guard: the event, not the clock, decides the outcome)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if search.poll() is not None:
+            pytest.fail(f"the search ended (exit {search.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not in {timeout_s} s: {what}")
+        time.sleep(every_s)
+
+
 def wait_for_gate(search: subprocess.Popen, gate: Path, timeout_s: float = 240) -> int:
     """The pid of the trial worker waiting at the fault gate (trainable.fault_gate) once it is there."""
-    deadline = time.monotonic() + timeout_s
-    while not gate.exists():
-        if search.poll() is not None:
-            pytest.fail(f"the search ended (exit {search.returncode}) before a trial reached the fault gate")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no trial reached the fault gate in {timeout_s} s")
-        time.sleep(0.2)
+    wait_until(gate.exists, search, "a trial reached the fault gate", timeout_s)
     pid = int(gate.read_text())
     assert pid in process_tree(search.pid), (pid, process_tree(search.pid))  # a worker of this search
     return pid
@@ -121,15 +129,11 @@ def held_at_once(gates: Path, search: subprocess.Popen, expected: int) -> list[P
 
 
 def wait_for_epoch(search: subprocess.Popen, exp_dir: Path, epoch: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         frame = epochs_reported(exp_dir)
-        if frame is not None and len(frame) and frame["epoch"].max() >= epoch:
-            return
-        if search.poll() is not None:
-            pytest.fail(f"the search ended (exit {search.returncode}) before epoch {epoch}")
-        time.sleep(0.5)
-    pytest.fail(f"no trial reached epoch {epoch} in {timeout_s} s")
+        return frame is not None and len(frame) > 0 and frame["epoch"].max() >= epoch
+
+    wait_until(reached, search, f"a trial reached epoch {epoch}", timeout_s, every_s=0.5)
 
 
 def slow_d_space(tmp_path: Path, name: str, steps: int, epochs: int, trials: int = 1) -> Path:
@@ -344,10 +348,9 @@ def test_a_killed_driver_resumes_to_the_study_an_uninterrupted_search_runs(stora
                               cwd=tmp_path / "cwd")
     try:
         wait_for_gate(driver, gate, timeout_s=300)  # the study cannot end before the kill
-        deadline = time.monotonic() + 300
-        while not (finished_trial_stored(frames(), KILL_EPOCHS) and every_trial_run_has_params(uri, KILL_TRIALS)):
-            assert driver.poll() is None and time.monotonic() < deadline, "no finished trial stored, or a run lacks params"
-            time.sleep(0.5)
+        wait_until(lambda: finished_trial_stored(frames(), KILL_EPOCHS)
+                   and every_trial_run_has_params(uri, KILL_TRIALS),
+                   driver, "a finished trial stored and every trial run with its params", 300, every_s=0.5)
         driver.send_signal(signal.SIGKILL)  # no handler runs: Tune's state is whatever it last saved
         driver.wait()
     finally:

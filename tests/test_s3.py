@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +17,7 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 from servers import AWS_ENV, free_port
-from test_reliability import slow_d_space, wait_for_gate
+from test_reliability import slow_d_space, wait_for_gate, wait_until
 
 from gan_tune import search
 from gan_tune.tuning import study_storage, trainable
@@ -224,15 +223,9 @@ def wait_for_saved_epoch(s3_server, bucket: str, prefix: str, epoch: int, driver
                          timeout_s: float = 120) -> None:
     """Until the driver's periodic upload of Tune's state (every ~10 s) carried `epoch`: progress.csv and the
     experiment state travel in the same upload, the state saved just before it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for key in s3_server.keys(bucket, prefix):
-            if key.endswith("/progress.csv") and \
-                    pd.read_csv(io.BytesIO(s3_server.read(bucket, key)))["epoch"].max() >= epoch:
-                return
-        assert driver.poll() is None, "the search ended before its state reached the bucket"
-        time.sleep(0.5)
-    pytest.fail(f"Tune's state with epoch {epoch} did not reach the bucket in {timeout_s} s")
+    wait_until(lambda: any(pd.read_csv(io.BytesIO(s3_server.read(bucket, key)))["epoch"].max() >= epoch
+                           for key in s3_server.keys(bucket, prefix) if key.endswith("/progress.csv")),
+               driver, f"Tune's state with epoch {epoch} reached the bucket", timeout_s, every_s=0.5)
 
 
 def test_a_stopped_s3_server_errors_the_trials_keeping_their_checkpoints_and_resume_finishes(s3_server, s3_env,

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from servers import MlflowServer, free_port
-from test_reliability import wait_for_gate
+from test_reliability import wait_for_gate, wait_until
 
 from gan_tune.tracking import store, write_queue
 from gan_tune.tracking.__main__ import main as replay_main
@@ -94,18 +94,14 @@ def trial_runs(uri: str) -> list:
 
 def wait_for_metric(uri: str, trial: str, search: subprocess.Popen) -> None:
     """Until the child run of the trial whose id ends in `trial` has its first epoch's metrics on the server."""
-    deadline = time.monotonic() + SEARCH_TIMEOUT_S
-    while not any(run.data.metrics for run in trial_runs(uri) if run.data.tags["trial_id"].endswith(trial)):
-        assert search.poll() is None and time.monotonic() < deadline, f"the search ended before {trial}'s first metric"
-        time.sleep(0.2)
+    wait_until(lambda: any(run.data.metrics for run in trial_runs(uri) if run.data.tags["trial_id"].endswith(trial)),
+               search, f"{trial}'s first metric reached the server", SEARCH_TIMEOUT_S)
 
 
 def wait_for_line(tmp_path: Path, text: str, search: subprocess.Popen) -> None:
     """Until the search's stderr has `text` (e.g. the driver's one outage line)."""
-    deadline = time.monotonic() + SEARCH_TIMEOUT_S
-    while text not in (tmp_path / "search.err").read_text():
-        assert search.poll() is None and time.monotonic() < deadline, f"the search ended without {text!r}"
-        time.sleep(0.2)
+    wait_until(lambda: text in (tmp_path / "search.err").read_text(), search, f"the search printed {text!r}",
+               SEARCH_TIMEOUT_S)
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> list[int]:
